@@ -1,0 +1,106 @@
+"""Load any HF causal LM + tokenizer (hub id, local directory, GGUF file, or a config dict) and wrap it.
+
+The training engine calls these inside its own ZeRO-3 context (HfDeepSpeedConfig kept alive before
+`from_pretrained`, a GatheredParameters `gather` for the embedding rows); nothing here imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+
+from coconut_scale.model import Coconut
+from coconut_scale.tokens import LatentTokens, add_latent_tokens, resize_and_init_embeddings
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COCONUT_CONFIG = "coconut_config.json"
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """flash_attention_2 only where it can run (CUDA + flash_attn installed); else fall back to sdpa."""
+    if requested == "flash_attention_2":
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            return "sdpa"
+    return requested
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    add_latent_tokens(tokenizer)
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str | None,
+    dtype: str = "fp32",
+    attn_implementation: str = "sdpa",
+    gguf_file: str | None = None,
+    from_config: dict | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+):
+    """A causal LM from a checkpoint, or random-init from `from_config` (a dict with `model_type`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = resolve_attn_implementation(attn_implementation)
+    torch_dtype = DTYPES[dtype]
+    if from_config is not None:
+        cfg = dict(from_config)
+        model_type = cfg.pop("model_type")
+        if vocab_size is not None:
+            cfg.setdefault("vocab_size", vocab_size)
+        config = AutoConfig.for_model(model_type, **cfg)
+        torch.manual_seed(seed)  # same random init on every rank and every run
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
+
+
+def build_coconut(
+    base,
+    tokenizer,
+    init_text: str = "<<",
+    gather: Callable[[list], ContextManager] | None = None,
+    resize: bool = True,
+) -> Coconut:
+    """Resize/initialise the special-token rows (unless the checkpoint already has them) and wrap."""
+    tokens = LatentTokens.from_tokenizer(tokenizer)
+    if resize and base.get_input_embeddings().num_embeddings < len(tokenizer):
+        resize_and_init_embeddings(base, tokenizer, init_text=init_text, gather=gather)
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokens.pad_id
+    return Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
+
+
+def save_coconut_config(directory: str | Path, tokens: LatentTokens, c_thought: int, **extra) -> None:
+    """Written beside an HF export, so that eval knows the token ids and how many latents a stage has."""
+    payload = {"c_thought": c_thought, **tokens.to_dict(), **extra}
+    Path(directory, COCONUT_CONFIG).write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def load_coconut_config(directory: str | Path) -> dict:
+    path = Path(directory, COCONUT_CONFIG)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {directory} a coconut_scale HF export?")
+    return json.loads(path.read_text())
+
+
+def load_exported(directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
+    """(Coconut, tokenizer, coconut_config) from an HF-format export written by the trainer."""
+    from transformers import AutoTokenizer
+
+    cfg = load_coconut_config(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    base = load_causal_lm(str(directory), dtype=dtype, attn_implementation=attn_implementation)
+    tokens = LatentTokens.from_tokenizer(tokenizer)
+    if tokens.latent_id != cfg["latent_id"]:
+        raise ValueError(f"{directory}: tokenizer latent id {tokens.latent_id} != coconut_config {cfg['latent_id']}")
+    model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
+    return model, tokenizer, cfg
