@@ -34,8 +34,10 @@ def enable_latent_safe_checkpointing(model: torch.nn.Module) -> int:
 
     Idempotent. Checkpointing only applies while gradients are recorded, so generation is unaffected.
     """
-    if hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()  # HF's variant drops the carried cache (see module doc)
+    # HF's own variant drops the carried cache (see module doc); transformers 5 renamed the switch.
+    disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
+    if disable is not None:
+        disable()
     count = 0
     for layer in decoder_layers(model):
         if getattr(layer, "_coconut_checkpointed", False):

@@ -21,7 +21,7 @@ How it is computed (no Python loop over rows or positions):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,9 @@ from coconut_scale.kv_cache import PassCache
 from coconut_scale.perturb import Perturbation
 
 
-@dataclass
-class CoconutOutput:
+class CoconutOutput(NamedTuple):
+    """A NamedTuple (as the official `Outputs`): DeepSpeed's ZeRO-3 hooks must find the tensors in it."""
+
     loss: torch.Tensor | None
     logits: torch.Tensor
     inputs_embeds: torch.Tensor | None = None

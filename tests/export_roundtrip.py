@@ -1,0 +1,56 @@
+"""Run by test_train_distributed.py in its own process (it creates a process group).
+
+Builds the ZeRO-3 engine of a resolved recipe, takes two optimizer steps, exports HF format, reloads it with
+`from_pretrained`, and prints the largest logit difference between the engine's module and the reload.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from coconut_scale import distributed as dist
+from coconut_scale.batch_math import resolve_batch
+from coconut_scale.checkpoint import export_hf
+from coconut_scale.collate import LatentAlignedCollator
+from coconut_scale.curriculum import build_stage_dataset
+from coconut_scale.ds_config import build_ds_config
+from coconut_scale.engine import build_engine, hidden_size_of
+from coconut_scale.loading import load_exported
+from coconut_scale.recipe import recipe_from_dict
+from coconut_scale.tokenize_records import load_tokenized
+from coconut_scale.tokens import LatentTokens
+from coconut_scale.train import curriculum_of, load_tokenizer_for
+
+
+def main(resolved_yaml: str, workdir: str) -> None:
+    data = yaml.safe_load(Path(resolved_yaml).read_text())
+    data["checkpoint"]["init_from"] = None
+    recipe = recipe_from_dict(data, resolved_yaml)
+    dist.init_distributed()
+    plan = resolve_batch(recipe.batch, 1, recipe.data.max_seq_len)
+    ds_config = build_ds_config(recipe, plan, hidden_size_of(recipe), total_steps=10)
+    tokenizer = load_tokenizer_for(recipe)
+    tokens = LatentTokens.from_tokenizer(tokenizer)
+    bundle = build_engine(recipe, ds_config, tokenizer, 10, log=lambda *_: None)
+    engine = bundle.engine
+    recs, _ = load_tokenized(recipe.data.train_file, tokenizer, recipe.data.max_seq_len, None, 1, 2)
+    data = build_stage_dataset(recs[:8], 2, curriculum_of(recipe), tokens)
+    collate = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)
+    batch = collate([data[i] for i in range(plan.micro_batch_size)])
+    for _ in range(2 * plan.grad_accum):
+        engine.backward(engine(**batch).loss)
+        engine.step()
+    out = Path(workdir) / "export"
+    export_hf(engine, tokenizer, out, {"c_thought": 1, **tokens.to_dict()})
+    engine.eval()
+    with torch.no_grad():
+        ours = engine(**batch).logits
+        reloaded, _, _ = load_exported(out)
+        theirs = reloaded(**batch).logits
+    print("MAX_ABS_DIFF", float((ours - theirs).abs().max()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

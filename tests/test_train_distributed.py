@@ -1,0 +1,171 @@
+"""End-to-end training on CPU (gloo): 1 process vs 2 ranks under ZeRO-3, launchers, kill -9 + resume.
+
+Every run trains the tiny recipe through a stage boundary with an optimizer reset (3 epochs, stages 0-1-2),
+with stage mixing (uniform_prob) so that ranks hold different latent counts in the same step, and an odd
+validation set so evaluation shards are uneven. All runs are under a timeout: a hang fails the test.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 420
+
+
+def _overrides(out: Path, data: Path, **extra) -> list[str]:
+    base = {
+        "output_dir": str(out),
+        "data.train_file": str(data / "train.json"),
+        "data.val_file": str(data / "val.json"),
+        "data.generate": "{kind: prosqa_synthetic, n_train: 48, n_val: 9, seed: 3}",
+        "optim.epochs": 3,
+        "optim.grad_clip": 0.0,
+        "coconut.max_latent_stage": 2,
+        "coconut.uniform_prob": 0.3,
+        "batch.global_batch_size": 4,
+        "batch.micro_batch_size": 2,
+        "batch.eval_batch_size": 4,
+        "eval.max_new_tokens": 6,
+        "logging.log_every_steps": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _env():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _command(launcher: str, overrides: list[str]) -> list[str]:
+    recipe = str(REPO / "recipes" / "tiny_cpu.yaml")
+    if launcher == "python":
+        return [sys.executable, "-m", "coconut_scale.train", recipe, *overrides]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "coconut_scale.train", recipe, *overrides]
+    if launcher == "deepspeed":
+        port = str(29600 + os.getpid() % 300)
+        return ["deepspeed", "--num_gpus", "2", "--master_port", port, "--module", "coconut_scale.train",
+                recipe, *overrides]
+    raise ValueError(launcher)
+
+
+def _run(launcher: str, out: Path, data: Path, **extra) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(launcher, _overrides(out, data, **extra)), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, f"{launcher} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _train_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["global_step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "hf" / "stage2" / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path, atol=2e-5):
+    wa, wb = _final_weights(a), _final_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = root / "data"
+    single = root / "single"
+    _run("python", single, data)
+    return root, data, single
+
+
+def test_single_process_run_trains_evaluates_and_exports(runs):
+    _, _, single = runs
+    losses = _train_losses(single)
+    assert len(losses) == 3 * 12  # 48 records / global batch 4, three epochs
+    evals = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert [e["stage"] for e in evals] == [0, 1, 2]
+    assert all(e["n_examples"] == 9 for e in evals)
+    assert {"val_loss", "accuracy", "cot_exact_match", "mean_new_tokens"} <= evals[-1].keys()
+    for stage in (0, 1, 2):
+        cfg = json.loads((single / "hf" / f"stage{stage}" / "coconut_config.json").read_text())
+        assert cfg["stage"] == stage and cfg["c_thought"] == 1
+    assert (single / "samples" / "epoch002.jsonl").exists()
+    ckpt = sorted((single / "checkpoints").iterdir())[-1]
+    assert {"loop_state.json", "recipe.resolved.yaml", "batch_table.txt"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_two_ranks_zero3_torchrun_equals_single_process(runs):
+    """1 rank x accum 2 vs 2 ranks x accum 1 at global batch 4: same losses, same final weights."""
+    root, data, single = runs
+    two = root / "torchrun2"
+    _run("torchrun", two, data)
+    l1, l2 = _train_losses(single), _train_losses(two)
+    assert l1.keys() == l2.keys()
+    for step in l1:
+        assert abs(l1[step] - l2[step]) < 1e-4, (step, l1[step], l2[step])
+    _assert_same_weights(single, two)
+
+
+def test_deepspeed_launcher_with_module_equals_single_process(runs):
+    root, data, single = runs
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed launcher not on PATH")
+    two = root / "ds2"
+    _run("deepspeed", two, data)
+    _assert_same_weights(single, two)
+
+
+def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs):
+    root, data, single = runs
+    out = root / "killed"
+    cmd = _command("python", _overrides(out, data, **{"checkpoint.save_every_steps": 5}))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    target = out / "checkpoints" / "step-00000005"  # mid-epoch 0 (12 steps per epoch)
+    deadline = time.time() + TIMEOUT
+    while not target.exists():
+        assert proc.poll() is None, "run ended before the checkpoint to kill at"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "hf" / "stage2").exists()
+    resumed = _run("python", out, data, **{"checkpoint.save_every_steps": 5})
+    assert "resumed from" in resumed.stdout
+    _assert_same_weights(single, out)
+    l1, lk = _train_losses(single), _train_losses(out)
+    for step in l1:
+        assert abs(l1[step] - lk[step]) < 1e-4, (step, l1[step], lk[step])
+
+
+def test_export_reloads_with_from_pretrained_and_matches_engine_logits(runs, tmp_path):
+    """The exported stage model, reloaded by transformers, gives the logits the engine's module gives."""
+    root, data, single = runs
+    script = REPO / "tests" / "export_roundtrip.py"
+    proc = subprocess.run([sys.executable, str(script), str(single / "recipe.resolved.yaml"), str(tmp_path)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "MAX_ABS_DIFF" in proc.stdout
+    diff = float(proc.stdout.split("MAX_ABS_DIFF")[1].split()[0])
+    assert diff < 1e-5
