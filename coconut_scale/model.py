@@ -73,10 +73,11 @@ def plan_passes(input_ids: torch.Tensor, latent_id: int, num_passes: int | None 
     if target > seq_len:
         raise ValueError(f"num_passes={target} exceeds the sequence length {seq_len}; cannot split that finely")
     while len(ranges) < target:
-        # Split the longest range, keeping its first column (which may be a latent fill) in the first part.
+        # Split one column off the front of the longest range: the fill (if any) stays with that column, and
+        # the last pass stays long, so its logits stay in the loss (see shifted_cross_entropy).
         i = max(range(len(ranges)), key=lambda j: ranges[j][1] - ranges[j][0])
         start, end = ranges[i]
-        ranges[i : i + 1] = [(start, end - 1), (end - 1, end)]
+        ranges[i : i + 1] = [(start, start + 1), (start + 1, end)]
         fills[i : i + 1] = [fills[i], False]
     return PassPlan(tuple(ranges), tuple(fills))
 
@@ -87,12 +88,17 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE over next-token labels that are not -100 (0 when there are none, never NaN)."""
+    """Mean CE over next-token labels that are not -100 (0 when there are none, never NaN).
+
+    The zero-weighted last column keeps every pass in the backward graph, even a pass that computes only
+    the final position: under ZeRO-3 all ranks must run the same module backward hooks in the same order.
+    """
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1)
+    keep_graph = logits[:, -1].sum() * 0.0
     if not (shift_labels != -100).any():
-        return shift_logits.sum() * 0.0
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        return shift_logits.sum() * 0.0 + keep_graph
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100) + keep_graph
 
 
 class Coconut(nn.Module):
@@ -136,7 +142,7 @@ class Coconut(nn.Module):
         """Replace the first column of `chunk` by `prev_hidden` in rows whose token there is a latent."""
         is_latent = ids_col == self.latent_token_id
         fed = prev_hidden.to(chunk.dtype)
-        if self.perturbation is not None:
+        if self.perturbation is not None and bool(is_latent.any()):
             fed = fed.clone()
             for k in torch.unique(ordinal_col[is_latent]).tolist():
                 rows = is_latent & (ordinal_col == k)
@@ -151,12 +157,15 @@ class Coconut(nn.Module):
         cache = PassCache(self.num_layers)
         logits, filled, prev_hidden = [], [], None
         last = len(plan.ranges) - 1
-        for i, ((start, end), fill) in enumerate(zip(plan.ranges, plan.fills)):
+        for i, (start, end) in enumerate(plan.ranges):
             chunk = embeds[:, start:end]
-            if fill:
+            # Every pass after the first runs the fill (a no-op where its column holds no latent) and every
+            # pass but the last returns hidden states, whatever this batch holds: under ZeRO-3, ranks with
+            # different latent counts must build graphs of the same shape, or their module hooks diverge.
+            if i > 0 and self.feedback:
                 chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], prev_hidden)
             filled.append(chunk)
-            needs_hidden = i < last and plan.fills[i + 1]
+            needs_hidden = i < last and self.feedback
             out = self.base_causallm(
                 inputs_embeds=chunk,
                 attention_mask=attention_mask[:, :end],

@@ -132,6 +132,9 @@ def test_pass_plan_for_unaligned_latents():
     ids = torch.tensor([[5, 9, 9, 5, 5, 5], [5, 5, 5, 9, 9, 5]])
     plan = plan_passes(ids, latent_id=9)
     assert plan.ranges == ((0, 1), (1, 2), (2, 3), (3, 4), (4, 6))
+    split = plan_passes(ids, latent_id=9, num_passes=6)
+    assert split.ranges == ((0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6))
+    assert split.fills == (False, True, True, True, True, False)
     assert plan.fills == (False, True, True, True, True)
     with pytest.raises(ValueError, match="position 0"):
         plan_passes(torch.tensor([[9, 5]]), latent_id=9)
