@@ -1,0 +1,168 @@
+"""The memory estimator of coconut_scale.check: scaling laws, LoRA vs full fine-tuning, hand-computed numbers."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from coconut_scale.check import GIB, GPU_COMPONENTS, OVERHEAD_GIB, estimate_memory, main, suggestions
+from coconut_scale.model_shapes import SHAPES, dims, hf_config, lora_param_count, param_count, shape_for
+from coconut_scale.recipe import load_recipe, recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA = REPO / "recipes" / "llama8b_gsm.yaml"
+LLAMA_LORA = REPO / "recipes" / "llama8b_gsm_lora.yaml"
+
+SMALL_SHAPE = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000, "tie_word_embeddings": False}
+
+
+def small_recipe(**edits):
+    data = {
+        "name": "small", "gpus_assumed": 1,
+        "model": {"name_or_path": "small", "from_config": SMALL_SHAPE, "dtype": "bf16"},
+        "data": {"train_file": "t.json", "val_file": "v.json", "max_seq_len": 32},
+        "coconut": {"c_thought": 1, "max_latent_stage": 2},
+        "batch": {"global_batch_size": 8, "micro_batch_size": 2},
+        "optim": {"lr": 1e-4, "epochs": 1},
+        "deepspeed": {"config": "ds_configs/zero0_bf16.json"},
+    }
+    for dotted, value in edits.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    return recipe_from_dict(data)
+
+
+def test_hand_computed_small_config():
+    # Parameters: embeddings 1000*64 and an untied lm_head 1000*64; per layer q 64*64, k and v 64*32
+    # (2 kv heads x head_dim 16), o 64*64, gate/up 64*128, down 128*64, two RMSNorms of 64; final norm 64.
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    P = 2 * 1000 * 64 + 2 * per_layer + 64
+    assert P == 202_048 == param_count(SMALL_SHAPE)
+
+    est = estimate_memory(small_recipe(), 1)
+    B, T, L, h, q, kv, I, V, b = 2, 32, 2, 64, 64, 32, 128, 1000, 2
+    expected = {
+        "weights": P * 2,  # bf16, ZeRO-0: not partitioned
+        "gradients": P * 2,
+        "optimizer": P * 12,  # fp32 master + Adam m + v
+        "gathered": 0,  # only ZeRO-3 gathers
+        # checkpointing: (L+1) saved layer inputs, plus one layer recomputed in full
+        "activations": (L + 1) * B * T * h * b + B * T * b * (4 * h + 3 * q + 4 * kv + 4 * I),
+        "kv_cache": 2 * L * B * T * kv * b,
+        "logits": B * T * V * (b + 12),
+        "buffers": 0,  # one GPU: no all-reduce bucket
+    }
+    assert expected["activations"] == 163_840 and expected["logits"] == 896_000
+    for key, value in expected.items():
+        assert est[key] == pytest.approx(value / GIB), key
+    assert est["overhead"] == OVERHEAD_GIB
+    assert est["total"] == pytest.approx(sum(est[k] for k in GPU_COMPONENTS))
+    assert est["host_offload"] == 0
+
+
+def test_param_counts_match_hf_models():
+    from transformers import AutoModelForCausalLM
+
+    for shape in [SMALL_SHAPE, *SHAPES.values()]:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config(shape))
+        assert param_count(shape) == sum(p.numel() for p in model.parameters()), shape.get("model_type")
+
+
+def test_known_shapes():
+    llama = dims(shape_for("meta-llama/Llama-3.1-8B-Instruct"))
+    assert (llama.hidden, llama.layers, llama.heads, llama.kv_heads, llama.intermediate, llama.vocab, llama.tied) == \
+        (4096, 32, 32, 8, 14336, 128256, False)
+    assert shape_for("meta-llama/Llama-3.1-8B")["rope_parameters"]["rope_theta"] == 500000.0
+    qwen = dims(shape_for("Qwen/Qwen3-4B-Instruct-2507"))
+    assert (qwen.hidden, qwen.layers, qwen.heads, qwen.kv_heads, qwen.head_dim, qwen.intermediate, qwen.vocab, qwen.tied) == \
+        (2560, 36, 32, 8, 128, 9728, 151936, True)
+    smol = dims(shape_for("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert (smol.hidden, smol.layers, smol.heads, smol.kv_heads, smol.intermediate, smol.vocab, smol.tied) == \
+        (576, 30, 9, 3, 1536, 49152, True)
+    assert dims(shape_for("openai-community/gpt2")).hidden == 768 and dims(shape_for("gpt2-medium")).layers == 24
+    assert shape_for("someone/unknown-model") is None
+    assert round(param_count(shape_for("meta-llama/Llama-3.1-8B")) / 1e9, 2) == 8.03
+    assert round(param_count(shape_for("Qwen/Qwen3-4B")) / 1e9, 2) == 4.02
+
+
+def test_local_config_json_is_a_shape(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}')
+    assert dims(shape_for(str(tmp_path))).hidden == 32
+
+
+def test_lora_param_count():
+    shape = shape_for("meta-llama/Llama-3.1-8B")
+    # rank 64: q, o: 64*(4096+4096); k, v: 64*(4096+1024); gate, up, down: 64*(4096+14336); 32 layers
+    per_layer = 2 * 64 * 8192 + 2 * 64 * 5120 + 3 * 64 * 18432
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert lora_param_count(shape, 64, targets) == 32 * per_layer == 167_772_160
+    # GPT-2's c_proj is two modules per layer (attention out 768->768, MLP out 3072->768)
+    assert lora_param_count(SHAPES["gpt2"], 8, ["c_proj"]) == 12 * 8 * ((768 + 768) + (3072 + 768))
+    with pytest.raises(ValueError, match="do not exist in a llama layer"):
+        lora_param_count(shape, 8, ["c_attn"])
+
+
+def test_zero3_states_scale_as_one_over_world_size():
+    r = load_recipe(LLAMA)
+    sizes = [8, 16, 32, 64]
+    ests = {ws: estimate_memory(r, ws) for ws in sizes}
+    for key in ("weights", "gradients", "optimizer"):
+        scaled = [ests[ws][key] * ws for ws in sizes]
+        assert scaled == pytest.approx([scaled[0]] * len(sizes)), key
+    # the full model's 16 bytes/param shared by 8 GPUs
+    P = param_count(shape_for("meta-llama/Llama-3.1-8B"))
+    assert (ests[8]["weights"] + ests[8]["gradients"] + ests[8]["optimizer"]) * GIB == pytest.approx(16 * P / 8)
+    assert ests[8]["gathered"] == pytest.approx(1e9 * 2 / GIB)  # stage3_max_live_parameters in bf16
+
+
+def test_lora_is_far_smaller_than_full_fine_tuning():
+    full = load_recipe(LLAMA, ["deepspeed.config=ds_configs/zero0_bf16.json"])
+    lora = load_recipe(LLAMA_LORA, ["batch.micro_batch_size=16"])
+    f, l = estimate_memory(full, 1), estimate_memory(lora, 1)
+    # Same model, micro batch and stage: the base weights match, gradients + Adam shrink ~50x.
+    assert l["weights"] == pytest.approx(f["weights"], rel=0.05)
+    assert (l["gradients"] + l["optimizer"]) < 0.03 * (f["gradients"] + f["optimizer"])
+    assert l["total"] < 0.35 * f["total"]
+    assert l["activations"] == f["activations"] and l["logits"] == f["logits"]
+
+
+def test_passes_checkpointing_attention_and_offload():
+    base = estimate_memory(small_recipe(), 1)
+    eager = estimate_memory(small_recipe(model__attn_implementation="eager"), 1)
+    assert (eager["activations"] - base["activations"]) * GIB == pytest.approx(2 * 2 * 4 * 32 * 32 * 2)
+    # Without checkpointing, more latent passes cost more (re-materialised past keys/values); with it they do not.
+    no_ckpt = [estimate_memory(small_recipe(model__gradient_checkpointing=False, coconut__max_latent_stage=s), 1)
+               for s in (1, 3)]
+    assert no_ckpt[1]["activations"] > no_ckpt[0]["activations"] > base["activations"]
+    ckpt = [estimate_memory(small_recipe(coconut__max_latent_stage=s), 1)["activations"] for s in (1, 3)]
+    assert ckpt[0] == ckpt[1]
+    off = estimate_memory(load_recipe(LLAMA, ["deepspeed.config=ds_configs/zero3_offload_bf16.json"]), 8)
+    assert off["weights"] == off["gradients"] == off["optimizer"] == 0
+    assert off["host_offload"] * GIB == pytest.approx(16 * param_count(shape_for("meta-llama/Llama-3.1-8B")) / 8)
+
+
+def test_suggestions_for_a_recipe_that_does_not_fit():
+    r = load_recipe(LLAMA)
+    est = estimate_memory(r, 1)
+    assert est["total"] > 80
+    fixes = suggestions(r, 1, 80, shape_for(r.model.name_or_path))
+    assert any("zero3_offload_bf16" in f for f in fixes) and any("lora.enabled=true" in f for f in fixes)
+
+
+def test_main_fails_and_explains_when_memory_does_not_fit(capsys):
+    assert main([str(LLAMA), "--world-sizes", "1", "--no-ds-config"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL llama8b_gsm at 1 GPU(s)" in out and "> 80 GiB" in out and "lora.enabled=true" in out
+    assert main([str(LLAMA), "--world-sizes", "1", "--no-ds-config",
+                 "--set", "deepspeed.config=ds_configs/zero3_offload_bf16.json"]) == 0
+
+
+def test_main_fails_on_invalid_recipe_and_bad_world_size(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(LLAMA.read_text().replace("micro_batch_size: 16", "micro_batch_sise: 16"))
+    assert main([str(bad)]) == 1
+    assert "unknown key 'batch.micro_batch_sise'" in capsys.readouterr().out
+    assert main([str(LLAMA), "--world-sizes", "48", "--no-ds-config"]) == 1
+    assert "global_batch_size 128 is not divisible" in capsys.readouterr().out
