@@ -205,6 +205,10 @@ def test_synthetic_is_seeded_valid_and_sound():
         # the wrong option is provable for someone else, and both options are sinks
         assert any(r["neg_target"] in _reach(edges, p) for p in range(len(sym)) if p != r["root"])
         assert not any(u in (r["target"], r["neg_target"]) for u, _ in edges)
+        # no surface shortcut: the options have as many parents, and no person is a parent of either
+        parents = {o: [u for u, v in edges if v == o] for o in (r["target"], r["neg_target"])}
+        assert len(parents[r["target"]]) == len(parents[r["neg_target"]])
+        assert all(sym[u][0].islower() for ps in parents.values() for u in ps)
         assert r["question"].endswith(f"Is {person} a {target} or {neg}?") or r["question"].endswith(
             f"Is {person} a {neg} or {target}?")
         first_is_target += r["question"].endswith(f"a {target} or {neg}?")

@@ -7,7 +7,9 @@ the answer "Tom is a A.". Records carry ProsQA's graph keys (idx_to_symbol, edge
 
 What keeps it honest (no surface shortcut to the answer, as in ProsQA):
 - the wrong option (neg_target) is reachable from another person, so "the option some person reaches" does
-  not give it away; both options are sinks (no outgoing edge); their order in the question is random;
+  not give it away; both options are sinks (no outgoing edge) with the same number of parents, all concepts;
+  their order in the question is random. (Counting parents, or picking the option a person is directly
+  attached to, scores 50%; only tracing paths from the person helps.)
 - every node gets a random "level" and edges only go up a level, so the graph is acyclic by construction;
   extra edges are rejected when they would let the root reach the wrong option.
 What keeps it learnable by a small model from a few thousand examples: the graph size (`n_concepts`) and the
@@ -110,6 +112,8 @@ def generate_one(rng: random.Random, n_concepts: int = 10, min_depth: int = 2, m
     def acceptable(u: int, v: int) -> bool:
         if u == v or v < n_people or level[u] >= level[v] or v in adj[u] or u in (target, neg_target):
             return False
+        if v in (target, neg_target) and not into_options:
+            return False
         from_root = _reachable(adj, root)
         # Reject edges that would make the wrong option provable for the asked person...
         if u in from_root and neg_target in _reachable(adj, v):
@@ -119,6 +123,7 @@ def generate_one(rng: random.Random, n_concepts: int = 10, min_depth: int = 2, m
             return _distance(adj, root, u) + 1 + _distance(adj, v, target) >= depth
         return True
 
+    into_options = False  # the random edges below avoid the two options; they get their parents afterwards
     n_extra, tries = round(extra_edges * n_concepts), 0
     sources = list(range(len(symbols)))
     while n_extra > 0 and tries < 50 * n_concepts:
@@ -127,6 +132,19 @@ def generate_one(rng: random.Random, n_concepts: int = 10, min_depth: int = 2, m
         if acceptable(u, v):
             add(u, v)
             n_extra -= 1
+
+    # Parents of the two options are added last, the same number for both: otherwise the rule above (the root
+    # must not reach the wrong option) leaves the wrong option fewer parents, and "the option with more
+    # parents" becomes a shortcut (about 60% right without reading a single path).
+    into_options = True
+    # Concepts only: a person may not be an option's parent (the root never can be, the proof would be one
+    # step, so allowing the other person would mark the wrong option).
+    candidates = {o: [u for u in c_ids if acceptable(u, o)] for o in (target, neg_target)}
+    n_parents = min(rng.randint(1, max(1, round(1 + extra_edges * 2))),
+                    1 + len(candidates[target]), 1 + len(candidates[neg_target]))
+    for o in (target, neg_target):
+        for u in rng.sample(candidates[o], n_parents - 1):
+            add(u, o)
 
     path = _shortest_path(adj, root, target)
     steps = [f"{symbols[path[0]]} is a {symbols[path[1]]}."]
