@@ -250,7 +250,8 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
     passes = (f"{c.max_passes} forward passes per step (c_thought {c.c_thought} x max_latent_stage "
               f"{c.max_latent_stage} + 1)" if c.mode == "coconut" else f"mode {c.mode}: 1 forward pass per step")
     training = f"LoRA r{recipe.lora.rank}: {P_t / 1e6:.1f}M trainable" if recipe.lora.enabled else "full fine-tune"
-    out(f"{recipe.name}: {recipe.model.name_or_path} ({d.model_type}, {P / 1e9:.3f}B params, hidden {d.hidden}, "
+    size = f"{P / 1e9:.2f}B" if P >= 1e9 else f"{P / 1e6:.1f}M"
+    out(f"{recipe.name}: {recipe.model.name_or_path} ({d.model_type}, {size} params, hidden {d.hidden}, "
         f"{d.layers} layers, vocab {d.vocab}) | {training} | {recipe.model.dtype} | {passes} | checkpointing "
         f"{'on' if recipe.model.gradient_checkpointing else 'off'} | seq {recipe.data.max_seq_len} | "
         f"written for {recipe.gpus_assumed} GPU(s)")
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipes", nargs="+", help="recipe YAML files")
     parser.add_argument("--world-sizes", nargs="+", type=int, default=None,
                         help="world sizes to check (default: each recipe's batch.world_sizes)")
-    parser.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory (default: the recipe's gpu_memory_gb)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="GPU memory (default: the recipe's gpu_memory_gb)")
     parser.add_argument("--require-data", action="store_true", help="fail when a data file is missing")
     parser.add_argument("--no-ds-config", action="store_true", help="do not print the filled DeepSpeed configs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             failed.append(path)
         print()
-    print(f"{len(args.recipes) - len(failed)}/{len(args.recipes)} recipe(s) ok" + (f"; failing: {', '.join(failed)}" if failed else ""))
+    summary = f"{len(args.recipes) - len(failed)}/{len(args.recipes)} recipe(s) ok"
+    print(summary + (f"; failing: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

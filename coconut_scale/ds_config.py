@@ -164,7 +164,8 @@ def _fill_scheduler(f: _Filler, optim, total_steps: int | None) -> None:
             f.mismatches.append(f"scheduler {wanted} (optim.scheduler {optim.scheduler!r}) needs total_steps >= 1, "
                                 f"got {total_steps}")
         else:  # (warmup longer than the run is legal: DeepSpeed only warns)
-            f.recipe(p + ("total_num_steps",), total_steps, f"total_steps {total_steps} (from the data size and optim.epochs)")
+            f.recipe(p + ("total_num_steps",), total_steps,
+                     f"total_steps {total_steps} (from the data size and optim.epochs)")
 
 
 def build_ds_config(recipe, plan: BatchPlan, hidden_size: int, total_steps: int | None = None) -> dict:

@@ -87,7 +87,8 @@ class ModelCfg(_Section):
     def _check(self):
         if self.from_config is not None:
             if not isinstance(self.from_config.get("model_type"), str):
-                raise ValueError(f"model.from_config needs a model_type string (e.g. llama), got keys {sorted(self.from_config)}")
+                raise ValueError(f"model.from_config needs a model_type string (e.g. llama), "
+                                 f"got keys {sorted(self.from_config)}")
             if self.gguf_file:
                 raise ValueError(f"model.gguf_file {self.gguf_file!r} and model.from_config are exclusive: "
                                  "from_config builds random weights, a GGUF loads trained ones")
@@ -387,7 +388,8 @@ def recipe_from_dict(data: dict, source: str = "<dict>", overrides: dict[str, st
         for error in exc.errors(include_url=False):
             line = _describe(error)
             loc = ".".join(str(p) for p in error["loc"])
-            origin = [t for k, t in overrides.items() if loc and (loc == k or loc.startswith(k + ".") or k.startswith(loc + "."))]
+            origin = [t for k, t in overrides.items()
+                      if loc and (loc == k or loc.startswith(k + ".") or k.startswith(loc + "."))]
             if origin:
                 line += f" (set by override {origin[0]!r})"
             problems.append(line)
