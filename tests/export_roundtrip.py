@@ -47,6 +47,12 @@ def main(resolved_yaml: str, workdir: str) -> None:
     engine.eval()
     with torch.no_grad():
         ours = engine(**batch).logits
+        # Reload as a user would, outside ZeRO-3: drop the live HfDeepSpeedConfig first, or transformers
+        # would partition the reloaded model as well.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        bundle.hf_ds_config = None
+        unset_hf_deepspeed_config()
         reloaded, _, _ = load_exported(out)
         theirs = reloaded(**batch).logits
     print("MAX_ABS_DIFF", float((ours - theirs).abs().max()))
