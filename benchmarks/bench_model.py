@@ -44,6 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from coconut_scale.checkpointing import disable_latent_safe_checkpointing, enable_latent_safe_checkpointing  # noqa: E402
+from coconut_scale.collate import LatentAlignedCollator
 from coconut_scale.model import Coconut  # noqa: E402
 from coconut_scale.reference import reference_forward, reference_generate  # noqa: E402
 from coconut_scale.tokens import LatentTokens  # noqa: E402
@@ -132,18 +133,10 @@ def train_batch(args, tokens):
         a = torch.randint(0, normal_vocab, (args.answer_len - 1,), generator=g).tolist() + [tokens.eos_id]
         rows.append(q + [tokens.start_id] + [tokens.latent_id] * args.latents + [tokens.end_id] + a)
         label_rows.append([-100] * (q_len + args.latents + 2) + a)
-    align = max(r.index(tokens.latent_id) for r in rows) if args.latents else 0
-    shifts = [align - r.index(tokens.latent_id) if args.latents else 0 for r in rows]
-    width = max(s + len(r) for s, r in zip(shifts, rows))
-    ids = torch.full((len(rows), width), tokens.pad_id)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (s, r, lab) in enumerate(zip(shifts, rows, label_rows)):
-        ids[i, s : s + len(r)] = torch.tensor(r)
-        mask[i, s : s + len(r)] = 1
-        labels[i, s : s + len(r)] = torch.tensor(lab)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    return ids, mask, labels, pos
+    batch = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)(
+        [{"input_ids": r, "labels": lab} for r, lab in zip(rows, label_rows)]
+    )
+    return batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"]
 
 
 def gen_prompts(args, tokens):

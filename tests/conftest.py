@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from coconut_scale.collate import LatentAlignedCollator
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,9 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def latent_batch(tokens, latent_counts, lengths, seed=0, vocab=300, answer_len=4):
-    """A collated-style batch: question, start, n latents, end, answer; first latents aligned by left padding.
-
-    Rows without latents are not shifted (right-padded), as the collator does.
+    """A collated batch: question, start, n latents, end, answer (the collator aligns the first latents).
     Returns input_ids, attention_mask, labels, position_ids.
     """
     g = torch.Generator().manual_seed(seed)
@@ -43,19 +43,10 @@ def latent_batch(tokens, latent_counts, lengths, seed=0, vocab=300, answer_len=4
             lab = [-100] * q_len + a
         rows.append(seq)
         label_rows.append(lab)
-    firsts = [r.index(tokens.latent_id) for r in rows if tokens.latent_id in r]
-    align = max(firsts) if firsts else 0
-    shifts = [align - r.index(tokens.latent_id) if tokens.latent_id in r else 0 for r in rows]
-    width = max(s + len(r) for s, r in zip(shifts, rows))
-    ids = torch.full((len(rows), width), tokens.pad_id)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (s, r, lab) in enumerate(zip(shifts, rows, label_rows)):
-        ids[i, s : s + len(r)] = torch.tensor(r)
-        mask[i, s : s + len(r)] = 1
-        labels[i, s : s + len(r)] = torch.tensor(lab)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    return ids, mask, labels, positions
+    batch = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)(
+        [{"input_ids": r, "labels": lab} for r, lab in zip(rows, label_rows)]
+    )
+    return batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"]
 
 
 def break_embedding_ties(model, scale=0.05, seed=1):
