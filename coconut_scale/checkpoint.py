@@ -46,6 +46,13 @@ def write_json_atomic(path: Path, payload) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

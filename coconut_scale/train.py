@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from coconut_scale import distributed as dist
-from coconut_scale.batch_math import batch_table, format_batch_table, resolve_batch
-from coconut_scale.checkpoint import CheckpointManager, export_hf, write_json_atomic
+from coconut_scale.batch_math import BatchMathError, BatchPlan, format_batch_table, resolve_batch
+from coconut_scale.checkpoint import CheckpointManager, export_hf, write_jsonl_atomic
 from coconut_scale.collate import LatentAlignedCollator
 from coconut_scale.curriculum import (
     CurriculumConfig,
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         log.print(f"resumed from {latest} (epoch {state['epoch']}, step {state['step_in_epoch']} of "
                   f"{steps_per_epoch}, global step {state['global_step']})")
     side_files = {"recipe.resolved.yaml": yaml.safe_dump(recipe.resolved_dict(), sort_keys=False),
-                  "batch_table.txt": format_batch_table(batch_table(recipe)) + "\n"}
+                  "batch_table.txt": format_batch_table(_resolvable_plans(recipe, plan)) + "\n"}
 
     def save(loop_state):
         ckpts.save(engine, loop_state, side_files)
@@ -248,11 +248,8 @@ def main(argv=None) -> int:
                 rows = result.pop("rows")
                 metrics.update(result)
                 if dist.is_main():
-                    samples = out / "samples" / f"epoch{epoch:03d}.jsonl"
-                    samples.parent.mkdir(parents=True, exist_ok=True)
-                    import json
-
-                    samples.write_text("".join(json.dumps(r) + "\n" for r in rows[: recipe.logging.num_sample_outputs]))
+                    write_jsonl_atomic(out / "samples" / f"epoch{epoch:03d}.jsonl",
+                                       rows[: recipe.logging.num_sample_outputs])
             log.log("eval", **metrics)
             log.print("epoch {epoch} stage {stage}: ".format(**metrics) +
                       " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
@@ -272,6 +269,18 @@ def main(argv=None) -> int:
     log.close()
     dist.barrier()
     return 0
+
+
+def _resolvable_plans(recipe, current: BatchPlan) -> list[BatchPlan]:
+    """The running world size's plan plus every listed one that resolves. A world size this run does not use
+    must not stop it (the check command reports those); it is left out of the saved table instead."""
+    plans = {current.world_size: current}
+    for ws in recipe.batch.world_sizes:
+        try:
+            plans.setdefault(ws, resolve_batch(recipe.batch, ws, recipe.data.max_seq_len))
+        except BatchMathError:
+            pass
+    return [plans[ws] for ws in sorted(plans)]
 
 
 def _floats(metrics: dict) -> dict:
