@@ -26,6 +26,7 @@ from coconut_scale import distributed as dist
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 DS_TAG = "ds"
+UNIVERSAL_TAG = "ds_universal"  # coconut_scale.universal writes it next to DS_TAG, for another world size
 
 
 def _fsync_dir(path: Path) -> None:
@@ -97,7 +98,7 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
         dist.barrier()
         if dist.is_main():
-            write_json_atomic(tmp / "loop_state.json", loop_state)
+            write_json_atomic(tmp / "loop_state.json", {**loop_state, "world_size": dist.world_size()})
             for filename, text in (side_files or {}).items():
                 (tmp / filename).write_text(text)
             _fsync_dir(tmp)
@@ -108,9 +109,28 @@ class CheckpointManager:
         dist.barrier()
         return final
 
-    def load(self, engine, path: Path) -> dict:
+    @staticmethod
+    def saved_world_size(path: Path) -> int | None:
+        return json.loads((Path(path) / "loop_state.json").read_text()).get("world_size")
+
+    def needs_universal(self, path: Path, world_size: int) -> bool:
+        """True when `path` was written at another world size; then its universal copy must exist."""
+        saved = self.saved_world_size(path)
+        if saved is None or saved == world_size:
+            return False
+        if not (path / UNIVERSAL_TAG).is_dir():
+            raise RuntimeError(
+                f"checkpoint {path} was written by {saved} ranks and this run has {world_size}; ZeRO shards only "
+                f"load at the world size that wrote them. Convert it once, then re-run this command:\n"
+                f"  python -m coconut_scale.universal {path}")
+        return True
+
+    def load(self, engine, path: Path, universal: bool = False) -> dict:
+        """`universal`: load the world-size-free copy (the engine must have been built with
+        `"checkpoint": {"load_universal": true}`)."""
         load_path, _ = engine.load_checkpoint(
-            str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(path), tag=UNIVERSAL_TAG if universal else DS_TAG, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")

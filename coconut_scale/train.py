@@ -159,19 +159,24 @@ def main(argv=None) -> int:
                          f"{plan.global_batch_size}")
     schedule_steps = steps_per_epoch * (cfg.epochs_per_stage if recipe.coconut.reset_optimizer else recipe.optim.epochs)
     ds_config = build_ds_config(recipe, plan, hidden, total_steps=schedule_steps)
+    ckpts = CheckpointManager(out / "checkpoints", recipe.checkpoint.keep_last)
+    latest = ckpts.latest() if recipe.checkpoint.auto_resume else None
+    # A checkpoint from another GPU count loads only through its universal copy (coconut_scale.universal).
+    universal = latest is not None and ckpts.needs_universal(latest, world)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     bundle = build_engine(recipe, ds_config, tokenizer, schedule_steps, log=log.print)
     engine, model = bundle.engine, bundle.model
     device = engine.device
     collate = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)
 
-    ckpts = CheckpointManager(out / "checkpoints", recipe.checkpoint.keep_last)
     state = {"epoch": recipe.checkpoint.resume_from_epoch, "step_in_epoch": 0, "global_step": 0,
              "best_accuracy": -1.0, "stage": None}
-    latest = ckpts.latest() if recipe.checkpoint.auto_resume else None
     if latest is not None:
-        state = ckpts.load(engine, latest)
-        log.print(f"resumed from {latest} (epoch {state['epoch']}, step {state['step_in_epoch']} of "
-                  f"{steps_per_epoch}, global step {state['global_step']})")
+        state = ckpts.load(engine, latest, universal=universal)
+        state.pop("world_size", None)
+        log.print(f"resumed from {latest}{' (universal copy)' if universal else ''} (epoch {state['epoch']}, "
+                  f"step {state['step_in_epoch']} of {steps_per_epoch}, global step {state['global_step']})")
     side_files = {"recipe.resolved.yaml": yaml.safe_dump(recipe.resolved_dict(), sort_keys=False),
                   "batch_table.txt": format_batch_table(_resolvable_plans(recipe, plan)) + "\n"}
 

@@ -115,16 +115,53 @@ def test_single_process_run_trains_evaluates_and_exports(runs):
     assert {"loop_state.json", "recipe.resolved.yaml", "batch_table.txt"} <= {p.name for p in ckpt.iterdir()}
 
 
-def test_two_ranks_zero3_torchrun_equals_single_process(runs):
-    """1 rank x accum 2 vs 2 ranks x accum 1 at global batch 4: same losses, same final weights."""
-    root, data, single = runs
+@pytest.fixture(scope="module")
+def torchrun2(runs):
+    root, data, _ = runs
     two = root / "torchrun2"
     _run("torchrun", two, data)
+    return two
+
+
+def test_two_ranks_zero3_torchrun_equals_single_process(runs, torchrun2):
+    """1 rank x accum 2 vs 2 ranks x accum 1 at global batch 4: same losses, same final weights."""
+    _, _, single = runs
+    two = torchrun2
     l1, l2 = _train_losses(single), _train_losses(two)
     assert l1.keys() == l2.keys()
     for step in l1:
         assert abs(l1[step] - l2[step]) < 1e-4, (step, l1[step], l2[step])
     _assert_same_weights(single, two)
+
+
+def test_universal_checkpoint_resumes_a_two_rank_run_on_one_process(runs, torchrun2):
+    """2 ranks -> 1: the ZeRO-3 checkpoint at the stage 1 -> 2 boundary, converted to DeepSpeed's universal
+    format, resumes in one process and ends where the never-interrupted single-process run ends."""
+    root, data, single = runs
+    out = root / "two_then_one"
+    shutil.copytree(torchrun2, out)
+    final, boundary = sorted((out / "checkpoints").glob("step-*"))[::-1][:2]
+    shutil.rmtree(final)  # as if the 2-rank job had stopped after epoch 1
+    shutil.rmtree(out / "hf" / "stage2")
+    assert json.loads((boundary / "loop_state.json").read_text())["world_size"] == 2
+
+    refused = subprocess.run(_command("python", _overrides(out, data)), cwd=REPO, env=_env(), capture_output=True,
+                             text=True, timeout=TIMEOUT)
+    assert refused.returncode != 0
+    assert "written by 2 ranks and this run has 1" in refused.stderr
+    assert f"python -m coconut_scale.universal {boundary}" in refused.stderr
+
+    convert = subprocess.run([sys.executable, "-m", "coconut_scale.universal", str(out)], cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    assert convert.returncode == 0, convert.stdout[-2000:] + convert.stderr[-4000:]
+    assert (boundary / "ds_universal").is_dir()
+
+    resumed = _run("python", out, data)
+    assert "(universal copy)" in resumed.stdout
+    _assert_same_weights(single, out)
+    l1, lr = _train_losses(single), _train_losses(out)
+    for step in range(25, 37):  # epoch 2, trained by the single resumed process
+        assert abs(l1[step] - lr[step]) < 1e-4, (step, l1[step], lr[step])
 
 
 def test_deepspeed_launcher_with_module_equals_single_process(runs):
