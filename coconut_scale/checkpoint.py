@@ -7,7 +7,8 @@ A checkpoint is written under its .tmp name by every rank, then renamed by rank 
 The rename is atomic, so any `step-*` directory is complete; resume picks the highest.
 
 Exports (`<output_dir>/hf/<name>/`) are written the same way: consolidated 16-bit weights (gathered on
-all ranks, written by rank 0), the tokenizer with the Coconut tokens, and coconut_config.json.
+all ranks, written by rank 0), the tokenizer with the Coconut tokens, and coconut_config.json. LoRA runs
+export the adapter merged into the base, plus the unmerged adapter in `<name>/adapter/` (see lora.py).
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ def export_hf(engine, tokenizer, out_dir: str | Path, coconut_meta: dict, to_bas
     """Write an HF-format export of the engine's Coconut model. Collective; rank 0 writes.
 
     `to_base(state_dict) -> (model, state_dict)` turns the wrapper's state into an HF model to save
-    (identity for full fine-tuning; merges adapters for LoRA).
+    (identity for full fine-tuning; merges adapters for LoRA). A `to_base` with a
+    `write_extras(state_dict, directory, tokenizer)` method also gets the unmerged state to write beside
+    the model (LoRA: the adapter in `<out_dir>/adapter/`).
     """
     out_dir = Path(out_dir)
     state = consolidated_state_dict(engine)
@@ -160,11 +163,14 @@ def export_hf(engine, tokenizer, out_dir: str | Path, coconut_meta: dict, to_bas
         prefix = "base_causallm."
         state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
         base = engine.module.base_causallm
-        if to_base is not None:
-            base, state = to_base(state)
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        write_extras = getattr(to_base, "write_extras", None)
+        if write_extras is not None:
+            write_extras(state, tmp, tokenizer)
+        if to_base is not None:
+            base, state = to_base(state)
         base.save_pretrained(str(tmp), state_dict=state)
         tokenizer.save_pretrained(str(tmp))
         write_json_atomic(tmp / "coconut_config.json", coconut_meta)
