@@ -20,6 +20,11 @@ class RunLog:
         if not self.main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not sys.stderr.isatty():
+            # transformers' own bars (e.g. "Writing model shards" on every export) would fill a batch job's log.
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         if wandb_project and os.environ.get("WANDB_MODE", "online") != "disabled":
             import wandb
 

@@ -114,11 +114,13 @@ def test_zero3_states_scale_as_one_over_world_size():
     # the full model's 16 bytes/param shared by 8 GPUs
     P = param_count(shape_for("meta-llama/Llama-3.1-8B"))
     assert (ests[8]["weights"] + ests[8]["gradients"] + ests[8]["optimizer"]) * GIB == pytest.approx(16 * P / 8)
-    assert ests[8]["gathered"] == pytest.approx(1e9 * 2 / GIB)  # stage3_max_live_parameters in bf16
+    # the recipe keeps the whole model gathered across latent passes: stage3_max_live_parameters 8.1e9 > P, bf16
+    assert r.deepspeed.overrides["zero_optimization"]["stage3_max_live_parameters"] >= P
+    assert ests[8]["gathered"] == pytest.approx(P * 2 / GIB)
 
 
 def test_lora_is_far_smaller_than_full_fine_tuning():
-    full = load_recipe(LLAMA, ["deepspeed.config=ds_configs/zero0_bf16.json"])
+    full = load_recipe(LLAMA, ["deepspeed.config=ds_configs/zero0_bf16.json", "batch.micro_batch_size=16"])
     lora = load_recipe(LLAMA_LORA, ["batch.micro_batch_size=16"])
     f, l = estimate_memory(full, 1), estimate_memory(lora, 1)
     # Same model, micro batch and stage: the base weights match, gradients + Adam shrink ~50x.
@@ -161,7 +163,7 @@ def test_main_fails_and_explains_when_memory_does_not_fit(capsys):
 
 def test_main_fails_on_invalid_recipe_and_bad_world_size(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(LLAMA.read_text().replace("micro_batch_size: 16", "micro_batch_sise: 16"))
+    bad.write_text(LLAMA.read_text().replace("micro_batch_size: 8", "micro_batch_sise: 8"))
     assert main([str(bad)]) == 1
     assert "unknown key 'batch.micro_batch_sise'" in capsys.readouterr().out
     assert main([str(LLAMA), "--world-sizes", "48", "--no-ds-config"]) == 1
