@@ -104,3 +104,29 @@ def load_exported(directory: str | Path, dtype: str = "fp32", attn_implementatio
         raise ValueError(f"{directory}: tokenizer latent id {tokens.latent_id} != coconut_config {cfg['latent_id']}")
     model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
     return model, tokenizer, cfg
+
+
+def save_exported(coconut: Coconut, tokenizer, out_dir: str | Path, meta: dict) -> Path:
+    """Write an in-memory Coconut model as an export directory that `load_exported` reads (no DeepSpeed).
+
+    The same layout as the trainer's exports: HF weights + tokenizer + coconut_config.json holding the token
+    ids and `meta` (c_thought, stage, max_latent_stage, mode, pad_latent_to_max, ...). Written into a temporary
+    sibling and renamed, so a reader never sees a half-written export.
+    """
+    import os
+    import shutil
+
+    if "c_thought" not in meta:
+        raise ValueError("save_exported: meta must give c_thought (latents per reasoning step)")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    coconut.base_causallm.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    extra = {k: v for k, v in meta.items() if k != "c_thought"}
+    save_coconut_config(tmp, LatentTokens.from_tokenizer(tokenizer), meta["c_thought"], **extra)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,138 @@
+"""Plumbing shared by the evaluation CLIs: process group, progress bars, atomic outputs, PNGs, error exits.
+
+Inference needs no DeepSpeed: every rank holds the whole exported model and evaluates its own shard, so a
+plain torch process group (gloo on CPU, NCCL on GPUs) is enough for the few collectives that sum results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from coconut_scale import distributed as dist
+from coconut_scale.records import DataFormatError
+
+
+class InputError(ValueError):
+    """Bad user input (a checkpoint, data file, flag): reported as one line naming the culprit, exit code 2."""
+
+
+def start_distributed() -> None:
+    """Join the launcher's process group when there is one (torchrun sets WORLD_SIZE); else stay single."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank())
+    tdist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def stop_distributed() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def quiet_libraries() -> None:
+    """HF's weight-loading bars and info logs would interleave across ranks and drown our own output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def progress(total: int, desc: str):
+    """A tqdm bar on rank 0 when stderr is a terminal; otherwise a disabled bar (update() still works)."""
+    from tqdm.auto import tqdm
+
+    quiet = not dist.is_main() or not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=False)
+
+
+def say(message: str) -> None:
+    if dist.is_main():
+        print(message, flush=True)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    # Written beside the target and renamed: a reader (or a crashed run) never sees a half-written file.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, payload) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, default=_jsonable, allow_nan=False)
+            f.write("\n")
+
+    return _atomic_write(path, write)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_jsonable, ensure_ascii=False) + "\n")
+
+    return _atomic_write(path, write)
+
+
+def write_text(path: Path, text: str) -> Path:
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def new_figure(n_panels: int = 1, width: float = 5.5, height: float = 4.0):
+    """A matplotlib figure on the Agg backend (no display needed on a cluster node)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_png(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a CLI main; bad input exits with code 2 and one readable line instead of a traceback."""
+    try:
+        return main(argv)
+    except (InputError, DataFormatError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
