@@ -20,6 +20,7 @@ How it is computed (no Python loop over rows or positions):
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -82,6 +83,12 @@ def plan_passes(input_ids: torch.Tensor, latent_id: int, num_passes: int | None 
     return PassPlan(tuple(ranges), tuple(fills))
 
 
+def example_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
+    """A stable 32-bit key per row from its unpadded tokens (independent of padding side and batch)."""
+    ids, mask = input_ids.tolist(), attention_mask.tolist()
+    return [zlib.crc32(",".join(str(t) for t, m in zip(row, keep) if m).encode()) for row, keep in zip(ids, mask)]
+
+
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: 0 at each row's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -138,7 +145,8 @@ class Coconut(nn.Module):
         # No feedback: latents are plain tokens; still honour num_passes so ranks stay in step.
         return plan_passes(torch.zeros_like(input_ids[:1]), -1, num_passes)
 
-    def _fill(self, chunk: torch.Tensor, ids_col: torch.Tensor, ordinal_col: torch.Tensor, prev_hidden: torch.Tensor):
+    def _fill(self, chunk: torch.Tensor, ids_col: torch.Tensor, ordinal_col: torch.Tensor, prev_hidden: torch.Tensor,
+              row_keys: list[int] | None = None):
         """Replace the first column of `chunk` by `prev_hidden` in rows whose token there is a latent."""
         is_latent = ids_col == self.latent_token_id
         fed = prev_hidden.to(chunk.dtype)
@@ -146,7 +154,8 @@ class Coconut(nn.Module):
             fed = fed.clone()
             for k in torch.unique(ordinal_col[is_latent]).tolist():
                 rows = is_latent & (ordinal_col == k)
-                fed[rows] = self.perturbation(fed[rows], int(k))
+                keys = [row_keys[r] for r in rows.nonzero().flatten().tolist()] if row_keys else None
+                fed[rows] = self.perturbation(fed[rows], int(k), row_keys=keys)
         first = torch.where(is_latent[:, None], fed, chunk[:, 0])
         return torch.cat([first[:, None], chunk[:, 1:]], dim=1)
 
@@ -154,6 +163,8 @@ class Coconut(nn.Module):
         """All passes of the plan; returns per-pass logits, the filled embeddings and the final cache."""
         embeds = self.base_causallm.get_input_embeddings()(input_ids)
         ordinals = (input_ids == self.latent_token_id).long().cumsum(dim=1) - 1
+        # Noise keyed by each row's own tokens: an example gets the same noise in any batch, on any rank.
+        row_keys = example_keys(input_ids, attention_mask) if self.perturbation is not None else None
         cache = PassCache(self.num_layers)
         logits, filled, prev_hidden = [], [], None
         last = len(plan.ranges) - 1
@@ -163,7 +174,7 @@ class Coconut(nn.Module):
             # pass but the last returns hidden states, whatever this batch holds: under ZeRO-3, ranks with
             # different latent counts must build graphs of the same shape, or their module hooks diverge.
             if i > 0 and self.feedback:
-                chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], prev_hidden)
+                chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], prev_hidden, row_keys)
             filled.append(chunk)
             needs_hidden = i < last and self.feedback
             out = self.base_causallm(

@@ -4,8 +4,10 @@ A `Perturbation` adds noise to the hidden state that is fed back as a latent's i
 latent passes (0-based index of the latent within a row: pass k fills every row's k-th latent). Off by
 default; when off the wrapper never calls into this module, so it costs nothing.
 
-Noise is drawn from a dedicated CPU generator seeded by `seed` and the pass index, so a perturbed run is
-reproducible regardless of batch composition on other devices or the global RNG state.
+Noise is drawn from dedicated CPU generators, never the global RNG. Given `row_keys` (the wrapper passes a
+hash of each example's tokens), every row has its own generator seeded by (`seed`, pass index, key): an
+example gets the same noise whatever batch, batch size or rank it lands in, and different examples get
+independent draws. Without keys, one generator per call seeded by (`seed`, pass index) draws for all rows.
 """
 
 from __future__ import annotations
@@ -48,18 +50,31 @@ class Perturbation:
     def applies_to(self, latent_index: int) -> bool:
         return self.passes is None or latent_index in self.passes
 
-    def __call__(self, hidden: torch.Tensor, latent_index: int) -> torch.Tensor:
+    def _generators(self, latent_index: int, n_rows: int, row_keys: list[int] | None) -> list[torch.Generator]:
+        # Salted so a noise stream never coincides with a tensor drawn from the same small seed elsewhere.
+        base = 0x5EED_C0C0 + self.seed * 1_000_003 + latent_index
+        if row_keys is None:
+            return [torch.Generator(device="cpu").manual_seed(base)]
+        if len(row_keys) != n_rows:
+            raise ValueError(f"row_keys has {len(row_keys)} entries for {n_rows} rows")
+        return [torch.Generator(device="cpu").manual_seed((base * 2_654_435_761 + k) % 2**63) for k in row_keys]
+
+    def __call__(self, hidden: torch.Tensor, latent_index: int, row_keys: list[int] | None = None) -> torch.Tensor:
         """Perturb `hidden` [rows, d] for the given latent pass (returns a new tensor)."""
         if not self.applies_to(latent_index):
             return hidden
-        # Salted so a noise stream never coincides with a tensor drawn from the same small seed elsewhere.
-        gen = torch.Generator(device="cpu").manual_seed(0x5EED_C0C0 + self.seed * 1_000_003 + latent_index)
         h = hidden.float()
         d = h.shape[-1]
         norm = h.norm(dim=-1, keepdim=True)
+        gens = self._generators(latent_index, h.shape[0], row_keys)
+
+        def draw(sample):
+            if len(gens) == 1:
+                return sample(h.shape, generator=gens[0]).to(h.device)
+            return torch.stack([sample((d,), generator=g) for g in gens]).to(h.device)
 
         def randn():
-            return torch.randn(h.shape, generator=gen).to(h.device)
+            return draw(torch.randn)
 
         if self.kind == "gaussian":
             noise = self.scale * randn()
@@ -70,7 +85,7 @@ class Perturbation:
             noise_power = signal_power / (10.0 ** (self.scale / 10.0))
             noise = randn() * noise_power.sqrt()
         elif self.kind == "uniform":
-            noise = (torch.rand(h.shape, generator=gen).to(h.device) * 2 - 1) * self.scale
+            noise = (draw(torch.rand) * 2 - 1) * self.scale
         elif self.kind == "orthogonal":
             raw = randn()
             unit = h / norm.clamp_min(1e-12)

@@ -19,6 +19,7 @@ from test_eval_cli import MAX_NEW, STAGE, assert_png, build_tiny_export, curricu
 from coconut_scale.analysis import ablations, curves, noise_sweep, probing
 from coconut_scale.analysis.inputs import eval_examples
 from coconut_scale.analysis.runtime import run_cli
+from coconut_scale.model import example_keys
 from coconut_scale.perturb import Perturbation
 from coconut_scale.reference import reference_filled_embeddings, reference_generate
 from coconut_scale.tokenize_records import tokenize_records
@@ -48,8 +49,7 @@ SCALES = {"gaussian": 0.5, "gaussian_scaled": 0.3, "snr": 5.0, "uniform": 0.4, "
 
 @torch.no_grad()
 def test_noise_statistics_match_each_kind(tiny, tmp_path):
-    # One batch: perturb.py seeds its generator per latent pass, so every batch draws the same noise rows, and
-    # a single batch of all 8 examples gives the most independent draws. Tolerances are 4 standard deviations
+    # Every example draws its own noise (keyed by its tokens), 8 examples in one batch. Tolerances are 4 standard deviations
     # of the mean over the 8 first-latent states (d = 64): |noise| of a gaussian row varies by 1/sqrt(2d) = 8.8%
     # (mean of 8: 3.1%), its SNR by 0.77 dB (0.27 dB), a uniform row's rms by 5.6% (2%).
     out = tmp_path / "noise"
@@ -101,7 +101,8 @@ def _perturbed_generate(base, ids: list[int], tokens, perturbation: Perturbation
     for k, pos in enumerate(i for i, t in enumerate(ids) if t == tokens.latent_id):
         hidden = base(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][0, pos - 1]
         embeds = embeds.clone()
-        embeds[0, pos] = perturbation(hidden[None], k)[0]
+        key = example_keys(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        embeds[0, pos] = perturbation(hidden[None], k, row_keys=key)[0]
     new = []
     for _ in range(max_new):
         token = int(base(inputs_embeds=embeds).logits[0, -1].argmax())
@@ -114,10 +115,11 @@ def _perturbed_generate(base, ids: list[int], tokens, perturbation: Perturbation
 
 @torch.no_grad()
 def test_noisy_accuracy_matches_naive_perturbed_generation(tiny, tmp_path):
-    # Batch size 1: each example draws its noise alone, as the naive loop does, so the outputs must agree.
+    # Noise is keyed by each example's tokens, so batching (3 rows, left-padded) must not change what an example
+    # draws: the batched sweep has to agree with the naive one-example-at-a-time loop.
     cells = {"targeted": -1.0, "gaussian_scaled": 2.0, "orthogonal": 1.5}
     out = tmp_path / "noise1"
-    argv = [str(tiny.export), str(tiny.data), "--batch-size", "1", "--max-new-tokens", str(MAX_NEW), "--out", str(out),
+    argv = [str(tiny.export), str(tiny.data), "--batch-size", "3", "--max-new-tokens", str(MAX_NEW), "--out", str(out),
             "--passes", "all", "--seed", "3", "--scales", *[f"{k}={v}" for k, v in cells.items()],
             "--kinds", *cells]
     assert run_cli(noise_sweep.main, argv) == 0

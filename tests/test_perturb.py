@@ -91,3 +91,18 @@ def test_changes_outputs_only_when_enabled(kind):
     assert not torch.allclose(noisy[:, first_latent + 2 :], clean[:, first_latent + 2 :])
     coconut.perturbation = None
     assert torch.equal(coconut(ids, mask, labels, pos).logits, clean)
+
+
+@pytest.mark.parametrize("kind", NOISE_KINDS)
+def test_keyed_noise_follows_the_example_not_its_row_or_batch(kind):
+    """With row keys, an example draws the same noise in any batch position, and two examples differ."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 32, generator=g)
+    p = Perturbation(kind, -0.5 if kind == "targeted" else 0.7, seed=4)
+    together = p(h, 1, row_keys=[11, 22, 33]) - h
+    reordered = p(h[[2, 0]], 1, row_keys=[33, 11]) - h[[2, 0]]
+    torch.testing.assert_close(reordered, together[[2, 0]])
+    if kind != "targeted":  # targeted noise is deterministic (scale * h): nothing random to key
+        same_state = p(h[[0, 0]], 1, row_keys=[11, 22]) - h[[0, 0]]
+        assert not torch.allclose(same_state[0], same_state[1])
+        assert not torch.allclose(p(h[:1], 2, row_keys=[11]), p(h[:1], 1, row_keys=[11]))  # per latent pass too

@@ -70,8 +70,8 @@ class NoiseRecorder:
         self.max_abs_cos = 0.0
         self.max_abs_coord = 0.0
 
-    def __call__(self, hidden: torch.Tensor, latent_index: int) -> torch.Tensor:
-        out = self.perturbation(hidden, latent_index)
+    def __call__(self, hidden: torch.Tensor, latent_index: int, row_keys: list[int] | None = None) -> torch.Tensor:
+        out = self.perturbation(hidden, latent_index, row_keys=row_keys)
         if self.enabled and self.perturbation.applies_to(latent_index):
             h, noise = hidden.float(), out.float() - hidden.float()
             h_norm, n_norm = h.norm(dim=-1), noise.norm(dim=-1)
