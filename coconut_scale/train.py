@@ -80,12 +80,12 @@ def prepare_data(recipe, log) -> None:
         if kind != "prosqa_synthetic":
             raise ValueError(f"data.generate.kind={kind!r}: only 'prosqa_synthetic' can be generated")
         options = {k: v for k, v in gen.items() if k not in ("kind", "n_train", "n_val", "seed")}
-        seed = int(gen.get("seed", 0))
-        for path, n, offset in ((recipe.data.train_file, gen.get("n_train", 2000), 0),
-                                (recipe.data.val_file, gen.get("n_val", 200), 1)):
+        sizes = {"train": int(gen.get("n_train", 2000)), "val": int(gen.get("n_val", 200))}
+        splits = prosqa_synthetic.generate_splits(sizes, seed=int(gen.get("seed", 0)), **options)  # disjoint
+        for path, split in ((recipe.data.train_file, "train"), (recipe.data.val_file, "val")):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write_records(prosqa_synthetic.generate(n=int(n), seed=seed * 1000 + offset, **options), path)
-            log(f"generated {n} ProsQA-style records -> {path}")
+            write_records(splits[split], path)
+            log(f"generated {sizes[split]} ProsQA-style records -> {path}")
     dist.barrier()
 
 

@@ -241,3 +241,16 @@ def test_data_scripts_help(script):
     out = subprocess.run([sys.executable, str(REPO / "data" / f"{script}.py"), "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("usage:")
+
+
+def test_prosqa_synthetic_n_names_draws_every_split_from_one_small_vocabulary():
+    pool = prosqa_synthetic.concept_pool(12)
+    assert len(set(pool)) == 12 and pool == prosqa_synthetic.concept_pool(12)
+    splits = prosqa_synthetic.generate_splits({"train": 60, "val": 20}, seed=1, n_concepts=5, min_depth=1,
+                                              max_depth=2, n_names=12)
+    people = set(prosqa_synthetic.PEOPLE)
+    used = {s for recs in splits.values() for r in recs for s in r["idx_to_symbol"] if s not in people}
+    assert used <= set(pool) and len(used) > 6
+    assert not {r["question"] for r in splits["train"]} & {r["question"] for r in splits["val"]}
+    with pytest.raises(ValueError, match="n_concepts=5 exceeds the 4 concept words"):
+        prosqa_synthetic.generate(3, n_concepts=5, n_names=4)

@@ -37,6 +37,17 @@ def concept_names() -> list[str]:
     return [onset + core for onset in _ONSETS for core in _CORES if not (onset == "q" and core[0] != "u")]
 
 
+def concept_pool(n_names: int | None = None) -> list[str]:
+    """The concept words problems draw from: the whole pool, or a fixed subset of `n_names` of them (the same for
+    every seed and split). A smaller vocabulary lets a small model trained from scratch see each word often."""
+    pool = concept_names()
+    if n_names is None:
+        return pool
+    if not 2 <= n_names <= len(pool):
+        raise ValueError(f"n_names={n_names} must be between 2 and the pool size {len(pool)}")
+    return random.Random(0).sample(pool, n_names)
+
+
 def _reachable(adj: dict[int, list[int]], start: int) -> set[int]:
     seen, todo = {start}, [start]
     while todo:
@@ -169,12 +180,15 @@ def generate_one(rng: random.Random, n_concepts: int = 10, min_depth: int = 2, m
 
 
 def generate(n: int, seed: int = 0, n_concepts: int = 10, min_depth: int = 2, max_depth: int = 4,
-             n_people: int = 2, extra_edges: float = 1.0, exclude_questions: set[str] | None = None) -> list[dict]:
+             n_people: int = 2, extra_edges: float = 1.0, exclude_questions: set[str] | None = None,
+             n_names: int | None = None) -> list[dict]:
     """`n` problems, reproducible from `seed`; questions are unique (and not in `exclude_questions`)."""
     if not 1 <= min_depth <= max_depth:
         raise ValueError("need 1 <= min_depth <= max_depth")
     rng = random.Random(seed)
-    names = concept_names()
+    names = concept_pool(n_names)
+    if n_concepts > len(names):
+        raise ValueError(f"n_concepts={n_concepts} exceeds the {len(names)} concept words (n_names={n_names})")
     seen = set(exclude_questions or ())
     records, attempts = [], 0
     while len(records) < n:
@@ -212,10 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-depth", type=int, default=4, help="most proof steps")
     parser.add_argument("--n-people", type=int, default=2, help="people per problem (>= 2)")
     parser.add_argument("--extra-edges", type=float, default=1.0, help="distractor edges per concept")
+    parser.add_argument("--n-names", type=int, default=None, help="concept words to draw from (default: all)")
     args = parser.parse_args(argv)
     sizes = {"train": args.n_train, "valid": args.n_valid, "test": args.n_test}
     splits = generate_splits(sizes, seed=args.seed, n_concepts=args.n_concepts, min_depth=args.min_depth,
-                             max_depth=args.max_depth, n_people=args.n_people, extra_edges=args.extra_edges)
+                             max_depth=args.max_depth, n_people=args.n_people, extra_edges=args.extra_edges,
+                             n_names=args.n_names)
     for split, records in splits.items():
         if records:
             finish(records, Path(f"{args.prefix}_{split}.json"), f"prosqa_synthetic:{split}")
