@@ -46,9 +46,8 @@ def convert(step_dir: Path, workers: int = 2) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir / DS_TAG),
            "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
-    # The converter only reads files; it must not try to start an accelerator of its own.
-    env = dict(os.environ)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # A subprocess: the converter forks its own worker pools and must not inherit a process group of ours.
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"ds_to_universal failed on {step_dir / DS_TAG} (exit {proc.returncode}):\n"
