@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from coconut_scale import distributed as dist
+from coconut_scale.atomic_files import atomic_write
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 DS_TAG = "ds"
@@ -40,19 +41,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())  # loop state must be on disk before the checkpoint directory is renamed
+
+    atomic_write(path, write)
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows)))
 
 
 def rng_state() -> dict:

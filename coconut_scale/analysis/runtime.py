@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from coconut_scale import distributed as dist
+from coconut_scale.atomic_files import atomic_write as _atomic_write
 from coconut_scale.records import DataFormatError
 
 
@@ -62,21 +62,6 @@ def progress(total: int, desc: str):
 def say(message: str) -> None:
     if dist.is_main():
         print(message, flush=True)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    # Written beside the target and renamed: a reader (or a crashed run) never sees a half-written file.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: Path, payload) -> Path:
