@@ -59,6 +59,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish() -> None:
+    """Leave the process group at the end of a successful run, once every rank got here.
+
+    NCCL is destroyed explicitly: left to process exit it warns of leaked communicators and can hang.
+    Gloo is left to process exit on purpose: destroying a gloo context right after the last collective
+    races with the peer's side of it (pytorch/gloo#155) and aborted a rank at exit in CI with
+    "terminate called without an active exception", after its work was done and written.
+    """
+    if not dist.is_initialized():
+        return
+    barrier()
+    if dist.get_backend() == "nccl":
+        dist.destroy_process_group()
+
+
 def all_reduce_max(value: int) -> int:
     if not dist.is_initialized() or world_size() == 1:
         return int(value)

@@ -28,7 +28,6 @@ from coconut_scale.analysis.runtime import (
     save_png,
     say,
     start_distributed,
-    stop_distributed,
     write_json,
     write_jsonl,
 )
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
         f"# tokens {report['mean_tokens']:.2f} ({report['mean_latents']:.2f} latents + {report['mean_new_tokens']:.2f} "
         f"generated)  {report['examples_per_s']:.1f} examples/s  ({report['n_examples']} examples, "
         f"{dist.world_size()} rank(s)) -> {out}")
-    stop_distributed()
+    dist.finish()
     return 0
 
 

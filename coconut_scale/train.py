@@ -272,7 +272,7 @@ def main(argv=None) -> int:
                 export("best", stage, {"epoch": epoch, **_floats(metrics)})
     log.print(f"done: best accuracy {state['best_accuracy']:.4f}; outputs in {out}")
     log.close()
-    dist.barrier()
+    dist.finish()
     return 0
 
 

@@ -39,7 +39,6 @@ from coconut_scale.analysis.runtime import (
     save_png,
     say,
     start_distributed,
-    stop_distributed,
     write_json,
     write_text,
 )
@@ -195,7 +194,7 @@ def main(argv=None) -> int:
                    + table)
         save_png(ablation_figure(rows, f"{inputs.checkpoint.name}, stage {inputs.stage}"), out / "ablations.png")
     say(table + f"-> {out}")
-    stop_distributed()
+    dist.finish()
     return 0
 
 

@@ -37,7 +37,6 @@ from coconut_scale.analysis.runtime import (
     save_png,
     say,
     start_distributed,
-    stop_distributed,
     write_json,
 )
 from coconut_scale.evaluation import generate_and_score
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
     for cell in report["cells"]:
         say(f"  {cell['kind']:>16} scale {cell['scale']:>6g} passes {cell['passes']:>3}: accuracy "
             f"{cell['accuracy']:.4f}  |noise|/|h| {cell['noise']['mean_rel_norm']:.3f}")
-    stop_distributed()
+    dist.finish()
     return 0
 
 

@@ -42,7 +42,6 @@ from coconut_scale.analysis.runtime import (
     save_png,
     say,
     start_distributed,
-    stop_distributed,
     write_json,
     write_jsonl,
 )
@@ -205,7 +204,7 @@ def main(argv=None) -> int:
         say(f"thought {s['step']}: top-1 {s['mean_top1_prob']:.3f}  entropy {s['mean_entropy']:.3f}  {masses}  "
             f"most common top-1 {[t['token'] for t in s['most_common_top1'][:3]]}")
     say(f"-> {out}")
-    stop_distributed()
+    dist.finish()
     return 0
 
 

@@ -34,14 +34,6 @@ def start_distributed() -> None:
     tdist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def stop_distributed() -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
-
-
 def quiet_libraries() -> None:
     """HF's weight-loading bars and info logs would interleave across ranks and drown our own output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
