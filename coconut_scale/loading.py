@@ -59,8 +59,29 @@ def load_causal_lm(
         config = AutoConfig.for_model(model_type, **cfg)
         torch.manual_seed(seed)  # same random init on every rank and every run
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
+    if not gguf_file:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn)
+    from transformers import GgufConfig
+
+    # Unpack every GGUF block into dense weights: packed blocks cannot be trained or sharded by ZeRO.
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn,
+                                                 gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    return _forget_gguf_origin(model, f"{name_or_path}/{gguf_file}")
+
+
+def _forget_gguf_origin(model, source: str):
+    """A dequantized GGUF model is an ordinary dense model, but transformers still marks it quantized. The mark
+    makes save_pretrained refuse to write it (no HF export) and makes the ZeRO-3 paths of embedding resizing skip
+    their parameter gathering, so it is dropped once every weight is known to be a dense float tensor."""
+    packed = [name for name, t in model.state_dict().items() if not t.dtype.is_floating_point]
+    if packed:
+        raise ValueError(f"{source}: {len(packed)} tensors stayed packed after GGUF dequantization "
+                         f"(first: {packed[0]}); coconut_scale needs dense weights")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def build_coconut(

@@ -64,3 +64,20 @@ def test_forward_backward_matches_reference_and_generates(smol):
     for i, p in enumerate(prompts):
         single = coconut.generate(torch.tensor([p]), max_new_tokens=6)[0, len(p):].tolist()
         assert out[i, width: width + len(single)].tolist() == single
+
+
+def test_gguf_model_exports_as_plain_hf(smol, tmp_path):
+    # transformers marks a GGUF-loaded model as quantized even after dequantizing it, and then refuses to
+    # save it: the trainer's HF exports of a SmolLM2 run failed that way until loading dropped the mark.
+    from transformers import AutoModelForCausalLM
+
+    coconut, tok = smol
+    base = coconut.base_causallm
+    assert getattr(base, "hf_quantizer", None) is None and not hasattr(base.config, "quantization_config")
+    base.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.tensor([tok("Every wumpus is a yumpus. Tom is a wumpus.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, base(ids).logits)
+    assert load_tokenizer(str(tmp_path)).encode("Tom is a wumpus.") == tok.encode("Tom is a wumpus.")
