@@ -47,7 +47,9 @@ def hidden_size_of(recipe) -> int:
 
     source = recipe.checkpoint.init_from or recipe.model.name_or_path
     kwargs = {"gguf_file": recipe.model.gguf_file} if recipe.model.gguf_file and not recipe.checkpoint.init_from else {}
-    config = AutoConfig.from_pretrained(source, **kwargs)
+    from coconut_scale.loading import resolve_source
+
+    config = AutoConfig.from_pretrained(resolve_source(source), **kwargs)
     return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 

