@@ -82,7 +82,9 @@ def resize_and_init_embeddings(
     source_ids = init_text_ids(tokenizer, init_text)
     if any(i in new_ids for i in source_ids):
         raise ValueError(f"embedding init text {init_text!r} maps onto a Coconut token itself")
-    model.resize_token_embeddings(len(tokenizer))
+    # The new rows are overwritten below, so skip transformers' default init of them (a d x d covariance
+    # of the whole embedding and a multivariate-normal draw: d = 4096 on Llama 8B, for nothing).
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     gather = gather or (lambda params: contextlib.nullcontext())
     in_emb = model.get_input_embeddings().weight
     out_layer = model.get_output_embeddings()
