@@ -26,6 +26,16 @@ def init_distributed() -> None:
         torch.cuda.set_device(local_rank())
 
 
+def init_for_inference() -> None:
+    """Join the launcher's process group when there is one (torchrun sets WORLD_SIZE); else stay single.
+    Evaluation needs no DeepSpeed: every rank holds the whole model, a plain torch group sums the results."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
 def _free_port() -> int:
     import socket
 

@@ -27,7 +27,6 @@ from coconut_scale.analysis.runtime import (
     run_cli,
     save_png,
     say,
-    start_distributed,
     write_json,
     write_jsonl,
 )
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_common_args(args)
     quiet_libraries()
-    start_distributed()
+    dist.init_for_inference()
     inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
     out = Path(args.out) if args.out else default_out_dir(inputs.checkpoint, "generation", inputs.stage)
     n_batches = -(-len(inputs.examples[dist.rank()::dist.world_size()]) // args.batch_size)

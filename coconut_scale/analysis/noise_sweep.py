@@ -36,7 +36,6 @@ from coconut_scale.analysis.runtime import (
     run_cli,
     save_png,
     say,
-    start_distributed,
     write_json,
 )
 from coconut_scale.evaluation import generate_and_score
@@ -212,7 +211,7 @@ def main(argv=None) -> int:
     kinds = list(dict.fromkeys(args.kinds))
     scales = parse_scales(args.scales, kinds)
     quiet_libraries()
-    start_distributed()
+    dist.init_for_inference()
     inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
     out = Path(args.out) if args.out else default_out_dir(inputs.checkpoint, "noise_sweep", inputs.stage)
     sweep = run_sweep(inputs, kinds, scales, args.passes, args.seed, args.batch_size, args.max_new_tokens)

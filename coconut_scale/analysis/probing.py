@@ -41,7 +41,6 @@ from coconut_scale.analysis.runtime import (
     run_cli,
     save_png,
     say,
-    start_distributed,
     write_json,
     write_jsonl,
 )
@@ -183,7 +182,7 @@ def main(argv=None) -> int:
     if args.top_k < 1:
         raise InputError(f"--top-k must be >= 1, got {args.top_k}")
     quiet_libraries()
-    start_distributed()
+    dist.init_for_inference()
     inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
     if not inputs.model.feedback:
         raise InputError(f"{inputs.checkpoint}: mode {inputs.curriculum.mode!r} has no continuous thoughts to probe")

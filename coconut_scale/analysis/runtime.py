@@ -1,7 +1,6 @@
-"""Plumbing shared by the evaluation CLIs: process group, progress bars, atomic outputs, PNGs, error exits.
+"""Plumbing shared by the evaluation CLIs: progress bars, atomic outputs, PNGs, error exits.
 
-Inference needs no DeepSpeed: every rank holds the whole exported model and evaluates its own shard, so a
-plain torch process group (gloo on CPU, NCCL on GPUs) is enough for the few collectives that sum results.
+The process group they join and leave is coconut_scale.distributed's (init_for_inference, finish).
 """
 
 from __future__ import annotations
@@ -21,17 +20,6 @@ from coconut_scale.records import DataFormatError
 
 class InputError(ValueError):
     """Bad user input (a checkpoint, data file, flag): reported as one line naming the culprit, exit code 2."""
-
-
-def start_distributed() -> None:
-    """Join the launcher's process group when there is one (torchrun sets WORLD_SIZE); else stay single."""
-    import torch.distributed as tdist
-
-    if tdist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank())
-    tdist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def quiet_libraries() -> None:
