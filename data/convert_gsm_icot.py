@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""Thin wrapper: see coconut_scale/dataprep/gsm_icot.py (`python data/convert_gsm_icot.py --help`)."""
+"""Thin wrapper: see coconut_scale/data/converters/gsm_icot.py (`python data/convert_gsm_icot.py --help`)."""
 
 import sys
 from pathlib import Path
 
 try:
-    from coconut_scale.dataprep.gsm_icot import main
+    from coconut_scale.data.converters.gsm_icot import main
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from coconut_scale.dataprep.gsm_icot import main
+    from coconut_scale.data.converters.gsm_icot import main
 
 if __name__ == "__main__":
     main()

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""Thin wrapper: see coconut_scale/dataprep/prosqa.py (`python data/convert_prosqa.py --help`)."""
+"""Thin wrapper: see coconut_scale/data/converters/prosqa.py (`python data/convert_prosqa.py --help`)."""
 
 import sys
 from pathlib import Path
 
 try:
-    from coconut_scale.dataprep.prosqa import main
+    from coconut_scale.data.converters.prosqa import main
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from coconut_scale.dataprep.prosqa import main
+    from coconut_scale.data.converters.prosqa import main
 
 if __name__ == "__main__":
     main()

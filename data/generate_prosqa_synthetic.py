@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""Thin wrapper: see coconut_scale/dataprep/prosqa_synthetic.py (`python data/generate_prosqa_synthetic.py --help`)."""
+"""Thin wrapper: see coconut_scale/data/prosqa_synthetic.py (`python data/generate_prosqa_synthetic.py --help`)."""
 
 import sys
 from pathlib import Path
 
 try:
-    from coconut_scale.dataprep.prosqa_synthetic import main
+    from coconut_scale.data.prosqa_synthetic import main
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from coconut_scale.dataprep.prosqa_synthetic import main
+    from coconut_scale.data.prosqa_synthetic import main
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coconut_scale.collate import LatentAlignedCollator
+from coconut_scale.data.collate import LatentAlignedCollator
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")

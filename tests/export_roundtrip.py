@@ -11,17 +11,17 @@ import torch
 import yaml
 
 from coconut_scale import distributed as dist
-from coconut_scale.batch_math import resolve_batch
-from coconut_scale.checkpoint import export_hf
-from coconut_scale.collate import LatentAlignedCollator
-from coconut_scale.curriculum import build_stage_dataset
-from coconut_scale.ds_config import build_ds_config
-from coconut_scale.engine import build_engine, hidden_size_of
-from coconut_scale.loading import load_exported
-from coconut_scale.recipe import recipe_from_dict
-from coconut_scale.tokenize_records import load_tokenized
-from coconut_scale.tokens import LatentTokens
-from coconut_scale.train import curriculum_of, load_tokenizer_for
+from coconut_scale.config.batch_plan import resolve_batch
+from coconut_scale.train.checkpoints import export_hf
+from coconut_scale.data.collate import LatentAlignedCollator
+from coconut_scale.data.curriculum import build_stage_dataset
+from coconut_scale.config.ds_config import build_ds_config
+from coconut_scale.train.strategy import build_engine, hidden_size_of
+from coconut_scale.model.loading import load_exported
+from coconut_scale.config.recipe import recipe_from_dict
+from coconut_scale.data.tokenized import load_tokenized
+from coconut_scale.model.tokens import LatentTokens
+from coconut_scale.cli.train import curriculum_of, load_tokenizer_for
 
 
 def main(resolved_yaml: str, workdir: str) -> None:

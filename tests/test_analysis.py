@@ -16,14 +16,14 @@ import pytest
 import torch
 from test_eval_cli import MAX_NEW, STAGE, assert_png, build_tiny_export, curriculum, expected_scores
 
-from coconut_scale.analysis import ablations, curves, noise_sweep, probing
-from coconut_scale.analysis.inputs import eval_examples
-from coconut_scale.analysis.runtime import run_cli
-from coconut_scale.model import example_keys
-from coconut_scale.perturb import Perturbation
-from coconut_scale.reference import reference_filled_embeddings, reference_generate
-from coconut_scale.tokenize_records import tokenize_records
-from coconut_scale.tokens import LatentTokens
+from coconut_scale.evaluate import ablations, curves, noise_sweep, probing
+from coconut_scale.evaluate.inputs import eval_examples
+from coconut_scale.evaluate.runtime import run_cli
+from coconut_scale.model.coconut import example_keys
+from coconut_scale.model.perturb import Perturbation
+from coconut_scale.model.reference import reference_filled_embeddings, reference_generate
+from coconut_scale.data.tokenized import tokenize_records
+from coconut_scale.model.tokens import LatentTokens
 
 
 @pytest.fixture(scope="module")

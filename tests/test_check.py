@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from coconut_scale.check import GIB, GPU_COMPONENTS, OVERHEAD_GIB, estimate_memory, main, suggestions
-from coconut_scale.model_shapes import SHAPES, dims, hf_config, lora_param_count, param_count, shape_for
-from coconut_scale.recipe import load_recipe, recipe_from_dict
+from coconut_scale.cli.check import GIB, GPU_COMPONENTS, OVERHEAD_GIB, estimate_memory, main, suggestions
+from coconut_scale.model.shapes import SHAPES, dims, hf_config, lora_param_count, param_count, shape_for
+from coconut_scale.config.recipe import load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = REPO / "recipes" / "llama8b_gsm.yaml"

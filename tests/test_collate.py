@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coconut_scale.collate import LatentAlignedCollator, left_pad_for_generation
-from coconut_scale.curriculum import CurriculumConfig, build_stage_dataset
-from coconut_scale.tokens import LatentTokens
+from coconut_scale.data.collate import LatentAlignedCollator, left_pad_for_generation
+from coconut_scale.data.curriculum import CurriculumConfig, build_stage_dataset
+from coconut_scale.model.tokens import LatentTokens
 
 T = LatentTokens(start_id=1, latent_id=2, end_id=3, eos_id=0, pad_id=0)
 P = T.pad_id

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from coconut_scale.dataprep import gsm_hf, gsm_icot, prontoqa, prosqa, prosqa_synthetic
-from coconut_scale.records import DataFormatError, load_records, validate_records
+from coconut_scale.data import prosqa_synthetic
+from coconut_scale.data.converters import gsm_hf, gsm_icot, prontoqa, prosqa
+from coconut_scale.data.records import DataFormatError, load_records, validate_records
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COCONUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

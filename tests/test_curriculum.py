@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coconut_scale.curriculum import (
+from coconut_scale.data.curriculum import (
     MODES,
     CurriculumConfig,
     EvalDataset,
@@ -19,7 +19,7 @@ from coconut_scale.curriculum import (
     sample_stage,
     stage_for_epoch,
 )
-from coconut_scale.tokens import LatentTokens
+from coconut_scale.model.tokens import LatentTokens
 
 T = LatentTokens(start_id=1, latent_id=2, end_id=3, eos_id=0, pad_id=0)
 S, L, E = [T.start_id], T.latent_id, [T.end_id]

@@ -1,6 +1,6 @@
 """python -m coconut_scale.eval on a tiny exported model: numbers checked against a hand computation.
 
-The expected outputs come from the naive reference (coconut_scale.reference: batch of one, no KV cache, latents
+The expected outputs come from the naive reference (coconut_scale.model.reference: batch of one, no KV cache, latents
 filled one at a time by recomputing the whole sequence), not from the batched, cached generate() the CLI
 uses. Some gold answers (and one gold CoT step) in the data file are planted from those reference outputs, so
 the accuracy is a known fraction strictly between 0 and 1, and the token counts are counted from the
@@ -19,18 +19,18 @@ import pytest
 import torch
 from conftest import REPO
 
-from coconut_scale.analysis.inputs import eval_examples
-from coconut_scale.analysis.runtime import run_cli
-from coconut_scale.curriculum import CurriculumConfig
-from coconut_scale.dataprep.prosqa_synthetic import generate
-from coconut_scale.eval import main as eval_main
-from coconut_scale.evaluation import extract_answer, extract_cot
-from coconut_scale.loading import build_coconut, save_exported
-from coconut_scale.records import write_records
-from coconut_scale.reference import reference_generate
+from coconut_scale.evaluate.inputs import eval_examples
+from coconut_scale.evaluate.runtime import run_cli
+from coconut_scale.data.curriculum import CurriculumConfig
+from coconut_scale.data.prosqa_synthetic import generate
+from coconut_scale.cli.eval import main as eval_main
+from coconut_scale.evaluate.generation import extract_answer, extract_cot
+from coconut_scale.model.loading import build_coconut, save_exported
+from coconut_scale.data.records import write_records
+from coconut_scale.model.reference import reference_generate
 from coconut_scale.testing import tiny_model
-from coconut_scale.tokenize_records import tokenize_records
-from coconut_scale.tokens import LatentTokens
+from coconut_scale.data.tokenized import tokenize_records
+from coconut_scale.model.tokens import LatentTokens
 
 MAX_NEW = 12
 N_RECORDS = 8

@@ -29,7 +29,7 @@ else:  # run as a torchrun script: tests/ is sys.path[0], the package may not be
     REPO = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(REPO))
 
-from coconut_scale.lora import (
+from coconut_scale.model.lora import (
     ADAPTER_DIR,
     NEW_ROWS,
     NEW_TOKENS_FILE,
@@ -39,9 +39,9 @@ from coconut_scale.lora import (
     new_token_rows,
 )
 from coconut_scale.model import Coconut
-from coconut_scale.recipe import LoraCfg, default_lora_targets
+from coconut_scale.config.recipe import LoraCfg, default_lora_targets
 from coconut_scale.testing import tiny_model
-from coconut_scale.tokens import LatentTokens
+from coconut_scale.model.tokens import LatentTokens
 
 LORA_RECIPE = REPO / "recipes" / "tiny_cpu_lora.yaml"
 TIMEOUT = 420  # a loaded 2-core machine: a hang fails, slowness does not
@@ -182,8 +182,8 @@ def _write_base(directory: Path, data: Path, arch: str) -> None:
     """Data files, and a tokenizer fit on them (short sequences) with a random model of its vocabulary."""
     from transformers import AutoModelForCausalLM
 
-    from coconut_scale.dataprep import prosqa_synthetic
-    from coconut_scale.records import write_records
+    from coconut_scale.data import prosqa_synthetic
+    from coconut_scale.data.records import write_records
     from coconut_scale.testing import tiny_config, tiny_tokenizer
 
     records = prosqa_synthetic.generate(n=32, seed=5)
@@ -429,7 +429,7 @@ def test_zero3_adapter_holds_real_tensors_and_reloads_onto_the_base(roundtrip):
 
 @pytest.mark.slow
 def test_zero3_merged_export_reproduces_engine_logits(roundtrip):
-    from coconut_scale.loading import load_exported
+    from coconut_scale.model.loading import load_exported
 
     arch, work, _, result = roundtrip
     model, _, cfg = load_exported(work / "export")
@@ -443,16 +443,16 @@ def _roundtrip_main(workdir: str, overrides: list[str]) -> None:
     """Under torchrun, ZeRO-3: a few LoRA steps on stage-1 batches, then export (merged + adapter), and save
     the consolidated state before and after and the engine's logits on one batch (rank 0)."""
     from coconut_scale import distributed as dist
-    from coconut_scale.batch_math import resolve_batch
-    from coconut_scale.checkpoint import consolidated_state_dict, export_hf
-    from coconut_scale.collate import LatentAlignedCollator
-    from coconut_scale.curriculum import build_stage_dataset
-    from coconut_scale.ds_config import build_ds_config
-    from coconut_scale.engine import build_engine, hidden_size_of
-    from coconut_scale.lora import merged_base_for_export
-    from coconut_scale.recipe import load_recipe
-    from coconut_scale.tokenize_records import load_tokenized
-    from coconut_scale.train import curriculum_of, load_tokenizer_for, prepare_data
+    from coconut_scale.config.batch_plan import resolve_batch
+    from coconut_scale.train.checkpoints import consolidated_state_dict, export_hf
+    from coconut_scale.data.collate import LatentAlignedCollator
+    from coconut_scale.data.curriculum import build_stage_dataset
+    from coconut_scale.config.ds_config import build_ds_config
+    from coconut_scale.train.strategy import build_engine, hidden_size_of
+    from coconut_scale.model.lora import merged_base_for_export
+    from coconut_scale.config.recipe import load_recipe
+    from coconut_scale.data.tokenized import load_tokenized
+    from coconut_scale.cli.train import curriculum_of, load_tokenizer_for, prepare_data
 
     recipe = load_recipe(LORA_RECIPE, overrides)
     dist.init_distributed()

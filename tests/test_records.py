@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from coconut_scale.records import DataFormatError, load_records, validate_record, write_records
+from coconut_scale.data.records import DataFormatError, load_records, validate_record, write_records
 
 GOOD = {"question": "Is Tom a wumpus?", "steps": ["Tom is a wumpus."], "answer": "Tom is a wumpus.", "extra": 1}
 

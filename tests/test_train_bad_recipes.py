@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import REPO
-from coconut_scale import train
+from coconut_scale.cli import train
 
 RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")
 
@@ -13,7 +13,7 @@ def no_model_loading(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the recipe error was raised")
 
-    monkeypatch.setattr("coconut_scale.engine.load_causal_lm", forbidden)
+    monkeypatch.setattr("coconut_scale.train.strategy.load_causal_lm", forbidden)
     monkeypatch.setattr("coconut_scale.distributed.init_distributed", forbidden)
 
 

@@ -1,0 +1,1 @@
+"""The command line: `coconut-scale <subcommand>` (cli/main.py) and one module per subcommand."""

@@ -1,0 +1,429 @@
+"""The recipe: one YAML file that fully describes a run, validated before anything expensive starts.
+
+    recipe = load_recipe("recipes/llama8b_gsm.yaml", ["optim.lr=2e-5", "batch.micro_batch_size=4"])
+
+Every section forbids unknown keys, so a typo fails at launch with the full dotted key, the file and the
+closest valid spelling instead of silently training with a default. Command-line overrides are a dotlist
+(`section.key=value`, the value parsed as YAML) checked against the same schema before validation.
+
+Paths (data files, the DeepSpeed JSON) are relative to the current directory or, failing that, to the
+repository root, so a recipe works both from a checkout and from an installed package's cwd.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from coconut_scale.errors import UserError
+from coconut_scale.model.shapes import default_lora_targets
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+class RecipeError(UserError):
+    """An invalid recipe; `problems` holds one line per problem (the message lists them all)."""
+
+    def __init__(self, message: str, problems: Sequence[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Absolute paths as given; relative ones against the cwd, else the repo root; cwd when in neither."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / p).exists():
+            return base / p
+    return Path.cwd() / p
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelCfg(_Section):
+    # Hub id or local directory. With from_config it is only a label (run names, logs).
+    name_or_path: str = Field(min_length=1)
+    gguf_file: str | None = None  # a GGUF inside name_or_path, dequantised by transformers on load
+    # Random-init model from these HF config kwargs (must include model_type); tiny test recipes, benchmarks.
+    from_config: dict[str, Any] | None = None
+    # Hub id or dir; default name_or_path. "train-bpe:N": a byte-level BPE of N tokens fit on data.train_file
+    # (models built with from_config, which have no tokenizer of their own).
+    tokenizer: str | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = True
+    init_text: str = Field("<<", min_length=1)  # the new Coconut tokens start from this text's embedding
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.from_config is not None:
+            if not isinstance(self.from_config.get("model_type"), str):
+                raise ValueError(f"model.from_config needs a model_type string (e.g. llama), "
+                                 f"got keys {sorted(self.from_config)}")
+            if self.gguf_file:
+                raise ValueError(f"model.gguf_file {self.gguf_file!r} and model.from_config are exclusive: "
+                                 "from_config builds random weights, a GGUF loads trained ones")
+        return self
+
+
+class LoraCfg(_Section):
+    enabled: bool = False
+    rank: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, min_length=1)  # None: default_lora_targets(model_type)
+
+
+class DataCfg(_Section):
+    train_file: str
+    val_file: str
+    test_file: str | None = None
+    max_seq_len: PositiveInt = 512
+    cache_dir: str | None = None
+    eval_max_examples: PositiveInt | None = None
+    # e.g. {kind: prosqa_synthetic, n_train: 4000, n_val: 200, seed: 0}: the trainer writes the data files
+    # when they are missing, so check_files() does not require them.
+    generate: dict[str, Any] | None = None
+
+    @field_validator("generate")
+    @classmethod
+    def _kind(cls, v):
+        if v is not None and not isinstance(v.get("kind"), str):
+            raise ValueError(f"data.generate needs a 'kind' (e.g. prosqa_synthetic), got keys {sorted(v)}")
+        return v
+
+    def files(self) -> dict[str, str]:
+        """The data files this recipe names, by field."""
+        out = {"train_file": self.train_file, "val_file": self.val_file}
+        if self.test_file:
+            out["test_file"] = self.test_file
+        return out
+
+
+class CoconutCfg(_Section):
+    # coconut: latent curriculum. cot: stage 0 forever (language CoT SFT). no_cot: answer only.
+    # no_thoughts: curriculum that removes steps but inserts no latents. pause_as_thought: the latents are
+    # ordinary <|latent|> tokens with no hidden-state feedback (the paper's pause-token baseline).
+    mode: Literal["coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought"] = "coconut"
+    c_thought: PositiveInt = 1  # latent thoughts that replace one language reasoning step
+    epochs_per_stage: PositiveInt = 1
+    max_latent_stage: NonNegativeInt = 1
+    pad_latent_to_max: bool = False  # examples with fewer steps still get max_latent_stage*c_thought latents
+    uniform_prob: float = Field(0.0, ge=0.0, le=1.0)  # chance an example is drawn at a random earlier stage
+    # The official run.py re-creates AdamW at the start of every epoch when this is set.
+    reset_optimizer: bool = True
+
+    @property
+    def max_passes(self) -> int:
+        """Base-model forward calls per training step at the last stage: one per latent, plus one."""
+        if self.mode != "coconut":
+            return 1
+        return self.c_thought * self.max_latent_stage + 1
+
+
+class BatchCfg(_Section):
+    global_batch_size: PositiveInt  # constant across world sizes: micro x world x grad_accum
+    micro_batch_size: PositiveInt  # per GPU, per forward; the default for world sizes not listed below
+    micro_batch_per_world_size: dict[PositiveInt, PositiveInt] = Field(default_factory=dict)
+    eval_batch_size: PositiveInt = 16
+    world_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 8, 16, 32, 64], min_length=1)
+
+    @field_validator("world_sizes")
+    @classmethod
+    def _unique(cls, v):
+        dupes = sorted({w for w in v if v.count(w) > 1})
+        if dupes:
+            raise ValueError(f"batch.world_sizes {v} lists {dupes} more than once")
+        return v
+
+
+class OptimCfg(_Section):
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    epochs: PositiveInt
+    warmup_steps: NonNegativeInt = 0
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, ge=0.0)  # global-norm clipping; 0 = off
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        bad = [b for b in v if not 0.0 <= b < 1.0]
+        if bad:
+            raise ValueError(f"optim.betas {list(v)}: each beta must be in [0, 1), got {bad}")
+        return v
+
+
+class DeepSpeedCfg(_Section):
+    config: str  # ds_configs/*.json; "auto" fields are filled from the recipe by ds_config.build_ds_config
+    overrides: dict[str, Any] = Field(default_factory=dict)  # deep-merged into the JSON (null deletes a key)
+
+
+class CheckpointCfg(_Section):
+    save_every_steps: NonNegativeInt = 0  # 0: at the end of each epoch only
+    keep_last: PositiveInt = 2
+    export_hf: bool = True  # also write an HF-format model (from_pretrained-able) at each save
+    init_from: str | None = None  # HF-format export dir to start from (e.g. the CoT stage-0 model)
+    # Start the curriculum at this epoch (the official GSM8K recipe's `resume: 3` skips stage 0 when
+    # init_from is a CoT-trained model).
+    resume_from_epoch: NonNegativeInt = 0
+    auto_resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
+
+
+class LoggingCfg(_Section):
+    log_every_steps: PositiveInt = 10
+    wandb_project: str | None = None  # None: no wandb
+    wandb_run_name: str | None = None  # None: the recipe name
+    num_sample_outputs: NonNegativeInt = 20  # decoded validation samples logged per evaluation
+
+
+class EvalCfg(_Section):
+    max_new_tokens: PositiveInt = 64  # official: 64 for GSM8K, 128 for ProsQA / ProntoQA
+    every_epochs: PositiveInt = 1
+    generation: bool = True  # accuracy by greedy generation (else validation loss only)
+
+
+class Recipe(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str = "runs/{name}"  # "{name}" is replaced by the recipe name
+    seed: NonNegativeInt = 0
+    gpus_assumed: PositiveInt  # documentation: the GPU count the recipe was written for
+    gpu_memory_gb: float = Field(80.0, gt=0.0)  # per GPU; check.py flags estimates above it
+    model: ModelCfg
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    data: DataCfg
+    coconut: CoconutCfg = Field(default_factory=CoconutCfg)
+    batch: BatchCfg
+    optim: OptimCfg
+    deepspeed: DeepSpeedCfg
+    checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
+    logging: LoggingCfg = Field(default_factory=LoggingCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+
+    _source: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _cross_section(self):
+        self.output_dir = self.output_dir.replace("{name}", self.name)
+        if self.checkpoint.resume_from_epoch >= self.optim.epochs:
+            raise ValueError(f"checkpoint.resume_from_epoch {self.checkpoint.resume_from_epoch} must be below "
+                             f"optim.epochs {self.optim.epochs} (epochs are counted from 0)")
+        return self
+
+    @property
+    def source(self) -> str:
+        """The file this recipe was loaded from ("<dict>" when built in code)."""
+        return self._source or "<dict>"
+
+    def model_type(self) -> str | None:
+        """model_type of the model: from from_config, else from the known shapes; None when unknown."""
+        if self.model.from_config is not None:
+            return self.model.from_config["model_type"]
+        from coconut_scale.model.shapes import shape_for
+
+        shape = shape_for(self.model.name_or_path)
+        return shape.get("model_type") if shape else None
+
+    def lora_targets(self) -> list[str]:
+        if self.lora.target_modules:
+            return list(self.lora.target_modules)
+        model_type = self.model_type()
+        if model_type is None:
+            raise RecipeError(f"{self.source}: cannot pick default LoRA targets, the architecture of "
+                              f"{self.model.name_or_path!r} is unknown; set lora.target_modules")
+        return default_lora_targets(model_type)
+
+    def resolved_dict(self) -> dict:
+        """Every field with defaults filled, JSON-safe; Recipe.model_validate() of it gives this recipe back."""
+        return self.model_dump(mode="json")
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-4 as a string (it wants 1.0e-4); recipes and overrides mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _unwrap(annotation) -> tuple[type | None, bool]:
+    """(BaseModel section class or None, whether it is a free-form mapping) for a field annotation."""
+    candidates = [annotation, *typing.get_args(annotation)]
+    for c in candidates:
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c, False
+    free = any(c is Any or c is dict or typing.get_origin(c) is dict for c in candidates)
+    return None, free
+
+
+def _unknown_key_message(known: Sequence[str], key: str, prefix: str) -> str:
+    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"did you mean '{prefix}{match[0]}'? " if match else ""
+    where = f"'{prefix[:-1]}'" if prefix else "the top level"
+    return f"{hint}{where} accepts: {', '.join(known)}"
+
+
+def _check_override_key(parts: list[str], source: str, text: str) -> None:
+    cls: type[BaseModel] = Recipe
+    for i, part in enumerate(parts):
+        prefix = "".join(p + "." for p in parts[:i])
+        fields = cls.model_fields
+        if part not in fields:
+            raise RecipeError(f"{source}: unknown key '{'.'.join(parts)}' in override {text!r}; "
+                              + _unknown_key_message(list(fields), part, prefix))
+        section, free = _unwrap(fields[part].annotation)
+        if section is None:
+            if i < len(parts) - 1 and not free:
+                raise RecipeError(f"{source}: cannot set '{'.'.join(parts)}' in override {text!r}: "
+                                  f"'{prefix}{part}' is a single value, not a section")
+            return
+        cls = section
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], source: str = "<recipe>") -> dict[str, str]:
+    """Apply `section.key=value` overrides to the raw recipe dict in place; returns {dotted key: override}."""
+    applied: dict[str, str] = {}
+    for text in overrides:
+        key, sep, value_text = text.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise RecipeError(f"{source}: override {text!r} is not of the form section.key=value")
+        _check_override_key(parts, source, text)
+        try:
+            value = _yaml(value_text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{source}: override {text!r}: the value is not valid YAML ({e})") from None
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            part = next((k for k in node if str(k) == part), part)
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                here = ".".join(parts[: depth + 1])
+                raise RecipeError(f"{source}: cannot apply override {text!r}: '{here}' is {node[part]!r}, not a mapping")
+            node = node[part]
+        last = next((k for k in node if str(k) == parts[-1]), parts[-1])
+        node[last] = value
+        applied[".".join(parts)] = text
+    return applied
+
+
+def _fields_at(loc: Sequence) -> list[str] | None:
+    cls: type[BaseModel] = Recipe
+    for part in loc:
+        if not isinstance(part, str) or part not in cls.model_fields:
+            return None
+        section, _ = _unwrap(cls.model_fields[part].annotation)
+        if section is None:
+            return None
+        cls = section
+    return list(cls.model_fields)
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        *parent, key = error["loc"]
+        prefix = "".join(f"{p}." for p in parent)
+        known = _fields_at(parent)
+        return f"unknown key '{loc}'" + (f"; {_unknown_key_message(known, str(key), prefix)}" if known else "")
+    if kind == "missing":
+        return f"missing required key '{loc}'"
+    if kind in ("value_error", "assertion_error"):
+        # Our own validators name the field and value in the message; the raw input may be a whole section.
+        msg = re.sub(r"^(Value|Assertion) error, ", "", error["msg"])
+        return f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg
+    return f"{loc} = {error['input']!r}: {error['msg']}"
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>", overrides: dict[str, str] | None = None) -> Recipe:
+    """Validate a raw recipe dict; every problem is reported at once in one RecipeError."""
+    overrides = overrides or {}
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            line = _describe(error)
+            loc = ".".join(str(p) for p in error["loc"])
+            origin = [t for k, t in overrides.items()
+                      if loc and (loc == k or loc.startswith(k + ".") or k.startswith(loc + "."))]
+            if origin:
+                line += f" (set by override {origin[0]!r})"
+            problems.append(line)
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise RecipeError(f"invalid recipe {source} ({len(problems)} {noun}):\n  - " + "\n  - ".join(problems),
+                          problems) from None
+    recipe._source = source
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = _yaml(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    applied = apply_overrides(data, list(overrides), str(path))
+    return recipe_from_dict(data, str(path), applied)
+
+
+def check_files(recipe: Recipe, *, data: bool = True, ds_config: bool = True, init_from: bool = False) -> None:
+    """Raise RecipeError naming every missing file (field and path).
+
+    Data files and init_from are opened relative to the cwd (launch from the repo root); the DeepSpeed JSON is
+    also looked up in the repo root. Data that data.generate will write is not required.
+    """
+    wanted: list[tuple[str, str, bool]] = []  # (field, path, also look in the repo root)
+    if data and recipe.data.generate is None:
+        wanted += [(f"data.{field}", p, False) for field, p in recipe.data.files().items()]
+    if ds_config:
+        wanted.append(("deepspeed.config", recipe.deepspeed.config, True))
+    if init_from and recipe.checkpoint.init_from:
+        wanted.append(("checkpoint.init_from", recipe.checkpoint.init_from, False))
+    from coconut_scale.model.loading import package_source_problem
+
+    problems = [f"model.{field} = {problem}" for field in ("name_or_path", "tokenizer")
+                if (problem := package_source_problem(getattr(recipe.model, field) or ""))]
+    for field, p, repo_too in wanted:
+        path = Path(p).expanduser()
+        found = resolve_path(p).exists() if repo_too else (path if path.is_absolute() else Path.cwd() / path).exists()
+        if not found:
+            if path.is_absolute():
+                where = str(path)
+            else:
+                where = f"{Path.cwd() / path}" + (f" nor {REPO_ROOT / path}" if repo_too else "")
+            problems.append(f"{field} = {p!r} does not exist (looked for {where})")
+    if problems:
+        raise RecipeError(f"recipe {recipe.source}: {len(problems)} missing file(s):\n  - " + "\n  - ".join(problems),
+                          problems)

@@ -1,0 +1,271 @@
+"""The Coconut latent-feedback wrapper over any HF causal LM.
+
+Semantics are those of the official implementation (facebookresearch/coconut, coconut.py): the input
+embedding of each `<|latent|>` position is the last-layer hidden state at the position just before it,
+filled in order, so latent k sees latents 1..k-1 already filled; the loss is the mean cross-entropy over
+shifted labels that are not -100.
+
+How it is computed (no Python loop over rows or positions):
+  - The sequence is cut into passes at every column that holds a latent in some row. Pass 0 computes the
+    prefix up to the first latent column; every later pass starts at a latent column, whose latent rows
+    get the hidden state of the previous pass's last position, and runs up to the next latent column (or
+    to the end). With the collator's aligned layout that is one pass per latent plus a prefix and a final
+    pass, exactly the official schedule.
+  - Each pass reuses the keys/values of the earlier ones through `PassCache`, which never mutates itself,
+    so per-layer non-reentrant checkpointing (checkpointing.py) recomputes exactly what forward saw.
+  - `num_passes` lets the caller ask for more passes than this batch needs (extra passes split the longest
+    stretch without latents). Distributed trainers all-reduce the max so every rank runs the same number of
+    base-model calls; the wrapper itself knows nothing of distribution.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coconut_scale.model.activation_checkpointing import decoder_layers
+from coconut_scale.model.kv_cache import PassCache
+from coconut_scale.model.perturb import Perturbation
+from coconut_scale.model.tokens import IGNORE_INDEX
+
+
+class CoconutOutput(NamedTuple):
+    """A NamedTuple (as the official `Outputs`): DeepSpeed's ZeRO-3 hooks must find the tensors in it."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    inputs_embeds: torch.Tensor | None = None
+    num_passes: int = 1
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """Half-open column ranges, one per base-model call; `fills[i]` is True when range i starts at a latent column."""
+
+    ranges: tuple[tuple[int, int], ...]
+    fills: tuple[bool, ...]
+
+
+def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list[int]:
+    """Sorted columns that hold a latent in at least one row (one device sync)."""
+    return torch.nonzero((input_ids == latent_id).any(dim=0)).flatten().tolist()
+
+
+def count_passes(input_ids: torch.Tensor, latent_id: int) -> int:
+    """Base-model calls this batch needs: one per latent column, plus one."""
+    return len(latent_columns(input_ids, latent_id)) + 1
+
+
+def plan_passes(input_ids: torch.Tensor, latent_id: int, num_passes: int | None = None) -> PassPlan:
+    seq_len = input_ids.shape[1]
+    columns = latent_columns(input_ids, latent_id)
+    if columns and columns[0] == 0:
+        raise ValueError("a <|latent|> token sits at position 0: there is no earlier hidden state to feed it")
+    bounds = [0, *columns, seq_len]
+    ranges = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    fills = [False] + [True] * len(columns)
+    target = num_passes or len(ranges)
+    if target < len(ranges):
+        raise ValueError(f"num_passes={target} is fewer than the {len(ranges)} passes this batch needs")
+    if target > seq_len:
+        raise ValueError(f"num_passes={target} exceeds the sequence length {seq_len}; cannot split that finely")
+    while len(ranges) < target:
+        # Split one column off the front of the longest range: the fill (if any) stays with that column, and
+        # the last pass stays long, so its logits stay in the loss (see shifted_cross_entropy).
+        i = max(range(len(ranges)), key=lambda j: ranges[j][1] - ranges[j][0])
+        start, end = ranges[i]
+        ranges[i : i + 1] = [(start, start + 1), (start + 1, end)]
+        fills[i : i + 1] = [fills[i], False]
+    return PassPlan(tuple(ranges), tuple(fills))
+
+
+def example_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
+    """A stable 32-bit key per row from its unpadded tokens (independent of padding side and batch)."""
+    ids, mask = input_ids.tolist(), attention_mask.tolist()
+    return [zlib.crc32(",".join(str(t) for t, m in zip(row, keep) if m).encode()) for row, keep in zip(ids, mask)]
+
+
+def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE over next-token labels that are not -100 (0 when there are none, never NaN).
+
+    The zero-weighted last column keeps every pass in the backward graph, even a pass that computes only
+    the final position: under ZeRO-3 all ranks must run the same module backward hooks in the same order.
+    """
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    keep_graph = logits[:, -1].sum() * 0.0
+    if not (shift_labels != IGNORE_INDEX).any():
+        return shift_logits.sum() * 0.0 + keep_graph
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX) + keep_graph
+
+
+class Coconut(nn.Module):
+    """Drop-in for the official `Coconut(base_causallm, latent_token_id, start_latent_id, end_latent_id, eos_token_id)`.
+
+    feedback=False turns the latents into ordinary `<|latent|>` tokens (the paper's "pause as thought", and
+    the "no continuous feedback" ablation at inference). `perturbation` adds noise to fed-back states.
+    """
+
+    def __init__(
+        self,
+        base_causallm: nn.Module,
+        latent_token_id: int,
+        start_latent_id: int,
+        end_latent_id: int,
+        eos_token_id: int,
+        feedback: bool = True,
+        perturbation: Perturbation | None = None,
+    ):
+        super().__init__()
+        self.base_causallm = base_causallm
+        self.latent_token_id = latent_token_id
+        self.start_latent_id = start_latent_id
+        self.end_latent_id = end_latent_id
+        self.eos_token_id = eos_token_id
+        self.feedback = feedback
+        self.perturbation = perturbation
+        self.num_layers = len(decoder_layers(base_causallm))
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def count_passes(self, input_ids: torch.Tensor) -> int:
+        return count_passes(input_ids, self.latent_token_id) if self.feedback else 1
+
+    def _plan(self, input_ids: torch.Tensor, num_passes: int | None) -> PassPlan:
+        if self.feedback:
+            return plan_passes(input_ids, self.latent_token_id, num_passes)
+        # No feedback: latents are plain tokens; still honour num_passes so ranks stay in step.
+        return plan_passes(torch.zeros_like(input_ids[:1]), -1, num_passes)
+
+    def _fill(self, chunk: torch.Tensor, ids_col: torch.Tensor, ordinal_col: torch.Tensor, prev_hidden: torch.Tensor,
+              row_keys: list[int] | None = None):
+        """Replace the first column of `chunk` by `prev_hidden` in rows whose token there is a latent."""
+        is_latent = ids_col == self.latent_token_id
+        fed = prev_hidden.to(chunk.dtype)
+        if self.perturbation is not None and bool(is_latent.any()):
+            fed = fed.clone()
+            for k in torch.unique(ordinal_col[is_latent]).tolist():
+                rows = is_latent & (ordinal_col == k)
+                keys = [row_keys[r] for r in rows.nonzero().flatten().tolist()] if row_keys else None
+                fed[rows] = self.perturbation(fed[rows], int(k), row_keys=keys)
+        first = torch.where(is_latent[:, None], fed, chunk[:, 0])
+        return torch.cat([first[:, None], chunk[:, 1:]], dim=1)
+
+    def _run_passes(self, input_ids, attention_mask, position_ids, plan: PassPlan, keep_last_only: bool):
+        """All passes of the plan; returns per-pass logits, the filled embeddings and the final cache."""
+        embeds = self.base_causallm.get_input_embeddings()(input_ids)
+        ordinals = (input_ids == self.latent_token_id).long().cumsum(dim=1) - 1
+        # Noise keyed by each row's own tokens: an example gets the same noise in any batch, on any rank.
+        row_keys = example_keys(input_ids, attention_mask) if self.perturbation is not None else None
+        cache = PassCache(self.num_layers)
+        logits, filled, prev_hidden = [], [], None
+        last = len(plan.ranges) - 1
+        for i, (start, end) in enumerate(plan.ranges):
+            chunk = embeds[:, start:end]
+            # Every pass after the first runs the fill (a no-op where its column holds no latent) and every
+            # pass but the last returns hidden states, whatever this batch holds: under ZeRO-3, ranks with
+            # different latent counts must build graphs of the same shape, or their module hooks diverge.
+            if i > 0 and self.feedback:
+                chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], prev_hidden, row_keys)
+            filled.append(chunk)
+            needs_hidden = i < last and self.feedback
+            out = self.base_causallm(
+                inputs_embeds=chunk,
+                attention_mask=attention_mask[:, :end],
+                position_ids=position_ids[:, start:end],
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=needs_hidden,
+                logits_to_keep=1 if keep_last_only else 0,
+            )
+            logits.append(out.logits)
+            if needs_hidden:
+                prev_hidden = out.hidden_states[-1][:, -1]
+            cache = cache.extended()
+        return logits, filled, cache
+
+    # -- training ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        num_passes: int | None = None,
+        **unused,
+    ) -> CoconutOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask)
+        plan = self._plan(input_ids, num_passes)
+        logits, filled, _ = self._run_passes(input_ids, attention_mask, position_ids, plan, keep_last_only=False)
+        logits = torch.cat(logits, dim=1)
+        loss = shifted_cross_entropy(logits, labels) if labels is not None else None
+        return CoconutOutput(loss=loss, logits=logits, inputs_embeds=torch.cat(filled, dim=1), num_passes=len(plan.ranges))
+
+    # -- generation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 16,
+        position_ids: torch.Tensor | None = None,
+        num_passes: int | None = None,
+        sync_finished: Callable[[bool], bool] | None = None,
+        synced_gpus: bool = False,
+        **unused,
+    ) -> torch.Tensor:
+        """Greedy decoding for a left-padded batch; returns [input_ids | new tokens], EOS-padded after each row's EOS.
+
+        `sync_finished(local_done) -> global_done`: under data parallelism the trainer passes an all-reduce, so
+        a rank whose rows are all done keeps stepping (its rows emit EOS) until every rank is done.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask)
+        if input_ids.shape[1] and (attention_mask[:, -1] == 0).any():
+            raise ValueError("generate() needs left padding: every row's last column must be a real token")
+        plan = self._plan(input_ids, num_passes)
+        logits, _, cache = self._run_passes(input_ids, attention_mask, position_ids, plan, keep_last_only=True)
+        next_logits = logits[-1][:, -1]
+        batch = input_ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        next_pos = position_ids[:, -1:] + 1
+        new_tokens = []
+        embed = self.base_causallm.get_input_embeddings()
+        for step in range(max_new_tokens):
+            token = next_logits.argmax(dim=-1)
+            token = torch.where(finished, torch.full_like(token, self.eos_token_id), token)
+            new_tokens.append(token)
+            finished |= token == self.eos_token_id
+            local_done = bool(finished.all())
+            done = sync_finished(local_done) if sync_finished is not None else local_done
+            if done or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            out = self.base_causallm(
+                inputs_embeds=embed(token[:, None]),
+                attention_mask=attention_mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = cache.extended()
+            next_pos = next_pos + 1
+            next_logits = out.logits[:, -1]
+        if not new_tokens:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

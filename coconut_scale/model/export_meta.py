@@ -1,0 +1,82 @@
+"""`coconut_config.json`: what an HF export needs beside the weights to be evaluated as it was trained.
+
+One owner for the format. Training's export and `save_exported` write an `ExportMeta`; eval, the analyses and
+`load_exported` read it back through `ExportMeta.read`, which checks every field and names the file and the
+field when one is wrong. The file is flat JSON: the known fields below, plus whatever metrics the trainer had
+at export time (epoch, accuracy, val_loss, ...), kept in `metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from coconut_scale.data.curriculum import MODES
+from coconut_scale.errors import UserError
+from coconut_scale.model.tokens import LatentTokens
+
+COCONUT_CONFIG = "coconut_config.json"
+_TOKEN_FIELDS = ("start_id", "latent_id", "end_id", "eos_id", "pad_id")
+
+
+class ExportFormatError(UserError):
+    """A directory that is not a readable coconut_scale export; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    c_thought: int  # latent thoughts per replaced reasoning step
+    tokens: LatentTokens
+    stage: int = 0  # curriculum stage the weights were exported at
+    mode: str = "coconut"
+    max_latent_stage: int = 0
+    pad_latent_to_max: bool = False
+    no_thoughts_markers: bool = True  # no_thoughts mode: keep <|start-latent|><|end-latent|> (see curriculum)
+    metrics: dict = field(default_factory=dict)  # epoch, accuracy, val_loss, ... at export time
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("tokens", "metrics")}
+        return {**self.metrics, **out, **asdict(self.tokens)}
+
+    def write(self, directory: str | Path) -> Path:
+        from coconut_scale.atomic_files import write_json_atomic
+
+        return write_json_atomic(Path(directory) / COCONUT_CONFIG, self.to_dict())
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "ExportMeta":
+        path = Path(directory) / COCONUT_CONFIG
+        if not path.exists():
+            raise ExportFormatError(f"{path} not found: {directory} is not a coconut_scale export "
+                                    f"(runs/<name>/hf/<stage>/)")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ExportFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(raw, dict):
+            raise ExportFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = COCONUT_CONFIG) -> "ExportMeta":
+        def integer(key, default=None, minimum=0):
+            value = raw.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                what = "missing or not an integer" if key not in raw else f"must be an integer >= {minimum}, got {value!r}"
+                raise ExportFormatError(f"{source}: field {key!r} {what}")
+            return value
+
+        c_thought = integer("c_thought", minimum=1)
+        ids = {k: integer(k) for k in ("latent_id", "start_id", "end_id", "eos_id")}
+        ids["pad_id"] = integer("pad_id", ids["eos_id"])  # exports before pad_id was recorded padded with EOS
+        mode = raw.get("mode", "coconut")
+        if mode not in MODES:
+            raise ExportFormatError(f"{source}: field 'mode' is {mode!r}, expected one of {MODES}")
+        stage = integer("stage", 0)
+        known = {f.name for f in fields(cls)} | set(_TOKEN_FIELDS)
+        return cls(c_thought=c_thought, tokens=LatentTokens(**ids), stage=stage, mode=mode,
+                   max_latent_stage=integer("max_latent_stage", stage),
+                   pad_latent_to_max=bool(raw.get("pad_latent_to_max", False)),
+                   no_thoughts_markers=bool(raw.get("no_thoughts_markers", True)),
+                   metrics={k: v for k, v in raw.items() if k not in known})
