@@ -44,7 +44,7 @@ VARIANTS = ("recommended", "short_reuse", "release", "naive")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--latents", nargs="+", type=int, default=[0, 2, 4, 6])
     p.add_argument("--steps", type=int, default=3, help="measured optimizer steps per setting (after 2 warm-up)")
@@ -80,7 +80,7 @@ def ds_config_for(variant: str, recipe, steps_total: int) -> dict:
     from coconut_scale.config.ds_config import build_ds_config
 
     plan = resolve_batch(recipe.batch, 2, recipe.data.max_seq_len)
-    cfg = build_ds_config(recipe, plan, recipe.model.from_config["hidden_size"], total_steps=steps_total)
+    cfg = build_ds_config(recipe, plan, recipe.model.from_config["hidden_size"])
     cfg["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
     if variant in ("release", "short_reuse"):
         keep = 0 if variant == "release" else model_numel(recipe) // 2
@@ -208,9 +208,10 @@ def worker(args) -> None:
 
     from coconut_scale import distributed as dist
     from coconut_scale.testing import tiny_tokenizer
+    from coconut_scale.train.strategy import init_distributed
 
     warnings.filterwarnings("ignore")
-    dist.init_distributed()
+    init_distributed()
     recipe = recipe_for(args)
     tokenizer = tiny_tokenizer(vocab_size=512)
     rows = []

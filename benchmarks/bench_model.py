@@ -66,7 +66,7 @@ QUICK = dict(layers=2, hidden=128, heads=2, batch=2, seq_len=48, latents=3, gen_
 
 # -- setup -------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--heads", type=int, default=None, help="default: hidden // 64")

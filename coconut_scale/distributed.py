@@ -1,4 +1,4 @@
-"""Process-group helpers. Everything works unchanged in a single process (no process group)."""
+"""Process-group helpers. Everything works unchanged in a single process (no process group).\n\nThe training process group is started by train/strategy.py (DeepSpeed's init); evaluation joins a plain torch\ngroup here (init_for_inference): it needs no DeepSpeed.\n"""
 
 from __future__ import annotations
 
@@ -6,24 +6,6 @@ import os
 
 import torch
 import torch.distributed as dist
-
-
-def init_distributed() -> None:
-    """Join the process group the launcher set up (deepspeed, torchrun), or stay single-process."""
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        # Plain `python -m`: DeepSpeed still wants a process group, so make a world of one.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        # The shared-memory comm op is JIT-compiled on first use (about a minute, needs g++): gloo suffices on CPU.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
 
 
 def init_for_inference() -> None:
@@ -36,7 +18,7 @@ def init_for_inference() -> None:
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -46,6 +28,11 @@ def _free_port() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def env_world_size() -> int:
+    """The world size the launcher asked for (before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def world_size() -> int:
@@ -112,11 +99,3 @@ def gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj):
-    if not dist.is_initialized() or world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
+from coconut_scale.data.bpe import train_bpe_tokenizer
 from coconut_scale.model.tokens import add_latent_tokens, resize_and_init_embeddings
-
-EOS = "<|endoftext|>"
 
 _DEFAULT_CORPUS = [
     "Every wumpus is a yumpus. Every yumpus is a zumpus. Tom is a wumpus. Is Tom a zumpus or a grimpus?",
@@ -28,20 +27,7 @@ _DEFAULT_CORPUS = [
 
 @functools.lru_cache(maxsize=4)
 def _trained_tokenizer(vocab_size: int, corpus: tuple[str, ...]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=EOS)
+    return train_bpe_tokenizer(list(corpus), vocab_size)  # cached: many tests train the same one
 
 
 def tiny_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None, with_latent_tokens: bool = True):

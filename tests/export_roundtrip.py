@@ -12,41 +12,44 @@ import yaml
 
 from coconut_scale import distributed as dist
 from coconut_scale.config.batch_plan import resolve_batch
-from coconut_scale.train.checkpoints import export_hf
+from coconut_scale.train.export import export_hf
 from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.data.curriculum import build_stage_dataset
 from coconut_scale.config.ds_config import build_ds_config
-from coconut_scale.train.strategy import build_engine, hidden_size_of
+from coconut_scale.train.strategy import build_engine, init_distributed
+from coconut_scale.config.model_shape import hidden_size
+from coconut_scale.data.curriculum import CurriculumConfig
+from coconut_scale.model.export_meta import ExportMeta
 from coconut_scale.model.loading import load_exported
 from coconut_scale.config.recipe import recipe_from_dict
 from coconut_scale.data.tokenized import load_tokenized
 from coconut_scale.model.tokens import LatentTokens
-from coconut_scale.cli.train import curriculum_of, load_tokenizer_for
+from coconut_scale.train.trainer import recipe_tokenizer
 
 
 def main(resolved_yaml: str, workdir: str) -> None:
     data = yaml.safe_load(Path(resolved_yaml).read_text())
     data["checkpoint"]["init_from"] = None
     recipe = recipe_from_dict(data, resolved_yaml)
-    dist.init_distributed()
+    init_distributed()
     plan = resolve_batch(recipe.batch, 1, recipe.data.max_seq_len)
-    ds_config = build_ds_config(recipe, plan, hidden_size_of(recipe), total_steps=10)
-    tokenizer = load_tokenizer_for(recipe)
+    ds_config = build_ds_config(recipe, plan, hidden_size(recipe))
+    tokenizer = recipe_tokenizer(recipe)
     tokens = LatentTokens.from_tokenizer(tokenizer)
     bundle = build_engine(recipe, ds_config, tokenizer, 10, log=lambda *_: None)
     engine = bundle.engine
     recs, _ = load_tokenized(recipe.data.train_file, tokenizer, recipe.data.max_seq_len, None, 1, 2)
-    data = build_stage_dataset(recs[:8], 2, curriculum_of(recipe), tokens)
+    data = build_stage_dataset(recs[:8], 2, CurriculumConfig.from_recipe(recipe.coconut), tokens)
     collate = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)
     batch = collate([data[i] for i in range(plan.micro_batch_size)])
     for _ in range(2 * plan.grad_accum):
         engine.backward(engine(**batch).loss)
         engine.step()
     out = Path(workdir) / "export"
-    export_hf(engine, tokenizer, out, {"c_thought": 1, **tokens.to_dict()})
+    export_hf(bundle, tokenizer, out, ExportMeta(c_thought=1, tokens=tokens))
     engine.eval()
     with torch.no_grad():
-        ours = engine(**batch).logits
+        ours = engine(**batch, return_logits=True).logits
         # Reload as a user would, outside ZeRO-3: drop the live HfDeepSpeedConfig first, or transformers
         # would partition the reloaded model as well.
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -54,7 +57,7 @@ def main(resolved_yaml: str, workdir: str) -> None:
         bundle.hf_ds_config = None
         unset_hf_deepspeed_config()
         reloaded, _, _ = load_exported(out)
-        theirs = reloaded(**batch).logits
+        theirs = reloaded(**batch, return_logits=True).logits
     print("MAX_ABS_DIFF", float((ours - theirs).abs().max()))
 
 

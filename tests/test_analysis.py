@@ -17,8 +17,8 @@ import torch
 from test_eval_cli import MAX_NEW, STAGE, assert_png, build_tiny_export, curriculum, expected_scores
 
 from coconut_scale.evaluate import ablations, curves, noise_sweep, probing
-from coconut_scale.evaluate.inputs import eval_examples
-from coconut_scale.evaluate.runtime import run_cli
+from coconut_scale.data.curriculum import build_eval_examples
+from coconut_scale.errors import run_cli
 from coconut_scale.model.coconut import example_keys
 from coconut_scale.model.perturb import Perturbation
 from coconut_scale.model.reference import reference_filled_embeddings, reference_generate
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 
 def _examples(tiny, stage=STAGE):
     tokens = LatentTokens.from_tokenizer(tiny.tokenizer)
-    return eval_examples(tokenize_records(tiny.records, tiny.tokenizer), stage, curriculum(), tokens), tokens
+    return build_eval_examples(tokenize_records(tiny.records, tiny.tokenizer), stage, curriculum(), tokens), tokens
 
 
 def _filled(base, ids: list[int], latent_id: int) -> torch.Tensor:

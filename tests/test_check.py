@@ -1,11 +1,16 @@
-"""The memory estimator of coconut_scale.check: scaling laws, LoRA vs full fine-tuning, hand-computed numbers."""
+"""The memory estimator (config/memory.py) and the check report: scaling laws, LoRA vs full fine-tuning,
+hand-computed numbers; the model-shape lookup the trainer shares; the LR schedule check prints."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from coconut_scale.cli.check import GIB, GPU_COMPONENTS, OVERHEAD_GIB, estimate_memory, main, suggestions
+from coconut_scale.cli.check import check_recipe, main
+from coconut_scale.config.memory import GIB, GPU_COMPONENTS, OVERHEAD_GIB, estimate_memory, suggestions
+from coconut_scale.config.model_shape import UnknownModelError, hidden_size, recipe_shape
+from coconut_scale.data.records import DataFormatError
 from coconut_scale.model.shapes import SHAPES, dims, hf_config, lora_param_count, param_count, shape_for
 from coconut_scale.config.recipe import load_recipe, recipe_from_dict
 
@@ -168,3 +173,58 @@ def test_main_fails_on_invalid_recipe_and_bad_world_size(tmp_path, capsys):
     assert "unknown key 'batch.micro_batch_sise'" in capsys.readouterr().out
     assert main([str(LLAMA), "--world-sizes", "48", "--no-ds-config"]) == 1
     assert "global_batch_size 128 is not divisible" in capsys.readouterr().out
+
+
+# --- the model-shape lookup (shared with the trainer) ----------------------------------------------------
+
+
+def test_hidden_size_from_config_known_shapes_and_auto_config(monkeypatch):
+    assert hidden_size(small_recipe()) == 64
+    assert hidden_size(load_recipe(LLAMA)) == 4096
+    gpt2_like = load_recipe(LLAMA, ["model.name_or_path=someone/unknown-model"])
+    seen = []
+
+    def from_pretrained(source, **kwargs):
+        seen.append((source, kwargs))
+        from transformers import GPT2Config
+
+        return GPT2Config(n_embd=48, n_layer=2, n_head=4)
+
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", from_pretrained)
+    assert hidden_size(gpt2_like) == 48 and recipe_shape(gpt2_like)["model_type"] == "gpt2"
+    assert seen[0] == ("someone/unknown-model", {})
+
+    def offline(source, **kwargs):
+        raise OSError(f"{source} is not a local folder and the hub cannot be reached")
+
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", offline)
+    with pytest.raises(UnknownModelError, match=r"unknown architecture for model.name_or_path = "
+                                                r"'someone/unknown-model' \(OSError: .*cannot be reached\)"):
+        hidden_size(gpt2_like)
+    out = []
+    assert check_recipe(str(LLAMA), overrides=["model.name_or_path=someone/unknown-model"], out=out.append)
+    assert out[-1].startswith("FAIL ") and "unknown architecture" in out[-1]
+
+
+# --- the LR schedule check prints ------------------------------------------------------------------------
+
+
+def test_check_prints_the_schedule_from_the_training_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    record = {"question": "q", "steps": ["s"], "answer": "a"}
+    (tmp_path / "t.json").write_text(json.dumps([record] * 20))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LLAMA.read_text())
+    overrides = ["data.train_file=t.json", "data.val_file=t.json", "batch.global_batch_size=8",
+                 "batch.micro_batch_size=1", "batch.world_sizes=[8]", "optim.scheduler=cosine"]
+    out = []
+    check_recipe(str(recipe), show_ds_config=False, overrides=overrides, out=out.append)
+    line = next(o for o in out if o.startswith("LR schedule"))
+    # 20 records // 8 = 2 steps per epoch, x 3 epochs per stage (the recipe resets the optimizer every stage)
+    assert line.startswith("LR schedule: cosine, lr 1e-05, warmup 50 step(s), over 6 optimizer steps = 20 records "
+                           "// global batch 8 = 2 steps/epoch x 3 epochs from coconut.epochs_per_stage")
+    assert "records longer than data.max_seq_len 512 are only dropped at training time" in line
+    assert "the LR never gets past the warmup" in line
+    (tmp_path / "t.json").write_text(json.dumps([record, {"question": "q", "steps": "s", "answer": "a"}]))
+    with pytest.raises(DataFormatError, match=r"t.json.*record 1.*steps"):
+        check_recipe(str(recipe), show_ds_config=False, overrides=overrides, out=out.append)

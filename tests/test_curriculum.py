@@ -14,11 +14,14 @@ from coconut_scale.data.curriculum import (
     TrainDataset,
     build_eval_dataset,
     build_eval_example,
+    build_eval_examples,
     build_stage_dataset,
     build_train_example,
     sample_stage,
     stage_for_epoch,
 )
+from coconut_scale.config.recipe import CoconutCfg
+from coconut_scale.model.export_meta import ExportMeta
 from coconut_scale.model.tokens import LatentTokens
 
 T = LatentTokens(start_id=1, latent_id=2, end_id=3, eos_id=0, pad_id=0)
@@ -182,6 +185,74 @@ def test_build_stage_dataset_reproducible():
     assert all(ex["stage"] == 1 for ex in plain)
     ev = build_eval_dataset(recs, 2, c, T)
     assert isinstance(ev, EvalDataset) and ev[0]["input_ids"] == Q + S + lat(4) + E
+
+
+# ---------------------------------------------------------------- from a recipe, from an export, pass counts
+
+
+def test_from_recipe_carries_every_curriculum_field():
+    section = CoconutCfg.model_validate({"mode": "no_thoughts", "c_thought": 3, "epochs_per_stage": 4,
+                                         "max_latent_stage": 5, "pad_latent_to_max": False, "uniform_prob": 0.25,
+                                         "no_thoughts_markers": False})
+    c = CurriculumConfig.from_recipe(section)
+    assert c == CurriculumConfig(mode="no_thoughts", c_thought=3, epochs_per_stage=4, max_latent_stage=5,
+                                 pad_latent_to_max=False, uniform_prob=0.25, no_thoughts_markers=False)
+    # The official "w/o thought" layout: no markers around the empty thought.
+    assert build_eval_example(REC4, 2, c, T)["input_ids"] == Q
+
+
+def test_no_thoughts_markers_default_keeps_the_markers():
+    section = CoconutCfg(mode="no_thoughts")
+    c = CurriculumConfig.from_recipe(section)
+    assert section.no_thoughts_markers is True and c.no_thoughts_markers is True
+    assert build_eval_example(REC4, 2, c, T)["input_ids"] == Q + S + E
+
+
+def export_meta(**fields) -> ExportMeta:
+    return ExportMeta.from_dict({"c_thought": 2, "latent_id": 2, "start_id": 1, "end_id": 3, "eos_id": 0, **fields})
+
+
+def test_from_export():
+    c = CurriculumConfig.from_export(export_meta(stage=1, max_latent_stage=3, mode="no_thoughts",
+                                                 pad_latent_to_max=True, no_thoughts_markers=False, accuracy=0.5))
+    assert c == CurriculumConfig(mode="no_thoughts", c_thought=2, max_latent_stage=3, pad_latent_to_max=True,
+                                 no_thoughts_markers=False)
+    # An older export without max_latent_stage (nor mode, pad_latent_to_max, no_thoughts_markers): its stage.
+    old = CurriculumConfig.from_export(export_meta(stage=2))
+    assert old == CurriculumConfig(mode="coconut", c_thought=2, max_latent_stage=2)
+
+
+@pytest.mark.parametrize("mode, passes", [
+    ("coconut", [1, 3, 5, 7, 7, 7]),  # c_thought 2, max_latent_stage 3: two passes per stage, capped at stage 3
+    ("pause_as_thought", [1] * 6),  # latents are plain tokens: one forward
+    ("no_thoughts", [1] * 6),
+    ("cot", [1] * 6),
+    ("no_cot", [1] * 6),
+])
+def test_passes_for_stage(mode, passes):
+    c = cfg(mode)
+    assert [c.passes_for_stage(s) for s in range(6)] == passes
+    assert c.max_passes == passes[-1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_max_passes_agrees_with_the_recipe(mode):
+    section = CoconutCfg(mode=mode, c_thought=2, max_latent_stage=2)
+    assert CurriculumConfig.from_recipe(section).max_passes == section.max_passes == (5 if mode == "coconut" else 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stage", [0, 1, 2, 4])
+def test_build_eval_examples_adds_the_skipped_steps_and_their_ids(mode, stage):
+    c = cfg(mode)
+    recs = [REC4, REC2, {"idx": 9, "question_ids": Q, "steps_ids": [], "answer_ids": A}]
+    examples = build_eval_examples(recs, stage, c, T)
+    skipped = {"cot": [0, 0, 0], "no_cot": [4, 2, 0]}.get(mode, [min(stage, 4), min(stage, 2), 0])
+    assert [ex["n_skipped_steps"] for ex in examples] == skipped
+    for ex, rec in zip(examples, recs):
+        assert ex["steps_ids"] == rec["steps_ids"]
+        assert {k: v for k, v in ex.items() if k not in ("n_skipped_steps", "steps_ids")} == \
+            build_eval_example(rec, stage, c, T)
 
 
 # ---------------------------------------------------------------- against the official code, restated

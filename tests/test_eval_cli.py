@@ -19,12 +19,13 @@ import pytest
 import torch
 from conftest import REPO
 
-from coconut_scale.evaluate.inputs import eval_examples
-from coconut_scale.evaluate.runtime import run_cli
-from coconut_scale.data.curriculum import CurriculumConfig
+from coconut_scale.errors import run_cli
+from coconut_scale.data.curriculum import CurriculumConfig, build_eval_examples, build_stage_dataset
 from coconut_scale.data.prosqa_synthetic import generate
 from coconut_scale.cli.eval import main as eval_main
-from coconut_scale.evaluate.generation import extract_answer, extract_cot
+from coconut_scale import distributed as dist
+from coconut_scale.data.collate import LatentAlignedCollator
+from coconut_scale.evaluate.generation import extract_answer, extract_cot, validation_loss
 from coconut_scale.model.loading import build_coconut, save_exported
 from coconut_scale.data.records import write_records
 from coconut_scale.model.reference import reference_generate
@@ -55,7 +56,7 @@ def reference_rows(base, tokenizer, records: list[dict], stage: int, max_new: in
     """Per example: prompt latents, the generated ids (up to and including EOS) and their text, by the naive path."""
     tokens = LatentTokens.from_tokenizer(tokenizer)
     rows = []
-    for ex in eval_examples(tokenize_records(records, tokenizer), stage, curriculum(), tokens):
+    for ex in build_eval_examples(tokenize_records(records, tokenizer), stage, curriculum(), tokens):
         ids = torch.tensor([ex["input_ids"]])
         new = reference_generate(base, ids, tokens.latent_id, tokens.eos_id, max_new)[0, ids.shape[1]:].tolist()
         rows.append({"n_latents": ex["input_ids"].count(tokens.latent_id), "ids": new,
@@ -219,3 +220,35 @@ def test_bad_inputs_fail_with_a_clear_message(tiny, tmp_path, capsys):
     assert "coconut_config.json" in err and "'latent_id'" in err
 
     assert "--batch-size must be >= 1" in _fails([export, data, "--batch-size", "0"], capsys)
+
+
+def _token_weighted_loss(coconut, examples, collate) -> float:
+    """One example at a time: sum of per-token cross-entropies over all examples / their supervised tokens."""
+    total, count = 0.0, 0
+    for ex in examples:
+        batch = collate([ex])
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(coconut(**batch).loss) * n
+        count += n
+    return total / count
+
+
+@torch.no_grad()
+def test_validation_loss_shards_and_fillers_count_zero_tokens(tiny, monkeypatch):
+    coconut = build_coconut(tiny.base, tiny.tokenizer).eval()
+    tokens = LatentTokens.from_tokenizer(tiny.tokenizer)
+    collate = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)
+    examples = build_stage_dataset(tokenize_records(tiny.records, tiny.tokenizer)[:7], STAGE, curriculum(), tokens)
+    want = _token_weighted_loss(coconut, examples, collate)
+    assert validation_loss(coconut, examples, 3, collate, "cpu") == pytest.approx(want, rel=1e-5)
+
+    # Rank 1 of 2, batch 1: its shard (examples 1, 3, 5) is one batch short of rank 0's, so it runs a filler
+    # forward of example 0 whose tokens must not count. (all_reduce_sum is the identity here: rank 1's sums.)
+    calls = []
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce_max", lambda value: max(value, 4))  # rank 0 has 4 batches
+    loss = validation_loss(coconut, examples, 1, collate, "cpu",
+                           num_passes_fn=lambda ids: calls.append(ids[0].tolist()) or None)
+    assert len(calls) == 4 and calls[-1] == collate([examples[0]])["input_ids"][0].tolist()
+    assert loss == pytest.approx(_token_weighted_loss(coconut, [examples[i] for i in (1, 3, 5)], collate), rel=1e-5)

@@ -56,7 +56,7 @@ def _lora_model(arch: str, rank: int = 4, alpha: int = 8, targets=None):
     t = LatentTokens.from_tokenizer(tok)
     model = Coconut(base, t.latent_id, t.start_id, t.end_id, t.eos_id)
     recipe = SimpleNamespace(lora=LoraCfg(enabled=True, rank=rank, alpha=alpha, dropout=0.0, target_modules=targets))
-    apply_lora(model, recipe, tok)
+    apply_lora(model, recipe.lora, tok)
     return model.eval(), plain.eval(), tok, t
 
 
@@ -341,7 +341,7 @@ def _engine_logits(result) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _reload_logits(model, batch, num_passes) -> torch.Tensor:
     with torch.no_grad():
-        return model(**batch, num_passes=num_passes).logits
+        return model(**batch, num_passes=num_passes, return_logits=True).logits
 
 
 @pytest.mark.slow
@@ -444,29 +444,32 @@ def _roundtrip_main(workdir: str, overrides: list[str]) -> None:
     the consolidated state before and after and the engine's logits on one batch (rank 0)."""
     from coconut_scale import distributed as dist
     from coconut_scale.config.batch_plan import resolve_batch
-    from coconut_scale.train.checkpoints import consolidated_state_dict, export_hf
+    from coconut_scale.train.export import export_hf
+    from coconut_scale.model.export_meta import ExportMeta
+    from coconut_scale.config.model_shape import hidden_size
+    from coconut_scale.data.curriculum import CurriculumConfig
     from coconut_scale.data.collate import LatentAlignedCollator
     from coconut_scale.data.curriculum import build_stage_dataset
     from coconut_scale.config.ds_config import build_ds_config
-    from coconut_scale.train.strategy import build_engine, hidden_size_of
+    from coconut_scale.train.strategy import build_engine, init_distributed
     from coconut_scale.model.lora import merged_base_for_export
     from coconut_scale.config.recipe import load_recipe
     from coconut_scale.data.tokenized import load_tokenized
-    from coconut_scale.cli.train import curriculum_of, load_tokenizer_for, prepare_data
+    from coconut_scale.train.trainer import prepare_data, recipe_tokenizer
 
     recipe = load_recipe(LORA_RECIPE, overrides)
-    dist.init_distributed()
+    init_distributed()
     rank, world = dist.rank(), dist.world_size()
     prepare_data(recipe, lambda *_: None)
-    tokenizer = load_tokenizer_for(recipe)
+    tokenizer = recipe_tokenizer(recipe)
     tokens = LatentTokens.from_tokenizer(tokenizer)
     plan = resolve_batch(recipe.batch, world, recipe.data.max_seq_len)
-    ds_config = build_ds_config(recipe, plan, hidden_size_of(recipe), total_steps=10)
+    ds_config = build_ds_config(recipe, plan, hidden_size(recipe))
     bundle = build_engine(recipe, ds_config, tokenizer, 10, log=lambda *_: None)
     engine, model = bundle.engine, bundle.model
     assert bundle.lora and ds_config["zero_optimization"]["stage"] == 3
 
-    cfg = curriculum_of(recipe)
+    cfg = CurriculumConfig.from_recipe(recipe.coconut)
     recs, _ = load_tokenized(recipe.data.train_file, tokenizer, recipe.data.max_seq_len, None, cfg.c_thought,
                              cfg.max_latent_stage)
     data = build_stage_dataset(recs[:16], 1, cfg, tokens, seed=0)
@@ -477,21 +480,21 @@ def _roundtrip_main(workdir: str, overrides: list[str]) -> None:
         start = (i * mb) % len(data)
         return collate([data[j] for j in range(start, start + mb)])
 
-    before = consolidated_state_dict(engine)
+    before = bundle.consolidated_state_dict()
     engine.train()
     for i in range(4 * plan.grad_accum):  # 4 optimizer steps, each rank its own micro batches
         batch = batch_at(i * world + rank)
         passes = dist.all_reduce_max(model.count_passes(batch["input_ids"]))
         engine.backward(engine(**batch, num_passes=passes).loss)
         engine.step()
-    after = consolidated_state_dict(engine)
-    export_hf(engine, tokenizer, Path(workdir) / "export", {"c_thought": cfg.c_thought, **tokens.to_dict()},
+    after = bundle.consolidated_state_dict()
+    export_hf(bundle, tokenizer, Path(workdir) / "export", ExportMeta(c_thought=cfg.c_thought, tokens=tokens),
               to_base=merged_base_for_export(model))
     engine.eval()
     check = collate([data[j] for j in range(4)])  # the same batch on every rank
     passes = dist.all_reduce_max(model.count_passes(check["input_ids"]))
     with torch.no_grad():
-        logits = engine(**check, num_passes=passes).logits
+        logits = engine(**check, num_passes=passes, return_logits=True).logits
     if dist.is_main():
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         torch.save({"before": before, "after": after, "trainable": trainable, "batch": check, "logits": logits,

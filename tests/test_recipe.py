@@ -10,13 +10,16 @@ import yaml
 from coconut_scale.errors import UserError
 from coconut_scale.config.batch_plan import BatchMathError, BatchPlan, batch_table, format_batch_table, resolve_batch
 from coconut_scale.config.ds_config import DeepSpeedConfigError, build_ds_config, deep_merge
+from coconut_scale.config.schedule import ScheduleError, describe_schedule, schedule_steps
 from coconut_scale.config.recipe import (
     Recipe,
     RecipeError,
+    PACKAGE_DIR,
     check_files,
     default_lora_targets,
     load_recipe,
     recipe_from_dict,
+    resolve_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +31,7 @@ BASE = {
     "data": {"train_file": "train.json", "val_file": "val.json"},
     "batch": {"global_batch_size": 128, "micro_batch_size": 4},
     "optim": {"lr": 1e-4, "epochs": 3},
-    "deepspeed": {"config": str(REPO / "ds_configs" / "zero3_fp32.json")},
+    "deepspeed": {"config": "ds_configs/zero3_fp32.json"},  # found in the package (coconut_scale/ds_configs)
 }
 
 
@@ -98,6 +101,12 @@ def test_all_problems_reported_at_once_with_values(tmp_path):
         ("optim", {"weight_decay": -0.1}, "optim.weight_decay = -0.1"),
         ("optim", {"grad_clip": -1}, "optim.grad_clip = -1"),
         ("optim", {"scheduler": "step"}, "optim.scheduler = 'step'"),
+        ("optim", {"warmup_steps": 5}, "optim.scheduler 'constant' has no warmup, but optim.warmup_steps is 5: "
+                                       "set optim.scheduler to 'constant_with_warmup'"),
+        ("coconut", {"max_latent_stage": 0}, "coconut.max_latent_stage 0 with coconut.mode 'coconut' never inserts"),
+        ("coconut", {"max_latent_stage": 0, "mode": "pause_as_thought"}, "coconut.mode 'pause_as_thought'"),
+        ("deepspeed", {"overrides": {"scheduler": {"type": "WarmupLR"}}}, "deepspeed.overrides.scheduler: the LR "
+                                                                          "schedule is optim.scheduler"),
         ("lora", {"dropout": 1.0}, "lora.dropout = 1.0"),
         ("batch", {"world_sizes": [1, 8, 8]}, "lists [8] more than once"),
         ("batch", {"micro_batch_per_world_size": {8: 0}}, "batch.micro_batch_per_world_size.8 = 0"),
@@ -114,6 +123,15 @@ def test_ranges_name_the_value(tmp_path, section, values, expected):
     with pytest.raises(RecipeError) as e:
         load_recipe(write(tmp_path, with_(**{section: values})))
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "constant_with_warmup", "linear", "cosine"])
+def test_hf_scheduler_names_and_where_warmup_and_stage_0_are_fine(scheduler):
+    warmup = 0 if scheduler == "constant" else 7
+    r = recipe_from_dict(with_(optim={"scheduler": scheduler, "warmup_steps": warmup}))
+    assert (r.optim.scheduler, r.optim.warmup_steps) == (scheduler, warmup)
+    for mode in ("cot", "no_cot", "no_thoughts"):  # no latents to schedule: stage 0 is the whole curriculum
+        assert recipe_from_dict(with_(coconut={"mode": mode, "max_latent_stage": 0})).coconut.max_latent_stage == 0
 
 
 def test_missing_required_key(tmp_path):
@@ -215,6 +233,7 @@ def test_check_files_names_every_missing_file(tmp_path, monkeypatch):
     for field, path in [("data.train_file", "train.json"), ("data.val_file", "val.json"),
                         ("data.test_file", "test.json"), ("deepspeed.config", "ds_configs/nope.json")]:
         assert f"{field} = '{path}' does not exist" in msg
+    assert f"nor {PACKAGE_DIR / 'ds_configs' / 'nope.json'}" in msg  # every place a DeepSpeed JSON is looked for
 
 
 def test_package_model_source_resolves_or_names_the_missing_package(tmp_path, monkeypatch):
@@ -236,12 +255,16 @@ def test_package_model_source_resolves_or_names_the_missing_package(tmp_path, mo
         check_files(r)
 
 
-def test_check_files_passes_and_finds_ds_config_in_repo_root(tmp_path, monkeypatch):
+def test_check_files_passes_and_finds_ds_config_in_the_package(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.json").write_text("[]")
     (tmp_path / "val.json").write_text("[]")
     r = recipe_from_dict(with_(deepspeed={"config": "ds_configs/zero3_fp32.json"}))
-    check_files(r)  # the JSON is found relative to the repository root
+    check_files(r)  # the JSON ships inside the package: found from any cwd
+    assert resolve_path("ds_configs/zero3_fp32.json") == PACKAGE_DIR / "ds_configs" / "zero3_fp32.json"
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero3_fp32.json").write_text("{}")
+    assert resolve_path("ds_configs/zero3_fp32.json") == tmp_path / "ds_configs" / "zero3_fp32.json"  # cwd first
 
 
 def test_check_files_skips_generated_data(tmp_path, monkeypatch):
@@ -316,8 +339,9 @@ def ds_recipe(tmp_path, ds: dict, **sections):
 
 
 def test_fills_every_auto_from_the_recipe():
-    r = recipe_from_dict(with_(model={"dtype": "bf16"}, deepspeed={"config": str(REPO / "ds_configs/zero3_bf16.json")},
-                               optim={"lr": 3e-5, "weight_decay": 0.1, "warmup_steps": 10}))
+    r = recipe_from_dict(with_(model={"dtype": "bf16"}, deepspeed={"config": "ds_configs/zero3_bf16.json"},
+                               optim={"lr": 3e-5, "weight_decay": 0.1, "warmup_steps": 10,
+                                      "scheduler": "constant_with_warmup"}))
     plan = resolve_batch(r.batch, 8, 512)
     cfg = build_ds_config(r, plan, hidden_size=1000)
     assert "auto" not in json.dumps(cfg) and "_comment" not in cfg
@@ -325,8 +349,7 @@ def test_fills_every_auto_from_the_recipe():
     assert cfg["gradient_clipping"] == 1.0
     assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
     assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
-    assert cfg["scheduler"] == {"type": "WarmupLR", "params": {"warmup_num_steps": 10, "warmup_type": "linear",
-                                                                "warmup_max_lr": 3e-5, "warmup_min_lr": 0.0}}
+    assert "scheduler" not in cfg  # the trainer's, from optim.*
     z = cfg["zero_optimization"]
     assert z["reduce_bucket_size"] == 1_000_000 and z["stage3_prefetch_bucket_size"] == 900_000
     assert z["stage3_param_persistence_threshold"] == 10_000
@@ -334,23 +357,30 @@ def test_fills_every_auto_from_the_recipe():
     assert z["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-def test_constant_schedule_without_warmup_is_exactly_constant():
-    r = recipe_from_dict(with_())
-    cfg = build_ds_config(r, resolve_batch(r.batch, 1, 64), 64)
-    p = cfg["scheduler"]["params"]
-    assert p["warmup_min_lr"] == p["warmup_max_lr"] == 1e-4 and p["warmup_num_steps"] == 1
+def test_a_deepspeed_scheduler_is_an_error_naming_it(tmp_path):
+    r = ds_recipe(tmp_path, {"scheduler": {"type": "WarmupLR", "params": {}}})
+    with pytest.raises(DeepSpeedConfigError) as e:
+        build_ds_config(r, resolve_batch(r.batch, 1, 64), 64)
+    assert f"scheduler is set in {tmp_path / 'ds.json'}, but the LR schedule is optim.scheduler and " \
+           "optim.warmup_steps" in str(e.value)
 
 
-def test_decaying_schedules_need_total_steps():
-    r = recipe_from_dict(with_(optim={"scheduler": "cosine", "warmup_steps": 5}))
-    plan = resolve_batch(r.batch, 1, 64)
-    with pytest.raises(DeepSpeedConfigError, match=r"WarmupCosineLR \(optim.scheduler 'cosine'\) needs total_steps >= 1, got None"):
-        build_ds_config(r, plan, 64)
-    cfg = build_ds_config(r, plan, 64, total_steps=1234)
-    assert cfg["scheduler"]["type"] == "WarmupCosineLR"
-    assert cfg["scheduler"]["params"]["total_num_steps"] == 1234 and cfg["scheduler"]["params"]["warmup_min_ratio"] == 0.0
-    r = recipe_from_dict(with_(optim={"scheduler": "linear"}))
-    assert build_ds_config(r, plan, 64, total_steps=10)["scheduler"]["type"] == "WarmupDecayLR"
+def test_schedule_spans_one_stage_or_the_whole_run():
+    # 1000 records, global batch 128: 7 full steps per epoch (the incomplete 8th batch is dropped, as the sampler does)
+    r = recipe_from_dict(with_(coconut={"epochs_per_stage": 2}, optim={"epochs": 6}))
+    assert schedule_steps(r, 1000) == 7 * 2  # reset_optimizer (the default): the schedule restarts every stage
+    r = recipe_from_dict(with_(coconut={"epochs_per_stage": 2, "reset_optimizer": False}, optim={"epochs": 6}))
+    assert schedule_steps(r, 1000) == 7 * 6
+    for mode in ("cot", "no_cot"):  # the stage never changes, so no reset ever comes: one schedule for the run
+        r_cot = recipe_from_dict(with_(coconut={"epochs_per_stage": 2, "mode": mode}, optim={"epochs": 6}))
+        assert schedule_steps(r_cot, 1000) == 7 * 6
+    assert "over 42 optimizer steps = 1000 records // global batch 128 = 7 steps/epoch x 6 epochs from optim.epochs" \
+        in describe_schedule(r, 1000)
+    with pytest.raises(ScheduleError, match=r"train.json: 127 training records give no full global batch of "
+                                            r"batch.global_batch_size 128"):
+        schedule_steps(r, 127)
+    r = recipe_from_dict(with_(optim={"scheduler": "cosine", "warmup_steps": 30}))
+    assert describe_schedule(r, 1000).endswith("optim.warmup_steps 30 >= 7: the LR never gets past the warmup")
 
 
 def test_contradicting_ds_config_lists_every_mismatch(tmp_path):
@@ -376,7 +406,7 @@ def test_contradicting_ds_config_lists_every_mismatch(tmp_path):
         "optimizer.type = 'Adam' in the ds config",
         "optimizer.params.lr = 0.001 in the ds config, but optim.lr gives 0.0001",
         "optimizer.params.betas = [0.9, 0.999] in the ds config, but optim.betas gives [0.9, 0.95]",
-        "scheduler.type = 'WarmupDecayLR' in the ds config, but optim.scheduler 'constant' gives 'WarmupLR'",
+        f"scheduler is set in {tmp_path / 'ds.json'}",
         "zero_optimization.stage3_gather_16bit_weights_on_model_save = False",
         "zero_optimization.sub_group_size is still \"auto\"",
     ]

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from coconut_scale.config.batch_plan import batch_table, resolve_batch
-from coconut_scale.cli.check import estimate_memory, main, recipe_shape
+from coconut_scale.cli.check import main
+from coconut_scale.config.memory import estimate_memory
+from coconut_scale.config.model_shape import recipe_shape
 from coconut_scale.config.ds_config import build_ds_config
 from coconut_scale.model.shapes import dims
 from coconut_scale.config.recipe import check_files, load_recipe
@@ -35,7 +37,7 @@ def test_recipe_validates_and_resolves_every_world_size(path):
     assert [p.world_size for p in plans] == r.batch.world_sizes
     for plan in plans:
         assert plan.micro_batch_size * plan.world_size * plan.grad_accum == r.batch.global_batch_size
-        cfg = build_ds_config(r, plan, hidden, total_steps=1000)
+        cfg = build_ds_config(r, plan, hidden)
         assert "auto" not in json.dumps(cfg)
         assert cfg["train_batch_size"] == r.batch.global_batch_size
         assert cfg["bf16"]["enabled"] == (r.model.dtype == "bf16")
@@ -78,7 +80,7 @@ def test_rendered_configs_are_accepted_by_deepspeed(path, monkeypatch):
     r = load_recipe(path)
     hidden = dims(recipe_shape(r)).hidden
     for plan in batch_table(r):
-        cfg = build_ds_config(r, plan, hidden, total_steps=1000)
+        cfg = build_ds_config(r, plan, hidden)
         parsed = ds_config_mod.DeepSpeedConfig(cfg, mpu=DataParallel(plan.world_size))
         assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == \
             (plan.global_batch_size, plan.micro_batch_size, plan.grad_accum)
@@ -123,3 +125,11 @@ def test_check_cli_passes_on_all_recipes(capsys):
     out = capsys.readouterr().out
     assert f"{len(RECIPES)}/{len(RECIPES)} recipe(s) ok" in out
     assert "ds_config[world_size=8] = {" in out and "memory per GPU" in out and "FAIL" not in out
+
+
+def test_shipped_deepspeed_templates_have_no_scheduler():
+    # The LR schedule is optim.* (built by the trainer); a DeepSpeed scheduler section would be refused.
+    templates = sorted((REPO / "coconut_scale" / "ds_configs").glob("*.json"))
+    assert len(templates) >= 6
+    for path in templates:
+        assert "scheduler" not in json.loads(path.read_text()), path.name

@@ -14,7 +14,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the recipe error was raised")
 
     monkeypatch.setattr("coconut_scale.train.strategy.load_causal_lm", forbidden)
-    monkeypatch.setattr("coconut_scale.distributed.init_distributed", forbidden)
+    monkeypatch.setattr("coconut_scale.train.trainer.init_distributed", forbidden)
 
 
 def _fails(overrides, match):

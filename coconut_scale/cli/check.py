@@ -1,212 +1,55 @@
-"""Check recipes without a GPU or a download: schema, batch table, filled DeepSpeed config, memory per GPU.
+"""Check recipes without a GPU: schema, data files, LR schedule, batch table, filled DeepSpeed config, memory per GPU.
 
-    python -m coconut_scale.check recipes/*.yaml [--world-sizes 1 8 16 32 64] [--gpu-memory-gb 80]
+    coconut-scale check recipes/*.yaml [--world-sizes 1 8 16 32 64] [--gpu-memory-gb 80] [--set KEY=VALUE ...]
+    python -m coconut_scale.check ...   (the same)
 
 Exit code 1 when any recipe fails validation, a batch plan or DeepSpeed config cannot be built, or the
 estimated memory of any (recipe, world size) exceeds the GPU memory; each failure says what to change.
+Exit code 2, with one `error:` line, for what stops every check: a recipe file that does not exist, an
+override that names no recipe key, a data file with a bad record.
 
-The memory model (bytes per GPU; b = 2 for bf16/fp16, 4 for fp32; P = all parameters, P_t = trainable ones
-(LoRA adapters, or P), W = world size, B = micro batch, T = data.max_seq_len, L = layers, h = hidden,
-q/kv = query/key-value widths, I = MLP width, V = vocab, n = latent passes = c_thought*max_latent_stage + 1):
-
-  weights      (P_frozen + P_t) * b, / W under ZeRO-3, 0 with parameter offload. A LoRA base is frozen in the
-               model dtype (16-bit for the bf16 recipes) and never gets gradients or optimizer states.
-  gradients    P_t * b (DeepSpeed accumulates in the model dtype), / W from ZeRO-2, 0 with optimizer offload.
-  optimizer    P_t * (8 + 4): fp32 Adam m and v, plus the fp32 master copy when training in 16 bits;
-               / W from ZeRO-1, 0 with optimizer offload (then it is host memory, reported separately).
-  gathered     ZeRO-3's working set of all-gathered weights: min(P, stage3_max_live_parameters) * b. The
-               configs keep up to 1e9 resident so the n latent passes do not re-gather each layer.
-  activations  Coconut runs n base-model calls per step, but on consecutive column ranges of the sequence
-               with the keys/values of earlier passes carried in a cache (coconut_scale/model/coconut.py), so the
-               passes together cover T tokens once.
-               With checkpointing: each layer keeps only its input, per pass, for that pass's tokens:
-               (L + 1) * B*T*h*b in total (+1: the embeddings), plus one layer's full activations while it is
-               recomputed in backward: B*T*b*(4h + 3q + 4kv + 4I) (norm inputs/outputs, q, rotated q,
-               attention output, k, rotated k, v, the concatenated past keys, gate, up, act(gate), product),
-               plus 2*B*heads*T*T*b for eager attention's scores and probabilities (sdpa/flash keep none).
-               Without checkpointing: L full layers, plus every later pass re-materialising the concatenated
-               past keys/values inside attention: 2*L*B*T*kv*b*(n - 1).
-  kv_cache     the keys/values carried across passes: 2*L*B*T*kv*b.
-  logits       B*T*V*(b + 12): the model-dtype logits, the fp32 log-softmax cross-entropy saves, and the fp32
-               gradient and input gradient during backward (the fp32 upcast itself is transient). This is
-               large for big vocabularies (Llama-3: 128k, Qwen3: 152k).
-  buffers      DeepSpeed communication buckets: ZeRO-2/3: 2 * reduce_bucket_size * b (overlap_comm double
-               buffer), + stage3_prefetch_bucket_size * b; ZeRO-0/1 with W > 1: min(5e8, P_t) * b.
-  overhead     2.5 GiB: CUDA context, NCCL, cuBLAS workspaces, allocator fragmentation.
-
-These are estimates (+-20%): they bound what the recipe needs, they do not replace a first real step.
+The training file's records are counted for the LR schedule's length (config/schedule.py); records longer
+than data.max_seq_len are only dropped at training time, so the trainer may count a few steps fewer.
+The memory model is in coconut_scale/config/memory.py (estimates, +-20%: they bound what the recipe needs,
+they do not replace a first real step). Models unknown to coconut_scale/model/shapes.py are sized from their
+config through AutoConfig, which needs the hub cache or a download.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from coconut_scale.config.batch_plan import BatchMathError, batch_table, format_batch_table, resolve_batch
-from coconut_scale.config.ds_config import DeepSpeedConfigError, build_ds_config, zero_settings
-from coconut_scale.model.shapes import dims, lora_param_count, param_count, shape_for
-from coconut_scale.config.recipe import RecipeError, check_files, load_recipe
+from coconut_scale.config.batch_plan import BatchMathError, batch_table, format_batch_table
+from coconut_scale.config.ds_config import DeepSpeedConfigError, build_ds_config
+from coconut_scale.config.memory import GPU_COMPONENTS, estimate_memory, suggestions, trainable_params
+from coconut_scale.config.model_shape import recipe_shape
+from coconut_scale.config.recipe import RecipeError, apply_overrides, check_files, load_recipe
+from coconut_scale.config.schedule import ScheduleError, describe_schedule
+from coconut_scale.data.records import load_records
+from coconut_scale.errors import run_cli
+from coconut_scale.model.shapes import dims, param_count
 
-GIB = 1024**3
-OVERHEAD_GIB = 2.5
-GPU_COMPONENTS = ("weights", "gradients", "optimizer", "gathered", "activations", "kv_cache", "logits", "buffers",
-                  "overhead")
 _SHORT = {"weights": "weights", "gradients": "grads", "optimizer": "optim", "gathered": "gathered",
           "activations": "activ", "kv_cache": "kv", "logits": "logits", "buffers": "buffers", "overhead": "overhead"}
 
 
-def recipe_shape(recipe) -> dict:
-    """HF config kwargs of the recipe's model, from from_config, the known shapes or a local config.json."""
-    if recipe.model.from_config is not None:
-        shape = dict(recipe.model.from_config)
-        tok = recipe.model.tokenizer or ""
-        if "vocab_size" not in shape and tok.startswith("train-bpe:"):
-            shape["vocab_size"] = int(tok.split(":", 1)[1])  # the trainer sizes the model to that tokenizer
-        return shape
-    for candidate in (recipe.model.name_or_path, recipe.checkpoint.init_from):
-        shape = shape_for(candidate) if candidate else None
-        if shape:
-            return shape
-    raise LookupError(f"unknown architecture {recipe.model.name_or_path!r}: add its shape to "
-                      f"coconut_scale/model/shapes.py SHAPES (config.json numbers) or point name_or_path to a local "
-                      f"directory with a config.json")
-
-
-def trainable_params(recipe, shape: dict) -> int:
-    if recipe.lora.enabled:
-        return lora_param_count(shape, recipe.lora.rank, recipe.lora_targets())
-    return param_count(shape)
-
-
-def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_config: dict | None = None) -> dict[str, float]:
-    """GiB per GPU for each component of GPU_COMPONENTS, "total" (their sum) and "host_offload" (CPU RAM per
-    rank for offloaded state, not in the total). See the module docstring for every formula."""
-    shape = shape or recipe_shape(recipe)
-    d = dims(shape)
-    plan = resolve_batch(recipe.batch, world_size, recipe.data.max_seq_len)
-    ds_config = ds_config or build_ds_config(recipe, plan, d.hidden, total_steps=1)
-    z = zero_settings(ds_config)
-    stage, W = z["stage"], world_size
-    b = 4 if recipe.model.dtype == "fp32" else 2
-
-    P = param_count(shape)
-    P_t = trainable_params(recipe, shape)
-    P_frozen = P if recipe.lora.enabled else 0
-    opt_bytes = 8 + (4 if b < 4 else 0)
-
-    weights = (P_frozen + P_t) * b / (W if stage == 3 else 1)
-    gradients = P_t * b / (W if stage >= 2 else 1)
-    optimizer = P_t * opt_bytes / (W if stage >= 1 else 1)
-    host = 0.0
-    if stage == 3 and z["offload_param"]:
-        host += weights
-        weights = 0.0
-    if z["offload_optimizer"]:
-        host += gradients + optimizer
-        gradients = optimizer = 0.0
-    in_model = P + (P_t if recipe.lora.enabled else 0)  # LoRA adds its adapters to the base
-    gathered = min(in_model, z["max_live_parameters"]) * b if stage == 3 else 0.0
-
-    B, T = plan.micro_batch_size, recipe.data.max_seq_len
-    L, h, q, kv, I = d.layers, d.hidden, d.q_dim, d.kv_dim, d.intermediate
-    n = recipe.coconut.max_passes
-    layer_full = B * T * b * (4 * h + 3 * q + 4 * kv + 4 * I)
-    if recipe.model.attn_implementation == "eager":
-        layer_full += 2 * B * d.heads * T * T * b
-    if recipe.model.gradient_checkpointing:
-        activations = (L + 1) * B * T * h * b + layer_full
-    else:
-        activations = L * layer_full + 2 * L * B * T * kv * b * (n - 1)
-    kv_cache = 2 * L * B * T * kv * b
-    logits = B * T * d.vocab * (b + 12)
-
-    if stage >= 2:
-        buffers = 2 * z["reduce_bucket_size"] * b + (z["prefetch_bucket_size"] * b if stage == 3 else 0)
-    else:
-        buffers = min(5e8, P_t) * b if W > 1 else 0.0
-
-    out = {
-        "weights": weights, "gradients": gradients, "optimizer": optimizer, "gathered": gathered,
-        "activations": activations, "kv_cache": kv_cache, "logits": logits, "buffers": buffers,
-    }
-    out = {k: v / GIB for k, v in out.items()}
-    out["overhead"] = OVERHEAD_GIB
-    out["total"] = sum(out[k] for k in GPU_COMPONENTS)
-    out["host_offload"] = host / GIB
-    return out
-
-
-# --- what to change when it does not fit ---------------------------------------------------------------
-
-
-def _variant(recipe, edit):
-    r = recipe.model_copy(deep=True)
-    edit(r)
-    return r
-
-
-def suggestions(recipe, world_size: int, limit_gb: float, shape: dict) -> list[str]:
-    """Single changes that would bring the estimate under the limit, each with its estimate."""
-    tries = []
-    plan = resolve_batch(recipe.batch, world_size, recipe.data.max_seq_len)
-    smaller = [m for m in range(plan.micro_batch_size - 1, 0, -1)
-               if plan.global_batch_size % (m * world_size) == 0]
-    for m in smaller:
-        def edit(r, m=m):
-            r.batch.micro_batch_per_world_size = {**r.batch.micro_batch_per_world_size, world_size: m}
-        tries.append((f"batch.micro_batch_per_world_size.{world_size}={m} (smaller micro batch, more accumulation)", edit))
-    if not recipe.model.gradient_checkpointing:
-        tries.append(("model.gradient_checkpointing=true", lambda r: setattr(r.model, "gradient_checkpointing", True)))
-    z = zero_settings(build_ds_config(recipe, plan, dims(shape).hidden, total_steps=1))
-    precision = "fp32" if recipe.model.dtype == "fp32" else "bf16"
-    if z["stage"] < 3:
-        cfg = f"ds_configs/zero3_{precision}.json"
-        tries.append((f"deepspeed.config={cfg} (ZeRO-3 shards weights too)", lambda r: setattr(r.deepspeed, "config", cfg)))
-    if not z["offload_param"] and recipe.model.dtype == "bf16":
-        cfg_off = "ds_configs/zero3_offload_bf16.json"
-        tries.append((f"deepspeed.config={cfg_off} (CPU offload: slow, needs host RAM)",
-                      lambda r: setattr(r.deepspeed, "config", cfg_off)))
-    if not recipe.lora.enabled:
-        tries.append(("lora.enabled=true (train adapters only)", lambda r: setattr(r.lora, "enabled", True)))
-    out, micro_listed = [], False
-    for label, edit in tries:
-        try:
-            est = estimate_memory(_variant(recipe, edit), world_size, shape=shape)["total"]
-        except (ValueError, LookupError):
-            continue
-        if est <= limit_gb:
-            if label.startswith("batch.") and micro_listed:
-                continue  # only the largest micro batch that fits
-            micro_listed = micro_listed or label.startswith("batch.")
-            out.append(f"{label}: ~{est:.1f} GiB")
-    return out
-
-
-# --- report --------------------------------------------------------------------------------------------
-
-
-def _count_records(path: str) -> int | None:
-    p = Path(path)
-    if not p.is_file():
-        return None
-    text = p.read_text()
-    if p.suffix == ".jsonl":
-        return sum(1 for line in text.splitlines() if line.strip())
-    data = json.loads(text)
-    return len(data) if isinstance(data, list) else None
-
-
-def _total_steps(recipe) -> tuple[int, str]:
-    """Optimizer steps of the whole run, for the LR schedule: from the training file when it is there."""
-    epochs = recipe.optim.epochs - recipe.checkpoint.resume_from_epoch
-    n = _count_records(recipe.data.train_file)
-    if n is None:
-        return 1000 * epochs, f"total_steps {1000 * epochs} is a placeholder ({recipe.data.train_file} absent)"
-    steps = math.ceil(n / recipe.batch.global_batch_size) * epochs
-    return steps, f"total_steps {steps} = ceil({n} records / {recipe.batch.global_batch_size}) x {epochs} epochs"
+def _schedule_line(recipe) -> str:
+    """The LR schedule that will train, from the training file's records when it is there."""
+    data = recipe.data
+    path = Path(data.train_file)
+    if not path.is_file():
+        source = "data.generate writes it at training time" if data.generate else "absent"
+        return (f"LR schedule: {recipe.optim.scheduler}, warmup {recipe.optim.warmup_steps} step(s); its length "
+                f"needs {data.train_file} ({source})")
+    n = len(load_records(path))  # a bad record stops the check here, naming the file, record and field
+    for other in (data.val_file, data.test_file):
+        if other and Path(other).is_file():
+            load_records(other)
+    return (describe_schedule(recipe, n) + f" (records longer than data.max_seq_len {data.max_seq_len} are only "
+            f"dropped at training time)")
 
 
 def _memory_table(rows: list[tuple[int, int, int, dict]], limit: float) -> str:
@@ -240,11 +83,11 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
                 + "; fine for planning, training needs them")
     try:
         shape = recipe_shape(recipe)
-    except LookupError as e:
+        d = dims(shape)
+        P, P_t = param_count(shape), trainable_params(recipe, shape)
+    except ValueError as e:  # UnknownModelError, or an architecture whose layers model/shapes.py cannot lay out
         out(f"FAIL {e}")
         return [str(e)]
-    d = dims(shape)
-    P, P_t = param_count(shape), trainable_params(recipe, shape)
     limit = gpu_memory_gb if gpu_memory_gb is not None else recipe.gpu_memory_gb
     c = recipe.coconut
     passes = (f"{c.max_passes} forward passes per step (c_thought {c.c_thought} x max_latent_stage "
@@ -262,12 +105,16 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
         out(f"FAIL {e}")
         return [str(e)]
     out(format_batch_table(plans))
-
-    total_steps, steps_note = _total_steps(recipe)
     failures, rows = [], []
+    try:
+        out(_schedule_line(recipe))
+    except ScheduleError as e:
+        out(f"FAIL {e}")
+        failures.append(str(e))
+
     for plan in plans:
         try:
-            cfg = build_ds_config(recipe, plan, d.hidden, total_steps=total_steps)
+            cfg = build_ds_config(recipe, plan, d.hidden)
         except DeepSpeedConfigError as e:
             out(f"FAIL {e}")
             failures.append(str(e))
@@ -276,8 +123,6 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
             out(f"ds_config[world_size={plan.world_size}] = {json.dumps(cfg, sort_keys=True)}")
         rows.append((plan.world_size, plan.micro_batch_size, plan.grad_accum,
                      estimate_memory(recipe, plan.world_size, shape=shape, ds_config=cfg)))
-    if show_ds_config and recipe.optim.scheduler != "constant":
-        out(f"({steps_note})")
     if rows:
         out(f"memory per GPU, GiB (estimate; 'host' = CPU RAM per rank for offloaded state):")
         out(_memory_table(rows, limit))
@@ -295,7 +140,8 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="coconut-scale check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("recipes", nargs="+", help="recipe YAML files")
     parser.add_argument("--world-sizes", nargs="+", type=int, default=None,
                         help="world sizes to check (default: each recipe's batch.world_sizes)")
@@ -306,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as for coconut_scale.train (repeatable), e.g. --set lora.enabled=true")
     args = parser.parse_args(argv)
+    # What would fail every recipe the same way is one error, before any report: missing files, bad overrides.
+    missing = [p for p in args.recipes if not Path(p).is_file()]
+    if missing:
+        raise RecipeError(f"recipe file(s) {', '.join(missing)} do not exist (cwd {Path.cwd()})")
+    apply_overrides({}, args.overrides, "--set")  # syntax and keys, against the schema
     failed = []
     for path in args.recipes:
         problems = check_recipe(path, args.world_sizes, args.gpu_memory_gb, args.require_data, not args.no_ds_config,
@@ -319,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

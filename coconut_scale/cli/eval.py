@@ -1,7 +1,8 @@
 """Generation accuracy of an exported Coconut checkpoint on a data file, batched and sharded across ranks.
 
-    python -m coconut_scale.eval CHECKPOINT DATA [--stage K] [--batch-size B] [--max-examples N] [--out DIR]
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m coconut_scale.eval CHECKPOINT DATA ...
+    coconut-scale eval CHECKPOINT DATA [--stage K] [--batch-size B] [--max-examples N] [--out DIR]
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m coconut_scale eval CHECKPOINT DATA ...
+    (python -m coconut_scale.eval ... is the same command)
 
 CHECKPOINT is an HF export (runs/<name>/hf/{stage0,...,best}); DATA a question/steps/answer file (JSON array
 or JSON Lines). Prompts are built as training evaluates them at stage K (default: the checkpoint's stage).
@@ -20,21 +21,21 @@ from pathlib import Path
 
 from coconut_scale import distributed as dist
 from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
+from coconut_scale.atomic_files import write_json_atomic, write_jsonl_atomic
+from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.runtime import (
     new_figure,
     progress,
     quiet_libraries,
-    run_cli,
     save_png,
     say,
-    write_json,
-    write_jsonl,
 )
 from coconut_scale.evaluate.generation import generate_and_score
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="coconut-scale eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -85,8 +86,8 @@ def main(argv=None) -> int:
         "n_truncated": sum(1 for r in rows if not r["stopped_at_eos"]),
     }
     if dist.is_main():
-        write_json(out / "report.json", report)
-        write_jsonl(out / "samples.jsonl", rows)
+        write_json_atomic(out / "report.json", report)
+        write_jsonl_atomic(out / "samples.jsonl", rows)
         title = f"{inputs.checkpoint.name} stage {inputs.stage}: accuracy {report['accuracy']:.3f}"
         save_png(tokens_figure(rows, title), out / "tokens.png")
     say(f"stage {inputs.stage}: accuracy {report['accuracy']:.4f}  cot_exact_match {report['cot_exact_match']:.4f}  "

@@ -1,5 +1,8 @@
 """The DeepSpeed config of a run: a ds_configs/*.json template, filled from the recipe for one world size.
 
+The templates ship inside the package (coconut_scale/ds_configs/); recipe.resolve_path finds
+`ds_configs/NAME.json` in the cwd, the checkout or the package.
+
 The JSON templates say "auto" wherever the value belongs to the recipe, so a number lives in exactly one
 place. DeepSpeed itself does not understand "auto" (only the HF Trainer does), so build_ds_config fills every
 one of them and refuses to return a config that still holds one.
@@ -9,12 +12,13 @@ Filled from the recipe ("auto" or absent in the JSON; an explicit value that dis
   gradient_clipping            <- optim.grad_clip (always explicit: DeepSpeed's own default changed to 1.0)
   bf16.enabled, fp16.enabled   <- model.dtype
   optimizer                    <- AdamW with optim.lr / betas / eps / weight_decay
-  scheduler                    <- optim.scheduler: constant -> WarmupLR, linear -> WarmupDecayLR,
-                                  cosine -> WarmupCosineLR (total_num_steps = the total_steps argument)
   zero_optimization.stage3_gather_16bit_weights_on_model_save <- checkpoint.export_hf (ZeRO-3)
 Filled only where the JSON says "auto" (tuning, not contradiction), from the model's hidden size h, as the HF
 integration does: reduce_bucket_size = h^2, stage3_prefetch_bucket_size = 0.9 h^2,
 stage3_param_persistence_threshold = 10 h (parameters smaller than that, e.g. norms, are never partitioned).
+
+There is no `scheduler` section: the trainer builds the LR schedule from optim.scheduler and optim.warmup_steps
+(config/schedule.py), so one in the JSON is an error naming it rather than a second schedule that is ignored.
 
 Every contradiction is collected and reported in a single DeepSpeedConfigError.
 """
@@ -27,13 +31,11 @@ import math
 from pathlib import Path
 
 from coconut_scale.config.batch_plan import BatchPlan
-from coconut_scale.config.recipe import REPO_ROOT, resolve_path
+from coconut_scale.config.recipe import resolve_path, search_roots
 from coconut_scale.errors import UserError
 
 AUTO = "auto"
 _MISSING = object()
-
-_SCHEDULERS = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
 
 
 class DeepSpeedConfigError(UserError):
@@ -43,8 +45,8 @@ class DeepSpeedConfigError(UserError):
 def ds_config_path(recipe) -> Path:
     path = resolve_path(recipe.deepspeed.config)
     if not path.is_file():
-        raise DeepSpeedConfigError(f"deepspeed.config = {recipe.deepspeed.config!r} does not exist (looked in "
-                                   f"{Path.cwd()} and {REPO_ROOT})")
+        roots = ", ".join(str(root) for root in search_roots())
+        raise DeepSpeedConfigError(f"deepspeed.config = {recipe.deepspeed.config!r} does not exist (looked in {roots})")
     return path
 
 
@@ -135,48 +137,15 @@ def _leftover_autos(node, prefix: str = "") -> list[str]:
     return []
 
 
-def _fill_scheduler(f: _Filler, optim, total_steps: int | None) -> None:
-    sched = f.cfg.get("scheduler", _MISSING)
-    if sched in (_MISSING, None, AUTO):
-        sched = f.cfg["scheduler"] = {}
-    if not isinstance(sched, dict):
-        f.mismatches.append(f"scheduler = {sched!r} in the ds config, but it must be a section")
-        return
-    wanted = _SCHEDULERS[optim.scheduler]
-    f.recipe(("scheduler", "type"), wanted, f"optim.scheduler {optim.scheduler!r}")
-    if not _same(sched["type"], wanted):
-        return  # its params belong to another scheduler; the type mismatch is already reported
-    # DeepSpeed rejects warmup_num_steps 0 (and ramps over at least 2 steps). With no warmup asked for, the
-    # ramp starts at the full LR (min == max), so a constant schedule is exactly constant.
-    warmup = optim.warmup_steps
-    ramp_steps = max(1, warmup)
-    p = ("scheduler", "params")
-    f.recipe(p + ("warmup_num_steps",), ramp_steps, f"optim.warmup_steps {warmup}")
-    f.tuning(p + ("warmup_type",), "linear", when_absent=True)
-    if wanted in ("WarmupLR", "WarmupDecayLR"):
-        f.recipe(p + ("warmup_max_lr",), optim.lr, "optim.lr")
-        # WarmupDecayLR decays from max to min, so min must be 0 (its first step then has LR 0 when warmup is 0).
-        f.tuning(p + ("warmup_min_lr",), optim.lr if (warmup == 0 and wanted == "WarmupLR") else 0.0, when_absent=True)
-    else:  # WarmupCosineLR scales the optimizer's LR by ratios
-        f.tuning(p + ("warmup_min_ratio",), 1.0 if warmup == 0 else 0.0, when_absent=True)
-        f.tuning(p + ("cos_min_ratio",), 0.0, when_absent=True)
-    if wanted != "WarmupLR":
-        if total_steps is None or total_steps < 1:
-            f.mismatches.append(f"scheduler {wanted} (optim.scheduler {optim.scheduler!r}) needs total_steps >= 1, "
-                                f"got {total_steps}")
-        else:  # (warmup longer than the run is legal: DeepSpeed only warns)
-            f.recipe(p + ("total_num_steps",), total_steps,
-                     f"total_steps {total_steps} (from the data size and optim.epochs)")
-
-
-def build_ds_config(recipe, plan: BatchPlan, hidden_size: int, total_steps: int | None = None) -> dict:
-    """The complete DeepSpeed config (no "auto" left) for `plan.world_size` GPUs.
-
-    total_steps (optimizer steps of the whole run) is needed by the linear and cosine schedules only.
-    """
+def build_ds_config(recipe, plan: BatchPlan, hidden_size: int) -> dict:
+    """The complete DeepSpeed config (no "auto" left) for `plan.world_size` GPUs."""
     path = ds_config_path(recipe)
-    cfg = deep_merge(load_ds_json(path), recipe.deepspeed.overrides)
+    template = load_ds_json(path)
+    cfg = deep_merge(template, recipe.deepspeed.overrides)
     f = _Filler(cfg)
+    if "scheduler" in template:  # (recipe validation already refuses one in deepspeed.overrides)
+        f.mismatches.append(f"scheduler is set in {path}, but the LR schedule is optim.scheduler and "
+                            f"optim.warmup_steps (built by the trainer, not DeepSpeed): remove the section")
     ws = f"(world_size {plan.world_size})"
     f.recipe(("train_batch_size",), plan.global_batch_size, "batch.global_batch_size")
     f.recipe(("train_micro_batch_size_per_gpu",), plan.micro_batch_size, f"the batch plan {ws}")
@@ -193,7 +162,6 @@ def build_ds_config(recipe, plan: BatchPlan, hidden_size: int, total_steps: int 
     f.recipe(("optimizer", "params", "betas"), list(o.betas), "optim.betas")
     f.recipe(("optimizer", "params", "eps"), o.eps, "optim.eps")
     f.recipe(("optimizer", "params", "weight_decay"), o.weight_decay, "optim.weight_decay")
-    _fill_scheduler(f, o, total_steps)
 
     zero = cfg.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None

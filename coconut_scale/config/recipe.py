@@ -6,8 +6,10 @@ Every section forbids unknown keys, so a typo fails at launch with the full dott
 closest valid spelling instead of silently training with a default. Command-line overrides are a dotlist
 (`section.key=value`, the value parsed as YAML) checked against the same schema before validation.
 
-Paths (data files, the DeepSpeed JSON) are relative to the current directory or, failing that, to the
-repository root, so a recipe works both from a checkout and from an installed package's cwd.
+Data files and checkpoints are opened relative to the current directory. The DeepSpeed JSON is looked up in
+the current directory, then the repository checkout (when running from one), then the package itself, which
+ships the templates as coconut_scale/ds_configs/: `ds_configs/zero3_bf16.json` works from a checkout and from
+an installed package, in any cwd.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from coconut_scale.config.schedule import SCHEDULERS
 from coconut_scale.errors import UserError
 from coconut_scale.model.shapes import default_lora_targets
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # coconut_scale/, which holds ds_configs/
+REPO_ROOT = PACKAGE_DIR.parent  # a checkout when it has pyproject.toml; site-packages when installed
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -36,12 +40,18 @@ class RecipeError(UserError):
         self.problems = list(problems) if problems else [message]
 
 
+def search_roots() -> list[Path]:
+    """Where a relative DeepSpeed JSON path is looked up, in order: the cwd, the checkout, the package."""
+    checkout = [REPO_ROOT] if (REPO_ROOT / "pyproject.toml").is_file() else []
+    return [Path.cwd(), *checkout, PACKAGE_DIR]
+
+
 def resolve_path(path: str | Path) -> Path:
-    """Absolute paths as given; relative ones against the cwd, else the repo root; cwd when in neither."""
+    """Absolute paths as given; relative ones against the first of search_roots() that has them; else the cwd."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
-    for base in (Path.cwd(), REPO_ROOT):
+    for base in search_roots():
         if (base / p).exists():
             return base / p
     return Path.cwd() / p
@@ -121,15 +131,25 @@ class CoconutCfg(_Section):
     max_latent_stage: NonNegativeInt = 1
     pad_latent_to_max: bool = False  # examples with fewer steps still get max_latent_stage*c_thought latents
     uniform_prob: float = Field(0.0, ge=0.0, le=1.0)  # chance an example is drawn at a random earlier stage
+    # no_thoughts only: keep <|start-latent|><|end-latent|> around the empty thought. False is the official
+    # run.py's "w/o thought" layout (it drops the markers); see data/curriculum.py.
+    no_thoughts_markers: bool = True
     # The official run.py re-creates AdamW at the start of every epoch when this is set.
     reset_optimizer: bool = True
 
+    @model_validator(mode="after")
+    def _latents_need_a_stage(self):
+        if self.max_latent_stage == 0 and self.mode in ("coconut", "pause_as_thought"):
+            raise ValueError(f"coconut.max_latent_stage 0 with coconut.mode {self.mode!r} never inserts a latent: "
+                             f"set max_latent_stage >= 1, or mode 'cot' for language chain-of-thought only")
+        return self
+
     @property
     def max_passes(self) -> int:
-        """Base-model forward calls per training step at the last stage: one per latent, plus one."""
-        if self.mode != "coconut":
-            return 1
-        return self.c_thought * self.max_latent_stage + 1
+        """Base-model forward calls per training step at the last stage (counted by the curriculum itself)."""
+        from coconut_scale.data.curriculum import CurriculumConfig
+
+        return CurriculumConfig.from_recipe(self).max_passes
 
 
 class BatchCfg(_Section):
@@ -155,8 +175,16 @@ class OptimCfg(_Section):
     eps: float = Field(1e-8, gt=0.0)
     epochs: PositiveInt
     warmup_steps: NonNegativeInt = 0
-    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    # transformers' get_scheduler names (coconut_scale/config/schedule.py: the steps a schedule spans)
+    scheduler: Literal[SCHEDULERS] = "constant"
     grad_clip: float = Field(1.0, ge=0.0)  # global-norm clipping; 0 = off
+
+    @model_validator(mode="after")
+    def _constant_has_no_warmup(self):
+        if self.scheduler == "constant" and self.warmup_steps > 0:
+            raise ValueError(f"optim.scheduler 'constant' has no warmup, but optim.warmup_steps is {self.warmup_steps}: "
+                             f"set optim.scheduler to 'constant_with_warmup' (or optim.warmup_steps to 0)")
+        return self
 
     @field_validator("betas")
     @classmethod
@@ -170,6 +198,14 @@ class OptimCfg(_Section):
 class DeepSpeedCfg(_Section):
     config: str  # ds_configs/*.json; "auto" fields are filled from the recipe by ds_config.build_ds_config
     overrides: dict[str, Any] = Field(default_factory=dict)  # deep-merged into the JSON (null deletes a key)
+
+    @field_validator("overrides")
+    @classmethod
+    def _no_scheduler(cls, v):
+        if "scheduler" in v:
+            raise ValueError("deepspeed.overrides.scheduler: the LR schedule is optim.scheduler and optim.warmup_steps "
+                             "(built by the trainer, not DeepSpeed); remove it")
+        return v
 
 
 class CheckpointCfg(_Section):
@@ -229,13 +265,13 @@ class Recipe(_Section):
         return self._source or "<dict>"
 
     def model_type(self) -> str | None:
-        """model_type of the model: from from_config, else from the known shapes; None when unknown."""
-        if self.model.from_config is not None:
-            return self.model.from_config["model_type"]
-        from coconut_scale.model.shapes import shape_for
+        """model_type of the model (config/model_shape.py's lookup); None when unknown."""
+        from coconut_scale.config.model_shape import UnknownModelError, recipe_shape
 
-        shape = shape_for(self.model.name_or_path)
-        return shape.get("model_type") if shape else None
+        try:
+            return recipe_shape(self).get("model_type")
+        except UnknownModelError:
+            return None
 
     def lora_targets(self) -> list[str]:
         if self.lora.target_modules:
@@ -402,9 +438,10 @@ def check_files(recipe: Recipe, *, data: bool = True, ds_config: bool = True, in
     """Raise RecipeError naming every missing file (field and path).
 
     Data files and init_from are opened relative to the cwd (launch from the repo root); the DeepSpeed JSON is
-    also looked up in the repo root. Data that data.generate will write is not required.
+    also looked up in the checkout and the package (search_roots). Data that data.generate will write is not
+    required.
     """
-    wanted: list[tuple[str, str, bool]] = []  # (field, path, also look in the repo root)
+    wanted: list[tuple[str, str, bool]] = []  # (field, path, also look beyond the cwd)
     if data and recipe.data.generate is None:
         wanted += [(f"data.{field}", p, False) for field, p in recipe.data.files().items()]
     if ds_config:
@@ -415,14 +452,14 @@ def check_files(recipe: Recipe, *, data: bool = True, ds_config: bool = True, in
 
     problems = [f"model.{field} = {problem}" for field in ("name_or_path", "tokenizer")
                 if (problem := package_source_problem(getattr(recipe.model, field) or ""))]
-    for field, p, repo_too in wanted:
+    for field, p, anywhere in wanted:
         path = Path(p).expanduser()
-        found = resolve_path(p).exists() if repo_too else (path if path.is_absolute() else Path.cwd() / path).exists()
+        found = resolve_path(p).exists() if anywhere else (path if path.is_absolute() else Path.cwd() / path).exists()
         if not found:
             if path.is_absolute():
                 where = str(path)
             else:
-                where = f"{Path.cwd() / path}" + (f" nor {REPO_ROOT / path}" if repo_too else "")
+                where = " nor ".join(str(root / path) for root in (search_roots() if anywhere else [Path.cwd()]))
             problems.append(f"{field} = {p!r} does not exist (looked for {where})")
     if problems:
         raise RecipeError(f"recipe {recipe.source}: {len(problems)} missing file(s):\n  - " + "\n  - ".join(problems),

@@ -64,6 +64,34 @@ class CurriculumConfig:
         if not 0.0 <= self.uniform_prob <= 1.0:
             raise ValueError(f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
 
+    @classmethod
+    def from_recipe(cls, coconut_cfg) -> "CurriculumConfig":
+        """The curriculum of a recipe's `coconut` section (config.recipe.CoconutCfg)."""
+        c = coconut_cfg
+        return cls(mode=c.mode, c_thought=c.c_thought, epochs_per_stage=c.epochs_per_stage,
+                   max_latent_stage=c.max_latent_stage, pad_latent_to_max=c.pad_latent_to_max,
+                   uniform_prob=c.uniform_prob, no_thoughts_markers=c.no_thoughts_markers)
+
+    @classmethod
+    def from_export(cls, meta) -> "CurriculumConfig":
+        """The evaluation-relevant part of the curriculum an export was trained with (model.export_meta.ExportMeta;
+        its reader already defaults what older exports lack, e.g. max_latent_stage to the stage)."""
+        return cls(mode=meta.mode, c_thought=meta.c_thought, max_latent_stage=meta.max_latent_stage,
+                   pad_latent_to_max=meta.pad_latent_to_max, no_thoughts_markers=meta.no_thoughts_markers)
+
+    def passes_for_stage(self, stage: int) -> int:
+        """Base-model calls a batch at `stage` needs at most: one per latent (only with feedback), plus one.
+        Training uses it as the floor of every batch's pass count, so the count is constant within a stage and
+        ZeRO-3's trace stays valid."""
+        if not self.latent_feedback:
+            return 1
+        return self.thoughts_per_step * min(stage, self.max_latent_stage) + 1
+
+    @property
+    def max_passes(self) -> int:
+        """Base-model calls per batch at the last latent stage (the most any stage needs)."""
+        return self.passes_for_stage(self.max_latent_stage)
+
     @property
     def uses_markers(self) -> bool:
         if self.mode in _STAGE0_MODES:
@@ -213,3 +241,16 @@ def build_stage_dataset(tokenized: list[dict], stage: int, cfg: CurriculumConfig
 
 def build_eval_dataset(tokenized: list[dict], stage: int, cfg: CurriculumConfig, tokens: LatentTokens) -> EvalDataset:
     return EvalDataset([build_eval_example(r, stage, cfg, tokens) for r in tokenized], stage)
+
+
+def build_eval_examples(tokenized: list[dict], stage: int, cfg: CurriculumConfig, tokens: LatentTokens) -> list[dict]:
+    """Generation prompts at `stage` for scoring, the one builder of training's end-of-epoch evaluation and of the
+    evaluation CLIs (so both score alike): build_eval_example plus `n_skipped_steps` (the steps the stage
+    replaces, which the gold CoT leaves out) and `steps_ids` (the analyses rebuild the gold continuation)."""
+    examples = []
+    for rec in tokenized:
+        example = build_eval_example(rec, stage, cfg, tokens)
+        example["n_skipped_steps"] = train_layout(len(rec["steps_ids"]), stage, cfg)[0]
+        example["steps_ids"] = rec["steps_ids"]
+        examples.append(example)
+    return examples

@@ -214,7 +214,7 @@ def generate_splits(sizes: dict[str, int], seed: int = 0, **kwargs) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate a ProsQA-style synthetic data set (random DAGs of made-up "
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="Generate a ProsQA-style synthetic data set (random DAGs of made-up "
                                      "concepts) as Coconut JSON files PREFIX_{train,valid,test}.json.")
     parser.add_argument("prefix", help="output prefix, e.g. data/prosqa_synth")
     parser.add_argument("--n-train", type=int, default=5000)

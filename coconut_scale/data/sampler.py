@@ -7,11 +7,17 @@ two ranks with accum 1 therefore compute gradients over the same micro-batches (
 test), and resuming at step k is just starting the iteration there.
 
 The incomplete last global batch of an epoch is dropped (the permutation changes every epoch).
+
+Evaluation (validation loss, generation) shards the other way, without shuffling: rank r takes examples
+r, r+world, r+2*world, ... in consecutive batches (`shard_batches`). Every rank must run the same number of
+batches (ZeRO-3 gathers parameters collectively), so a rank with a shorter shard pads with filler batches; the
+caller agrees on that number across ranks (evaluate/generation.py all-reduces `local_batch_count`).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import math
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -40,3 +46,28 @@ class GlobalBatchSampler:
             base = step * self.plan.global_batch_size + self.rank * per_rank
             for a in range(accum):
                 yield order[base + a * micro : base + (a + 1) * micro]
+
+
+class ShardBatch(NamedTuple):
+    indices: list[int]  # positions in the full example list
+    filler: bool  # a dummy batch that keeps this rank in step; its outputs must not count
+
+
+def local_batch_count(n_examples: int, batch_size: int, rank: int, world: int) -> int:
+    """Batches of this rank's own shard (before fillers)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return math.ceil(len(range(rank, n_examples, world)) / batch_size)
+
+
+def shard_batches(n_examples: int, batch_size: int, rank: int, world: int, n_batches: int) -> list[ShardBatch]:
+    """This rank's `n_batches` evaluation batches: its shard examples[rank::world] cut into consecutive batches
+    of `batch_size`, then filler batches (example 0 alone) up to `n_batches` (the largest local_batch_count of
+    any rank)."""
+    shard = list(range(rank, n_examples, world))
+    real = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+    if n_batches < len(real):
+        raise ValueError(f"n_batches={n_batches} is fewer than rank {rank}'s {len(real)} batches")
+    if n_batches > len(real) and n_examples == 0:
+        raise ValueError(f"{n_batches} batches asked of an empty example list (no example to use as filler)")
+    return [ShardBatch(b, False) for b in real] + [ShardBatch([0], True)] * (n_batches - len(real))

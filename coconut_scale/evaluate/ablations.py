@@ -30,16 +30,15 @@ import torch
 
 from coconut_scale import distributed as dist
 from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
+from coconut_scale.atomic_files import write_json_atomic, write_text_atomic
+from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.runtime import (
     InputError,
     new_figure,
     progress,
     quiet_libraries,
-    run_cli,
     save_png,
     say,
-    write_json,
-    write_text,
 )
 from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.model.tokens import IGNORE_INDEX
@@ -167,7 +166,8 @@ def ablation_figure(rows: list[dict], title: str):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="coconut-scale ablations", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_common_args(parser)
     parser.add_argument("--fewer", type=int, nargs="*", default=None,
                         help="latent caps to try (default: every count below the stage's)")
@@ -189,8 +189,8 @@ def main(argv=None) -> int:
               "mode": inputs.curriculum.mode, "n_latents": n_latents, "world_size": dist.world_size(), "rows": rows}
     table = markdown_table(rows)
     if dist.is_main():
-        write_json(out / "ablations.json", report)
-        write_text(out / "ablations.md", f"Ablations: {inputs.checkpoint} on {inputs.data}, stage {inputs.stage}\n\n"
+        write_json_atomic(out / "ablations.json", report)
+        write_text_atomic(out / "ablations.md", f"Ablations: {inputs.checkpoint} on {inputs.data}, stage {inputs.stage}\n\n"
                    + table)
         save_png(ablation_figure(rows, f"{inputs.checkpoint.name}, stage {inputs.stage}"), out / "ablations.png")
     say(table + f"-> {out}")

@@ -18,7 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-from coconut_scale.evaluate.runtime import InputError, new_figure, run_cli, save_png, write_json
+from coconut_scale.atomic_files import write_json_atomic
+from coconut_scale.errors import run_cli
+from coconut_scale.evaluate.runtime import InputError, new_figure, save_png
 
 TRAIN_FIELDS = ("global_step", "stage", "loss")
 EVAL_FIELDS = ("epoch",)
@@ -120,7 +122,8 @@ def curves_figure(train: list[dict], evals: list[dict], summary: dict, title: st
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="coconut-scale curves", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("run", help="a run directory (holding metrics.jsonl) or the metrics.jsonl file")
     parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/curves)")
     return parser.parse_args(argv)
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else path.parent / "curves"
     train, evals = read_metrics(path)
     summary = {"metrics": str(path), **summarize(train, evals)}
-    write_json(out / "curves.json", summary)
+    write_json_atomic(out / "curves.json", summary)
     save_png(curves_figure(train, evals, summary, str(path.parent.name)), out / "curves.png")
     print(f"{len(train)} train points, {len(summary['stages'])} stages, {len(evals)} evals; best accuracy "
           f"{summary['best_accuracy']} (epoch {summary['best_epoch']}) -> {out}")

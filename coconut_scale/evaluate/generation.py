@@ -6,20 +6,20 @@ prompt), and the gold CoT is the steps that remain in text at the evaluated stag
 0), which is what the model is asked to write.
 
 Under data parallelism every rank must make the same sequence of model calls (ZeRO-3 gathers parameters
-collectively): ranks with a shorter shard run dummy batches, the pass count is all-reduced per batch, and
-the decode loop stops only when every rank is done.
+collectively): ranks with a shorter shard run filler batches (`rank_batches`, for generation and validation
+loss alike), the pass count is all-reduced per batch, and the decode loop stops only when every rank is done.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from coconut_scale import distributed as dist
 from coconut_scale.data.collate import left_pad_for_generation
+from coconut_scale.data.sampler import local_batch_count, shard_batches
 from coconut_scale.model.tokens import IGNORE_INDEX
 
 
@@ -74,28 +74,20 @@ def generate_and_score(
     ignore the dummy batches of a short shard.
     """
     device = device or dist.device()
-    rank, world = dist.rank(), dist.world_size()
-    shard = examples[rank::world]
-    n_batches = dist.all_reduce_max(math.ceil(len(shard) / batch_size))
-    filler = examples[:1]  # dummy batches keep ranks with short shards in step; their outputs are discarded
     rows, new_tokens, start = [], 0, time.perf_counter()
     was_training = model.training
     model.eval()
-    for b in range(n_batches):
-        batch = shard[b * batch_size : (b + 1) * batch_size]
-        real = len(batch)
-        if not batch:
-            batch = filler
+    for batch, is_filler in rank_batches(examples, batch_size):
         if batch_hook is not None:
-            batch_hook(batch, real == 0)
+            batch_hook(batch, is_filler)
         ids, mask, pos = left_pad_for_generation([ex["input_ids"] for ex in batch], tokenizer.pad_token_id)
         ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
         passes = dist.all_reduce_max(model.count_passes(ids))
         out = model.generate(
             ids, mask, max_new_tokens=max_new_tokens, position_ids=pos, num_passes=passes, sync_finished=dist.all_done
         )
-        continuation = out[:, ids.shape[1] :].tolist()
-        for ex, gen in zip(batch[:real], continuation):
+        continuation = [] if is_filler else out[:, ids.shape[1] :].tolist()  # a filler's outputs are discarded
+        for ex, gen in zip(batch, continuation):
             gen = _until_eos(gen, model.eos_token_id)
             new_tokens += len(gen)
             text = tokenizer.decode(gen, skip_special_tokens=True)
@@ -128,13 +120,29 @@ def _until_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
+def rank_batches(examples: Sequence[dict], batch_size: int) -> list[tuple[list[dict], bool]]:
+    """This rank's batches of examples[rank::world] as (examples, is_filler), the same number on every rank."""
+    rank, world = dist.rank(), dist.world_size()
+    n_batches = dist.all_reduce_max(local_batch_count(len(examples), batch_size, rank, world))
+    return [([examples[i] for i in b.indices], b.filler)
+            for b in shard_batches(len(examples), batch_size, rank, world, n_batches)]
+
+
 @torch.no_grad()
-def validation_loss(model, loader, device, num_passes_fn=None) -> float:
-    """Mean of per-batch losses over every rank's shard, weighted by supervised tokens."""
+def validation_loss(model, examples: Sequence[dict], batch_size: int, collate, device,
+                    num_passes_fn=None) -> float:
+    """Loss per supervised token over every rank's shard of `examples` (training examples with labels).
+
+    Filler batches run the forward with every label IGNORE_INDEX, so they count zero tokens.
+    `num_passes_fn(input_ids)` gives the pass count of a batch (all-reduced by the caller under ZeRO-3).
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
-    for batch in loader:
+    for rows, is_filler in rank_batches(examples, batch_size):
+        batch = collate(rows)
+        if is_filler:
+            batch["labels"].fill_(IGNORE_INDEX)
         batch = {k: v.to(device) for k, v in batch.items()}
         passes = num_passes_fn(batch["input_ids"]) if num_passes_fn else None
         out = model(**batch, num_passes=passes)

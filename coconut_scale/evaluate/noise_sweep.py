@@ -28,15 +28,15 @@ import torch
 
 from coconut_scale import distributed as dist
 from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
+from coconut_scale.atomic_files import write_json_atomic
+from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.runtime import (
     InputError,
     new_figure,
     progress,
     quiet_libraries,
-    run_cli,
     save_png,
     say,
-    write_json,
 )
 from coconut_scale.evaluate.generation import generate_and_score
 from coconut_scale.model.perturb import NOISE_KINDS, Perturbation
@@ -193,7 +193,8 @@ def sweep_figure(report: dict):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="coconut-scale noise-sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_common_args(parser)
     parser.add_argument("--kinds", nargs="+", default=list(NOISE_KINDS), choices=NOISE_KINDS)
     parser.add_argument("--scales", nargs="*", default=[], metavar="KIND=v1,v2",
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
               "kinds": kinds, "scales": {k: list(v) for k, v in scales.items()}, "seed": args.seed,
               "batch_size": args.batch_size, "world_size": dist.world_size(), **sweep}
     if dist.is_main():
-        write_json(out / "noise_sweep.json", report)
+        write_json_atomic(out / "noise_sweep.json", report)
         save_png(sweep_figure(report), out / "noise_sweep.png")
     say(f"noise sweep, stage {inputs.stage}: clean accuracy {report['clean']['accuracy']:.4f}, "
         f"{len(report['cells'])} cells -> {out}")

@@ -33,16 +33,15 @@ import torch
 
 from coconut_scale import distributed as dist
 from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
+from coconut_scale.atomic_files import write_json_atomic, write_jsonl_atomic
+from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.runtime import (
     InputError,
     new_figure,
     progress,
     quiet_libraries,
-    run_cli,
     save_png,
     say,
-    write_json,
-    write_jsonl,
 )
 from coconut_scale.data.collate import LatentAlignedCollator
 
@@ -170,7 +169,8 @@ def probing_figure(steps: list[dict], title: str):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="coconut-scale probing", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_common_args(parser)
     parser.add_argument("--top-k", type=int, default=5, help="tokens listed per thought")
     return parser.parse_args(argv)
@@ -195,8 +195,8 @@ def main(argv=None) -> int:
               "top_k": args.top_k, "n_examples": len(rows), "graph_records": sum(is_graph_record(r) for r in
                                                                                   inputs.records), "steps": steps}
     if dist.is_main():
-        write_json(out / "probing.json", report)
-        write_jsonl(out / "probes.jsonl", rows)
+        write_json_atomic(out / "probing.json", report)
+        write_jsonl_atomic(out / "probes.jsonl", rows)
         save_png(probing_figure(steps, f"{inputs.checkpoint.name}, stage {inputs.stage}"), out / "probing.png")
     for s in steps:
         masses = "  ".join(f"{k} {s[f'mean_{k}_mass']:.3f}" for k in MASSES if f"mean_{k}_mass" in s)

@@ -1,6 +1,7 @@
-"""Plumbing shared by the evaluation CLIs: progress bars, atomic outputs, PNGs, error exits.
+"""Plumbing shared by the evaluation CLIs: progress bars, PNGs, the error type for bad flags and inputs.
 
-The process group they join and leave is coconut_scale.distributed's (init_for_inference, finish).
+The process group they join and leave is coconut_scale.distributed's (init_for_inference, finish); outputs are
+written with coconut_scale.atomic_files; errors exit through coconut_scale.errors.run_cli.
 """
 
 from __future__ import annotations
@@ -8,14 +9,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 from coconut_scale import distributed as dist
-from coconut_scale.atomic_files import atomic_write as _atomic_write
-from coconut_scale.atomic_files import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from coconut_scale.data.records import DataFormatError
+from coconut_scale.atomic_files import atomic_write
 from coconut_scale.errors import UserError
 
 
@@ -45,11 +41,6 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
-write_json = write_json_atomic
-write_jsonl = write_jsonl_atomic
-write_text = write_text_atomic
-
-
 def new_figure(n_panels: int = 1, width: float = 5.5, height: float = 4.0):
     """A matplotlib figure on the Agg backend (no display needed on a cluster node)."""
     import matplotlib
@@ -65,15 +56,7 @@ def save_png(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
 
-
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI main; bad input exits with code 2 and one readable line instead of a traceback."""
-    try:
-        return main(argv)
-    except (InputError, DataFormatError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2

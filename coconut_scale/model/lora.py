@@ -20,6 +20,7 @@ and `load_lora_adapter(base, <export>/adapter)` puts the adapter back on the ori
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,16 +74,17 @@ def _is_tied(base) -> bool:
     return out is not None and out.weight is base.get_input_embeddings().weight
 
 
-def apply_lora(model, recipe, tokenizer) -> None:
+def apply_lora(model, cfg, tokenizer, dtype: torch.dtype | None = None) -> None:
     """Wrap `model.base_causallm` (a Coconut wrapper's HF model) with LoRA adapters in place.
 
-    Call after the new token rows are initialised and before `deepspeed.initialize` (shared FACTS: LoRA
-    ordering under ZeRO-3). Afterwards exactly the adapters and `coconut_new_rows.delta` require grad.
+    `cfg` is the recipe's `lora` section. `dtype` is the model's parameter dtype; the caller passes it when the
+    embedding is a partitioned placeholder (ZeRO-3) whose own dtype says nothing. Call after the new token rows
+    are initialised and before the engine is built (shared FACTS: LoRA ordering under ZeRO-3). Afterwards
+    exactly the adapters and `coconut_new_rows.delta` require grad.
     """
     from peft import LoraConfig, get_peft_model
 
     base = model.base_causallm
-    cfg = recipe.lora
     targets = list(cfg.target_modules) if cfg.target_modules else default_lora_targets(base.config.model_type)
     tokens = LatentTokens.from_tokenizer(tokenizer)  # fails clearly if the tokenizer lacks the Coconut tokens
     new_ids = [tokens.start_id, tokens.latent_id, tokens.end_id]
@@ -98,12 +100,14 @@ def apply_lora(model, recipe, tokenizer) -> None:
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                         fan_in_fan_out=base.config.model_type == "gpt2", bias="none", task_type="CAUSAL_LM")
     try:
-        peft_model = get_peft_model(base, config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` alias; the alias warns, peft's to fix.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            peft_model = get_peft_model(base, config)
     except ValueError as e:  # peft's message lists what it could not find; say where the names came from
         raise ValueError(f"lora.target_modules={targets} (model_type {base.config.model_type!r}): {e}") from e
 
-    weight = embedding.weight  # ZeRO-3: a partitioned placeholder; its ds_tensor holds the real dtype
-    dtype = weight.ds_tensor.dtype if hasattr(weight, "ds_tensor") else weight.dtype
+    dtype = dtype or embedding.weight.dtype
     tied = _is_tied(base)
     rows = NewTokenRows(new_ids, embedding.embedding_dim, dtype, tied)
     embedding.add_module(NEW_ROWS, rows)

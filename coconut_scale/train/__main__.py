@@ -3,6 +3,7 @@
 import sys
 
 from coconut_scale.cli.train import main
+from coconut_scale.errors import run_cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

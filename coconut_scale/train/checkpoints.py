@@ -1,14 +1,15 @@
-"""Resumable checkpoints that a crash can never leave looking valid, and HF-format exports.
+"""Resumable checkpoints that a crash can never leave looking valid: the one owner of the on-disk layout.
 
 Layout under `<output_dir>/checkpoints/`:
-    step-00000120/          complete checkpoint (DeepSpeed tag "ds", loop_state.json, rng_rank*.pt, recipe)
+    step-00000120/          complete checkpoint: DeepSpeed tag "ds" (shards), loop_state.json (TrainState),
+                            rng_rank<r>.json (every RNG of rank r), the resolved recipe, the batch table
+    step-00000120/ds_universal/   written by `coconut_scale.universal`, loadable at any world size
     .tmp-step-00000140/     a save in progress; ignored, removed by the next save
 A checkpoint is written under its .tmp name by every rank, then renamed by rank 0 once all ranks are done.
 The rename is atomic, so any `step-*` directory is complete; resume picks the highest.
 
-Exports (`<output_dir>/hf/<name>/`) are written the same way: consolidated 16-bit weights (gathered on
-all ranks, written by rank 0), the tokenizer with the Coconut tokens, and coconut_config.json. LoRA runs
-export the adapter merged into the base, plus the unmerged adapter in `<name>/adapter/` (see lora.py).
+The harness's own files are JSON, so reading them back can never run code. DeepSpeed's shards are its own
+pickles: resume only checkpoints you trust, as with every PyTorch tool.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import torch
 
 from coconut_scale import distributed as dist
 from coconut_scale.atomic_files import write_json_atomic
+from coconut_scale.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 DS_TAG = "ds"
-UNIVERSAL_TAG = "ds_universal"  # coconut_scale.universal writes it next to DS_TAG, for another world size
+UNIVERSAL_TAG = "ds_universal"  # written next to DS_TAG by coconut_scale.universal, for another world size
+LOOP_STATE = "loop_state.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,18 +44,33 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG of this process as plain JSON values (python's, numpy's, torch's CPU and CUDA generators)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of a checkpoint; a missing or unreadable one is named."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint file {path} cannot be read: {e}") from None
 
 
 class CheckpointManager:
@@ -69,7 +87,7 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, engine, loop_state: dict, side_files: dict[str, str] | None = None) -> Path:
+    def save(self, strategy, loop_state: dict, side_files: dict[str, str] | None = None) -> Path:
         """Collective: every rank must call it. Returns the final directory."""
         name = f"step-{int(loop_state['global_step']):08d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
@@ -80,11 +98,11 @@ class CheckpointManager:
             if final.exists():  # same step saved twice (epoch end right after a periodic save)
                 shutil.rmtree(final)
         dist.barrier()
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-        torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+        strategy.save_checkpoint(tmp, DS_TAG)
+        write_json_atomic(tmp / f"rng_rank{dist.rank()}.json", rng_state())
         dist.barrier()
         if dist.is_main():
-            write_json_atomic(tmp / "loop_state.json", {**loop_state, "world_size": dist.world_size()})
+            write_json_atomic(tmp / LOOP_STATE, {**loop_state, "world_size": dist.world_size()})
             for filename, text in (side_files or {}).items():
                 (tmp / filename).write_text(text)
             _fsync_dir(tmp)
@@ -97,7 +115,7 @@ class CheckpointManager:
 
     @staticmethod
     def saved_world_size(path: Path) -> int | None:
-        return json.loads((Path(path) / "loop_state.json").read_text()).get("world_size")
+        return read_json(Path(path) / LOOP_STATE).get("world_size")
 
     def needs_universal(self, path: Path, world_size: int) -> bool:
         """True when `path` was written at another world size; then its universal copy must exist."""
@@ -105,62 +123,43 @@ class CheckpointManager:
         if saved is None or saved == world_size:
             return False
         if not (path / UNIVERSAL_TAG).is_dir():
-            raise RuntimeError(
+            raise UserError(
                 f"checkpoint {path} was written by {saved} ranks and this run has {world_size}; ZeRO shards only "
-                f"load at the world size that wrote them. Convert it once, then re-run this command:\n"
-                f"  python -m coconut_scale.universal {path}")
+                f"load at the world size that wrote them. Convert it once, then re-run this command: "
+                f"python -m coconut_scale.universal {path}")
         return True
 
-    def load(self, engine, path: Path, universal: bool = False) -> dict:
-        """`universal`: load the world-size-free copy (the engine must have been built with
-        `"checkpoint": {"load_universal": true}`)."""
-        load_path, _ = engine.load_checkpoint(
-            str(path), tag=UNIVERSAL_TAG if universal else DS_TAG, load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-        rng_file = path / f"rng_rank{dist.rank()}.pt"
+    def load(self, strategy, path: Path, universal: bool = False) -> dict:
+        """The loop state of `path`, after loading weights, optimizer, schedule and this rank's RNG into place.
+        `universal`: the world-size-free copy (the engine must be built with `"checkpoint": {"load_universal": true}`)."""
+        strategy.load_checkpoint(path, UNIVERSAL_TAG if universal else DS_TAG)
+        rng_file = path / f"rng_rank{dist.rank()}.json"
         if rng_file.exists():  # absent when resuming at another world size
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return json.loads((path / "loop_state.json").read_text())
+            set_rng_state(read_json(rng_file))
+        return read_json(path / LOOP_STATE)
 
+    @staticmethod
+    def step_dir_of(path: str | Path) -> Path:
+        """A checkpoint named by the user: a step directory itself, or a run's (or checkpoints/) newest one."""
+        path = Path(path)
+        if STEP_DIR.match(path.name):
+            if not (path / DS_TAG).is_dir():
+                raise UserError(f"{path} has no DeepSpeed checkpoint ({DS_TAG}/); is it a coconut_scale checkpoint?")
+            return path
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        latest = CheckpointManager(root).latest()
+        if latest is None:
+            raise UserError(f"no complete checkpoint (step-NNNNNNNN/) under {root}")
+        return latest
 
-def consolidated_state_dict(engine) -> dict | None:
-    """Full weights on rank 0 (None elsewhere); collective under ZeRO-3."""
-    if engine.zero_optimization_partition_weights():
-        state = engine._zero3_consolidated_16bit_state_dict()
-        return state if dist.is_main() else None
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if dist.is_main() else None
+    @staticmethod
+    def write_universal(step_dir: Path, workers: int = 2) -> Path:
+        """`step_dir/ds_universal`, written atomically (a crash leaves no half-converted copy that looks valid)."""
+        from coconut_scale.train.strategy import convert_to_universal
 
-
-def export_hf(engine, tokenizer, out_dir: str | Path, coconut_meta: dict, to_base=None) -> Path | None:
-    """Write an HF-format export of the engine's Coconut model. Collective; rank 0 writes.
-
-    `to_base(state_dict) -> (model, state_dict)` turns the wrapper's state into an HF model to save
-    (identity for full fine-tuning; merges adapters for LoRA). A `to_base` with a
-    `write_extras(state_dict, directory, tokenizer)` method also gets the unmerged state to write beside
-    the model (LoRA: the adapter in `<out_dir>/adapter/`).
-    """
-    out_dir = Path(out_dir)
-    state = consolidated_state_dict(engine)
-    if dist.is_main():
-        prefix = "base_causallm."
-        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-        base = engine.module.base_causallm
-        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_extras = getattr(to_base, "write_extras", None)
-        if write_extras is not None:
-            write_extras(state, tmp, tokenizer)
-        if to_base is not None:
-            base, state = to_base(state)
-        base.save_pretrained(str(tmp), state_dict=state)
-        tokenizer.save_pretrained(str(tmp))
-        write_json_atomic(tmp / "coconut_config.json", coconut_meta)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    dist.barrier()
-    return out_dir if dist.is_main() else None
+        final, tmp = step_dir / UNIVERSAL_TAG, step_dir / f".tmp-{UNIVERSAL_TAG}"
+        if final.is_dir():
+            return final
+        convert_to_universal(step_dir / DS_TAG, tmp, workers)
+        os.rename(tmp, final)
+        return final

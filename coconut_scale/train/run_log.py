@@ -1,4 +1,5 @@
-"""Run logging on rank 0: metrics.jsonl always, wandb when configured, tqdm bars only on a terminal."""
+"""Run logging on rank 0: metrics.jsonl always, wandb when configured; on a terminal a tqdm bar, otherwise (a batch
+job's log file) one line per logged step, so a run is never silent for minutes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from coconut_scale import distributed as dist
 
@@ -52,6 +55,26 @@ class RunLog:
         quiet = not self.main or not sys.stderr.isatty()
         return tqdm(total=total, desc=desc, initial=initial, disable=quiet, dynamic_ncols=True, leave=False)
 
+    def step_line(self, bar, record: dict, total_steps: int) -> None:
+        """Show a logged train step: in the bar's postfix on a terminal, else as one printed line."""
+        if not self.main:
+            return
+        if not bar.disable:
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            return
+        print(f"step {record['global_step']}/{total_steps} epoch {record['epoch']} stage {record['stage']} "
+              f"loss {record['loss']:.4f} lr {record['lr']:.3g} grad_norm {record['grad_norm']:.3g} "
+              f"tokens/s {record['tokens_per_s']:.0f} peak_mem {record['peak_mem_gb']:.2f} GB", flush=True)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def peak_memory_gb() -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, else the resident set's high-water mark."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB

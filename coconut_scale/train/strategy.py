@@ -1,70 +1,54 @@
-"""Build the DeepSpeed engine around the Coconut wrapper: loading discipline for ZeRO-3, optimizer, schedule.
+"""The one door to DeepSpeed: process group, engine, optimizer and LR schedule, checkpoints, 16-bit gathers.
 
-Order matters under ZeRO-3 (see shared FACTS): an `HfDeepSpeedConfig` must be alive *before*
+No other module imports deepspeed. The model wing takes a `gather` context for the new token rows and plain
+dtypes; the trainer, checkpoints and exports call the methods here.
+
+Order matters under ZeRO-3 (shared FACTS): an `HfDeepSpeedConfig` must be alive *before*
 `from_pretrained`/`from_config`, so each rank materialises only its partition; the new token rows are
-written inside `GatheredParameters(modifier_rank=0)`; the *wrapper* (not the HF model) is the engine's
-module, so ZeRO-3 sees one forward per step and its prefetch trace stays valid across the latent passes.
+written inside `GatheredParameters(modifier_rank=0)`; the *wrapper* (not the HF model) is the engine's module,
+so ZeRO-3 sees one forward per step and its prefetch trace stays valid across the latent passes.
 
-The optimizer (AdamW) and the LR schedule are built here from the recipe and handed to DeepSpeed as client
-objects, so that the stage-boundary reset (the paper's setting) is a plain state clear.
+The optimizer is AdamW (a client optimizer, fused on CUDA; DeepSpeed's CPUAdam when the config offloads it) and
+the LR schedule is transformers' `get_scheduler` with the recipe's name, handed to DeepSpeed so that its
+checkpoints carry the schedule. The stage-boundary reset (the paper's setting) clears Adam's moments and
+rewinds the schedule to its first step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
-from dataclasses import dataclass
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from coconut_scale import distributed as dist
 from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
-from coconut_scale.model.loading import build_coconut, load_causal_lm
-from coconut_scale.model import Coconut
+from coconut_scale.model.loading import DTYPES, build_coconut, load_causal_lm
 
 
-@dataclass
-class EngineBundle:
-    engine: object  # deepspeed.DeepSpeedEngine
-    model: Coconut
-    ds_config: dict
-    hf_ds_config: object | None  # kept alive: transformers consults it while ZeRO-3 is active
-    lora: bool
-    schedule_steps: int
+def init_distributed() -> None:
+    """Join the process group the launcher set up (deepspeed, torchrun), or make a world of one."""
+    import torch.distributed as torch_dist
 
+    if torch_dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        # Plain `python -m`: DeepSpeed still wants a process group.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(dist.free_port()))
+    import deepspeed
 
-def hidden_size_of(recipe) -> int:
-    from coconut_scale.model.shapes import shape_for
-
-    if recipe.model.from_config:
-        cfg = recipe.model.from_config
-        return int(cfg.get("hidden_size") or cfg.get("n_embd"))
-    shape = shape_for(recipe.model.name_or_path)
-    if shape:
-        return int(shape.get("hidden_size") or shape.get("n_embd"))
-    from transformers import AutoConfig
-
-    source = recipe.checkpoint.init_from or recipe.model.name_or_path
-    kwargs = {"gguf_file": recipe.model.gguf_file} if recipe.model.gguf_file and not recipe.checkpoint.init_from else {}
-    from coconut_scale.model.loading import resolve_source
-
-    config = AutoConfig.from_pretrained(resolve_source(source), **kwargs)
-    return int(getattr(config, "hidden_size", None) or config.n_embd)
-
-
-def lr_lambda(scheduler: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if scheduler == "constant" or total <= warmup:
-            return 1.0
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        if scheduler == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    if not torch.cuda.is_available():
+        # The shared-memory comm op is JIT-compiled on first use (about a minute, needs g++): gloo suffices on CPU.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank())
 
 
 def _zero3_gather(params):
@@ -73,102 +57,150 @@ def _zero3_gather(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def build_engine(recipe, ds_config: dict, tokenizer, schedule_steps: int, log=print) -> EngineBundle:
-    import deepspeed
+def _numel(p: torch.nn.Parameter) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 leaves a (0,) placeholder behind
 
-    ds_config = copy.deepcopy(ds_config)
-    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    hf_ds_config = None
-    if zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
 
-        hf_ds_config = HfDeepSpeedConfig(ds_config)
+def _new_schedule(recipe, optimizer, schedule_steps: int):
+    from transformers import get_scheduler
 
-    source = recipe.checkpoint.init_from or recipe.model.name_or_path
-    base = load_causal_lm(
-        source,
-        dtype=recipe.model.dtype,
-        attn_implementation=recipe.model.attn_implementation,
-        gguf_file=None if recipe.checkpoint.init_from else recipe.model.gguf_file,
-        from_config=None if recipe.checkpoint.init_from else recipe.model.from_config,
-        vocab_size=len(tokenizer),
-        seed=recipe.seed,
-    )
-    gather = _zero3_gather if zero_stage == 3 else (lambda params: contextlib.nullcontext())
-    model = build_coconut(base, tokenizer, init_text=recipe.model.init_text, gather=gather)
-    model.feedback = recipe.coconut.mode == "coconut"
-    if recipe.model.gradient_checkpointing:
-        enable_latent_safe_checkpointing(base)
+    return get_scheduler(recipe.optim.scheduler, optimizer, num_warmup_steps=recipe.optim.warmup_steps,
+                         num_training_steps=max(int(schedule_steps), 1))
 
-    lora = bool(recipe.lora.enabled)
-    if lora:
-        from coconut_scale.model.lora import apply_lora
 
-        apply_lora(model, recipe, tokenizer)
+class DeepSpeedStrategy:
+    """A DeepSpeed engine around a Coconut wrapper, built from a recipe and a filled DeepSpeed config."""
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Client optimizer: fused on CUDA; foreach elsewhere. CPU-offloaded optimizers are DeepSpeed's own (CPUAdam).
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (None, "none")
-    optimizer = None
-    if not offload:
-        ds_config.pop("optimizer", None)
-        ds_config["zero_allow_untested_optimizer"] = True
-        optimizer = torch.optim.AdamW(
-            params, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
-            weight_decay=recipe.optim.weight_decay, fused=torch.cuda.is_available() or None,
+    def __init__(self, recipe, ds_config: dict, tokenizer, schedule_steps: int, log=print):
+        import deepspeed
+
+        ds_config = copy.deepcopy(ds_config)
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.hf_ds_config = None  # kept alive: transformers consults it while ZeRO-3 is active
+        if self.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+        source = recipe.checkpoint.init_from or recipe.model.name_or_path
+        base = load_causal_lm(
+            source,
+            dtype=recipe.model.dtype,
+            attn_implementation=recipe.model.attn_implementation,
+            gguf_file=None if recipe.checkpoint.init_from else recipe.model.gguf_file,
+            from_config=None if recipe.checkpoint.init_from else recipe.model.from_config,
+            vocab_size=len(tokenizer),
+            seed=recipe.seed,
         )
-    ds_config.pop("scheduler", None)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, config=ds_config
-    )
-    engine.lr_scheduler = _new_scheduler(engine, recipe, schedule_steps)
-    n_total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
-    log(f"model: {n_total / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable; ZeRO stage {zero_stage}; "
-        f"checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}; "
-        f"attention {base.config._attn_implementation}")
-    return EngineBundle(engine, model, ds_config, hf_ds_config, lora, schedule_steps)
+        gather = _zero3_gather if self.zero_stage == 3 else (lambda params: contextlib.nullcontext())
+        model = build_coconut(base, tokenizer, init_text=recipe.model.init_text, gather=gather)
+        model.feedback = recipe.coconut.mode == "coconut"
+        if recipe.model.gradient_checkpointing:
+            enable_latent_safe_checkpointing(base)
+        self.lora = bool(recipe.lora.enabled)
+        if self.lora:
+            from coconut_scale.model.lora import apply_lora
+
+            apply_lora(model, recipe.lora, tokenizer, dtype=DTYPES[recipe.model.dtype])
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        optimizer = None
+        if offload in (None, "none"):  # an offloaded optimizer must be DeepSpeed's own (CPUAdam)
+            ds_config.pop("optimizer", None)
+            ds_config["zero_allow_untested_optimizer"] = True
+            o = recipe.optim
+            optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                          weight_decay=o.weight_decay, fused=torch.cuda.is_available() or None)
+        self.recipe, self.schedule_steps = recipe, schedule_steps
+        self.engine, _, _, self.schedule = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: _new_schedule(recipe, opt, schedule_steps),
+        )
+        self.model = model
+        self._fresh_schedule = copy.deepcopy(self.schedule.state_dict())
+        n_total = sum(_numel(p) for p in model.parameters())
+        n_train = sum(_numel(p) for p in params)
+        log(f"model: {n_total / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable; ZeRO stage {self.zero_stage}; "
+            f"checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}; "
+            f"attention {base.config._attn_implementation}")
+
+    # -- one optimizer step ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def forward(self, **batch):
+        return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Called after every micro-batch: DeepSpeed steps the optimizer at the accumulation boundary."""
+        self.engine.step()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    # -- optimizer and schedule -----------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        opt = self.engine.optimizer
+        while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer  # ZeRO wraps the torch optimizer; its param_groups hold the live LR
+        return opt
+
+    def reset_optimizer(self) -> None:
+        """Fresh Adam moments and the LR schedule back at its first step (the paper resets at each stage)."""
+        opt = self._optimizer()
+        opt.state.clear()
+        self.schedule.load_state_dict(copy.deepcopy(self._fresh_schedule))
+        for group, lr in zip(opt.param_groups, self._fresh_schedule["_last_lr"]):
+            group["lr"] = lr
+
+    def lr(self) -> float:
+        return float(self._optimizer().param_groups[0]["lr"])
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path, tag: str) -> None:
+        """Collective: every rank writes its shards under directory/tag."""
+        self.engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+    def load_checkpoint(self, directory: Path, tag: str) -> None:
+        """Weights, optimizer and schedule; a universal tag needs the engine built with load_universal."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {Path(directory) / tag}")
+
+    def consolidated_state_dict(self) -> dict | None:
+        """Full weights on rank 0 (None elsewhere); collective under ZeRO-3."""
+        if self.engine.zero_optimization_partition_weights():
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+            return state if dist.is_main() else None
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()} if dist.is_main() else None
 
 
-def _innermost_optimizer(engine) -> torch.optim.Optimizer:
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
+def build_engine(recipe, ds_config: dict, tokenizer, schedule_steps: int, log=print) -> DeepSpeedStrategy:
+    """The strategy for a recipe; `.engine` is the DeepSpeedEngine, `.model` the Coconut wrapper."""
+    return DeepSpeedStrategy(recipe, ds_config, tokenizer, schedule_steps, log=log)
 
 
-def _new_scheduler(engine, recipe, schedule_steps: int):
-    opt = _innermost_optimizer(engine)
-    for group in opt.param_groups:
-        group["lr"] = group.get("initial_lr", recipe.optim.lr)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(recipe.optim.scheduler, recipe.optim.warmup_steps, schedule_steps)
-    )
+def convert_to_universal(ds_dir: Path, out_dir: Path, workers: int = 2) -> None:
+    """DeepSpeed's `ds_to_universal`: ZeRO shards -> one file per parameter, loadable at any world size.
 
+    A subprocess: the converter forks its own worker pools and must not inherit a process group of ours.
+    """
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_dir),
+           "--output_folder", str(out_dir), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise RuntimeError(f"ds_to_universal failed on {ds_dir} (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
-def reset_optimizer(bundle: EngineBundle, recipe) -> None:
-    """Fresh Adam moments and a restarted LR schedule (the paper resets at every stage boundary)."""
-    opt = _innermost_optimizer(bundle.engine)
-    opt.state.clear()
-    bundle.engine.lr_scheduler = _new_scheduler(bundle.engine, recipe, bundle.schedule_steps)
-
-
-def current_lr(engine) -> float:
-    return float(_innermost_optimizer(engine).param_groups[0]["lr"])
-
-
-def global_grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def dist_device():
-    return dist.device()

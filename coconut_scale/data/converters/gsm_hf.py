@@ -58,7 +58,7 @@ def load_hub(split: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert GSM8K (Hugging Face format: natural-language solutions with "
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="Convert GSM8K (Hugging Face format: natural-language solutions with "
                                      "<<calc>> annotations and '#### answer') to a Coconut JSON file.")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="local copy: JSON Lines (or JSON array) with question/answer fields")

@@ -54,7 +54,7 @@ def convert_file(path: str | Path, drop_empty_steps: bool = False) -> list[dict]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert GSM8K in the iCoT text format (question||steps #### answer) "
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="Convert GSM8K in the iCoT text format (question||steps #### answer) "
                                      "to a Coconut JSON file.")
     parser.add_argument("input", help="iCoT text file, e.g. gsm_valid.txt")
     parser.add_argument("output", help="JSON file to write, e.g. gsm_valid.json")

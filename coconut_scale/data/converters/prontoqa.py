@@ -68,7 +68,7 @@ def split_official(records: list[dict], split: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert ProntoQA generator output (e.g. 5hop_0shot_random.json) "
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="Convert ProntoQA generator output (e.g. 5hop_0shot_random.json) "
                                      "to Coconut JSON files.")
     parser.add_argument("input", help="the generator's JSON file")
     parser.add_argument("output", help="JSON file to write; with --official-splits, a prefix: PREFIX_{train,valid,"

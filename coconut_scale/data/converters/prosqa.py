@@ -28,7 +28,7 @@ def convert_file(path: str | Path, keep_graph: bool = True) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Validate/convert a released ProsQA JSON file to Coconut records.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="Validate/convert a released ProsQA JSON file to Coconut records.")
     parser.add_argument("input", help="e.g. prosqa_valid.json")
     parser.add_argument("output", help="JSON file to write")
     parser.add_argument("--drop-graph", action="store_true", help="keep only question/steps/answer")

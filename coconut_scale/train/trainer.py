@@ -1,0 +1,293 @@
+"""The Trainer: a recipe's whole curriculum, from data to checkpoints and HF exports.
+
+    trainer = Trainer(recipe)
+    trainer.setup()        # process group, data, tokenizer, engine; resumes from the newest checkpoint
+    trainer.fit()          # for each epoch: train_epoch, evaluate, exports, save
+
+Every rank runs the same code. The loop keeps the number of base-model calls constant within a stage (ZeRO-3's
+collectives and its prefetch trace need that), reads nothing back from the device but the logged loss, and
+writes a stage's HF export before the checkpoint that moves past it, so a kill can never lose an export.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from coconut_scale import distributed as dist
+from coconut_scale.atomic_files import write_jsonl_atomic
+from coconut_scale.config.batch_plan import BatchMathError, BatchPlan, format_batch_table, resolve_batch
+from coconut_scale.config.ds_config import build_ds_config
+from coconut_scale.config.model_shape import hidden_size
+from coconut_scale.config.schedule import schedule_steps
+from coconut_scale.data.collate import LatentAlignedCollator
+from coconut_scale.data.curriculum import CurriculumConfig, build_eval_examples, build_stage_dataset, stage_for_epoch
+from coconut_scale.data.sampler import GlobalBatchSampler
+from coconut_scale.data.tokenized import load_tokenized
+from coconut_scale.errors import UserError
+from coconut_scale.evaluate.generation import generate_and_score, validation_loss
+from coconut_scale.model.export_meta import ExportMeta
+from coconut_scale.model.tokens import LatentTokens
+from coconut_scale.train.checkpoints import CheckpointManager
+from coconut_scale.train.export import export_hf
+from coconut_scale.train.run_log import RunLog, peak_memory_gb
+from coconut_scale.train.strategy import DeepSpeedStrategy, init_distributed
+
+
+@dataclass
+class TrainState:
+    """Where the loop is; saved as loop_state.json in every checkpoint (world-size free)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    global_step: int = 0
+    best_accuracy: float = -1.0
+    stage: int | None = None  # stage of the last epoch trained (the optimizer reset looks at it)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        known = {f.name for f in fields(self)}
+        missing = known - set(state)
+        if missing:
+            raise UserError(f"loop state lacks {sorted(missing)}: not a checkpoint of this coconut_scale version")
+        for name in known:
+            setattr(self, name, state[name])
+
+
+def recipe_tokenizer(recipe):
+    """The recipe's tokenizer with the Coconut tokens (collective when it trains a BPE: rank 0 fits, all load)."""
+    from coconut_scale.model.loading import load_tokenizer
+
+    if recipe.checkpoint.init_from:
+        return load_tokenizer(recipe.checkpoint.init_from)
+    source = recipe.model.tokenizer or recipe.model.name_or_path
+    if not source.startswith("train-bpe"):
+        return load_tokenizer(source, recipe.model.gguf_file if not recipe.model.tokenizer else None)
+    # `train-bpe:N`: a byte-level BPE of N tokens fit on the training file (small from-scratch models).
+    from coconut_scale.data.bpe import bpe_corpus, train_bpe_tokenizer
+    from coconut_scale.data.records import load_records
+
+    target = Path(recipe.output_dir) / "tokenizer"
+    if dist.is_main() and not (target / "tokenizer.json").exists():
+        vocab = int(source.split(":")[1]) if ":" in source else 512
+        train_bpe_tokenizer(bpe_corpus(load_records(recipe.data.train_file)), vocab).save_pretrained(str(target))
+    dist.barrier()
+    return load_tokenizer(str(target))
+
+
+def prepare_data(recipe, log=print) -> None:
+    """Generate the recipe's data set when it asks for one and a file is missing (rank 0), then sync."""
+    from coconut_scale.data.generate import generate_missing
+
+    data = recipe.data
+    if data.generate and dist.is_main():
+        generate_missing(data.generate, data.train_file, data.val_file, log=log)
+    dist.barrier()
+
+
+class Trainer:
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.out = Path(recipe.output_dir)
+        self.cfg = CurriculumConfig.from_recipe(recipe.coconut)
+        self.state = TrainState(epoch=recipe.checkpoint.resume_from_epoch)
+        self.last_checkpoint: Path | None = None
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def setup(self) -> "Trainer":
+        recipe = self.recipe
+        world = dist.env_world_size()
+        # Everything that can be wrong with the recipe fails here, before any process group or model exists.
+        self.plan = resolve_batch(recipe.batch, world, recipe.data.max_seq_len)
+        self.hidden = hidden_size(recipe)
+        build_ds_config(recipe, self.plan, self.hidden)
+
+        init_distributed()
+        torch.manual_seed(recipe.seed)
+        self.log = RunLog(self.out, recipe.logging.wandb_project, recipe.logging.wandb_run_name, recipe.resolved_dict())
+        self.log.print(f"coconut_scale: {recipe.name} | world size {world} | output {self.out}")
+        self.log.print(format_batch_table([self.plan]))
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
+            for stale in (self.out / "hf").glob(".tmp-*"):  # an export a kill interrupted; it is redone
+                shutil.rmtree(stale, ignore_errors=True)
+        prepare_data(recipe, self.log.print)
+        self.tokenizer = recipe_tokenizer(recipe)
+        self.tokens = LatentTokens.from_tokenizer(self.tokenizer)
+        self._tokenize()
+
+        self.sampler = GlobalBatchSampler(len(self.train_recs), self.plan, dist.rank(), seed=recipe.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        n_schedule = schedule_steps(recipe, len(self.train_recs))  # refuses a data set with no full global batch
+        ds_config = build_ds_config(recipe, self.plan, self.hidden)
+        self.ckpts = CheckpointManager(self.out / "checkpoints", recipe.checkpoint.keep_last)
+        latest = self.ckpts.latest() if recipe.checkpoint.auto_resume else None
+        # A checkpoint from another GPU count loads only through its universal copy (coconut_scale.universal).
+        universal = latest is not None and self.ckpts.needs_universal(latest, world)
+        if universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+        self.strategy = DeepSpeedStrategy(recipe, ds_config, self.tokenizer,
+                                          n_schedule, log=self.log.print)
+        self.model = self.strategy.model
+        self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
+        self.side_files = {"recipe.resolved.yaml": yaml.safe_dump(recipe.resolved_dict(), sort_keys=False),
+                           "batch_table.txt": format_batch_table(self._resolvable_plans()) + "\n"}
+        if latest is not None:
+            self.load(latest, universal)
+        return self
+
+    def _tokenize(self) -> None:
+        data, cfg = self.recipe.data, self.cfg
+        cache_dir = data.cache_dir or str(self.out / "token_cache")
+        self.train_recs, dropped = load_tokenized(data.train_file, self.tokenizer, data.max_seq_len, cache_dir,
+                                                  cfg.c_thought, cfg.max_latent_stage)
+        self.val_recs, val_dropped = load_tokenized(data.val_file, self.tokenizer, data.max_seq_len, cache_dir,
+                                                    cfg.c_thought, cfg.max_latent_stage)
+        self.log.print(f"data: {len(self.train_recs)} train records ({dropped} dropped > max_seq_len "
+                       f"{data.max_seq_len}), {len(self.val_recs)} validation ({val_dropped} dropped)")
+        if data.eval_max_examples:
+            self.val_recs = self.val_recs[: data.eval_max_examples]
+
+    def _resolvable_plans(self) -> list[BatchPlan]:
+        """The running world size's plan plus every listed one that resolves. A world size this run does not use
+        must not stop it (the check command reports those); it is left out of the saved table instead."""
+        plans = {self.plan.world_size: self.plan}
+        for ws in self.recipe.batch.world_sizes:
+            try:
+                plans.setdefault(ws, resolve_batch(self.recipe.batch, ws, self.recipe.data.max_seq_len))
+            except BatchMathError:
+                pass
+        return [plans[ws] for ws in sorted(plans)]
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def planned_passes(self, stage: int) -> int:
+        """Base-model calls per batch at `stage`, the same for every batch and rank. A uniform re-draw can give
+        a row any stage up to max_latent_stage, so then every batch gets the most any stage needs."""
+        return self.cfg.max_passes if self.cfg.uniform_prob > 0 else self.cfg.passes_for_stage(stage)
+
+    def fit(self) -> TrainState:
+        recipe, state = self.recipe, self.state
+        self.strategy.train()
+        for epoch in range(state.epoch, recipe.optim.epochs):
+            stage = stage_for_epoch(epoch, self.cfg)
+            if state.stage is not None and stage != state.stage and recipe.coconut.reset_optimizer \
+                    and state.step_in_epoch == 0:
+                self.strategy.reset_optimizer()
+                self.log.print(f"stage {state.stage} -> {stage}: optimizer state and LR schedule reset")
+            state.stage = stage
+            self.train_epoch(epoch, stage)
+            metrics = {"epoch": epoch, "stage": stage, "global_step": state.global_step}
+            if (epoch + 1) % recipe.eval.every_epochs == 0 or epoch + 1 == recipe.optim.epochs:
+                metrics.update(self.evaluate(epoch, stage))
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            accuracy = metrics.get("accuracy")
+            is_best = accuracy is not None and accuracy > state.best_accuracy
+            if is_best:
+                state.best_accuracy = accuracy
+            # Exports first: a kill before the checkpoint below re-runs this epoch's tail and exports again.
+            if recipe.checkpoint.export_hf:
+                if epoch + 1 == recipe.optim.epochs or stage_for_epoch(epoch + 1, self.cfg) != stage:
+                    self.export(f"stage{stage}", stage, metrics)
+                if is_best:
+                    self.export("best", stage, metrics)
+            self.save()
+        self.log.print(f"done: best accuracy {state.best_accuracy:.4f}; outputs in {self.out}")
+        self.log.close()
+        return state
+
+    def train_epoch(self, epoch: int, stage: int) -> None:
+        recipe, state, plan = self.recipe, self.state, self.plan
+        data = build_stage_dataset(self.train_recs, stage, self.cfg, self.tokens, seed=recipe.seed * 1000 + epoch)
+        passes = self.planned_passes(stage)
+        device = self.strategy.device
+        bar = self.log.progress(self.steps_per_epoch, f"epoch {epoch} stage {stage}", initial=state.step_in_epoch)
+        micro_batches = self.sampler.micro_batches(epoch, state.step_in_epoch)
+        t_last, tokens_since, loss_sum, n_losses = time.perf_counter(), 0, torch.zeros((), device=device), 0
+        for step in range(state.step_in_epoch, self.steps_per_epoch):
+            for _ in range(plan.grad_accum):
+                batch = self.collate([data[i] for i in next(micro_batches)])
+                # Counted on the CPU copy: reading them from the device would stall it every micro-batch.
+                tokens_since += int(batch["attention_mask"].sum())
+                needed = self.model.count_passes(batch["input_ids"])
+                if needed > passes:
+                    raise RuntimeError(f"a batch at stage {stage} needs {needed} passes, more than the "
+                                       f"{passes} planned for the stage")
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                loss = self.strategy.forward(**batch, num_passes=passes).loss
+                self.strategy.backward(loss)
+                self.strategy.step()
+                loss_sum += loss.detach()
+                n_losses += 1
+            state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
+            bar.update(1)
+            if state.global_step % recipe.logging.log_every_steps == 0 or step + 1 == self.steps_per_epoch:
+                elapsed = time.perf_counter() - t_last
+                loss_total, tokens = dist.all_reduce_sum([float(loss_sum) / n_losses, tokens_since])  # one sync
+                record = dict(global_step=state.global_step, epoch=epoch, stage=stage,
+                              loss=loss_total / dist.world_size(), lr=self.strategy.lr(),
+                              grad_norm=self.strategy.grad_norm(), latent_passes=passes - 1,
+                              tokens_per_s=tokens / max(elapsed, 1e-9), peak_mem_gb=peak_memory_gb())
+                self.log.log("train", **record)
+                self.log.step_line(bar, record, self.steps_per_epoch * recipe.optim.epochs)
+                t_last, tokens_since, n_losses = time.perf_counter(), 0, 0
+                loss_sum.zero_()
+            every = recipe.checkpoint.save_every_steps
+            if every and state.global_step % every == 0 and step + 1 < self.steps_per_epoch:
+                self.save()
+        bar.close()
+
+    def evaluate(self, epoch: int, stage: int) -> dict:
+        """Validation loss and (if the recipe asks) generation accuracy at `stage`, over every rank's shard."""
+        recipe = self.recipe
+        val_data = build_stage_dataset(self.val_recs, stage, self.cfg, self.tokens, seed=recipe.seed * 1000 + epoch)
+        passes = self.planned_passes(stage)
+        metrics = {"val_loss": validation_loss(self.strategy.engine, list(val_data), recipe.batch.eval_batch_size,
+                                               self.collate, self.strategy.device, num_passes_fn=lambda ids: passes)}
+        if recipe.eval.generation:
+            examples = build_eval_examples(self.val_recs, stage, self.cfg, self.tokens)
+            result = generate_and_score(self.model, examples, self.tokenizer, recipe.batch.eval_batch_size,
+                                        recipe.eval.max_new_tokens, self.strategy.device)
+            rows = result.pop("rows")
+            metrics.update(result)
+            if dist.is_main():
+                write_jsonl_atomic(self.out / "samples" / f"epoch{epoch:03d}.jsonl",
+                                   rows[: recipe.logging.num_sample_outputs])
+        self.log.log("eval", epoch=epoch, stage=stage, global_step=self.state.global_step, **metrics)
+        self.log.print(f"epoch {epoch} stage {stage}: "
+                       + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        return metrics
+
+    # -- state on disk --------------------------------------------------------------------------------
+    def save(self) -> Path:
+        self.last_checkpoint = self.ckpts.save(self.strategy, self.state.state_dict(), self.side_files)
+        return self.last_checkpoint
+
+    def load(self, path: Path, universal: bool = False) -> None:
+        self.state.load_state_dict(self.ckpts.load(self.strategy, path, universal=universal))
+        self.last_checkpoint = path
+        self.log.print(f"resumed from {path}{' (universal copy)' if universal else ''} (epoch {self.state.epoch}, "
+                       f"step {self.state.step_in_epoch} of {self.steps_per_epoch}, "
+                       f"global step {self.state.global_step})")
+
+    def export(self, name: str, stage: int, metrics: dict) -> None:
+        cfg = self.cfg
+        meta = ExportMeta(c_thought=cfg.c_thought, tokens=self.tokens, stage=stage, mode=cfg.mode,
+                          max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
+                          no_thoughts_markers=cfg.no_thoughts_markers,
+                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        to_base = None
+        if self.strategy.lora:
+            from coconut_scale.model.lora import merged_base_for_export
+
+            to_base = merged_base_for_export(self.model)
+        path = export_hf(self.strategy, self.tokenizer, self.out / "hf" / name, meta, to_base=to_base)
+        if path:
+            self.log.print(f"exported HF model -> {path}")
