@@ -27,6 +27,7 @@ from conftest import REPO
 LAUNCH = REPO / "launch"
 RECIPE = "recipes/tiny_cpu.yaml"
 SCRIPTS = ["single_node.sh", "per_node_no_ssh.sh", "multi_node_pdsh.sh", "write_deepspeed_env.sh", "slurm.sbatch"]
+SOURCED = ["secret_names.sh", "load_secrets.sh"]  # sourced by the scripts above, or by DeepSpeed on a node
 TRAIN_TIMEOUT = 300  # a tiny 2-rank run takes ~40 s on 2 shared cores
 QUICK_TIMEOUT = 60
 
@@ -185,10 +186,17 @@ def test_script_parses_and_is_strict(script):
         assert os.access(path, os.X_OK), f"{script} is not executable"
 
 
+@pytest.mark.parametrize("script", SOURCED)
+def test_sourced_file_parses_and_leaves_the_shell_options_alone(script):
+    path = LAUNCH / script
+    assert _run(["bash", "-n", path]).returncode == 0
+    assert not re.search(r"^\s*set\s", path.read_text(), re.M)  # sourced into someone else's shell
+
+
 def test_scripts_are_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed")
-    proc = _run(["shellcheck", *(LAUNCH / s for s in SCRIPTS)])
+    proc = _run(["shellcheck", "-x", *(LAUNCH / s for s in SCRIPTS + SOURCED)], cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -317,19 +325,30 @@ def _writer_env(**variables) -> dict:
     return env
 
 
-CARRIED = {"WANDB_PROJECT": "coconut", "WANDB_API_KEY": "k-123", "HF_HOME": "/shared/hf cache", "HF_TOKEN": "t'ok"}
+PLAIN = {"WANDB_PROJECT": "coconut", "HF_HOME": "/shared/hf cache", "HF_TOKEN_PATH": "/shared/hf/token"}
+# Distinctive values, so that "not on the command line, not in the log" can be checked by search.
+SECRET = {"WANDB_API_KEY": "wandb-key-5f3a9c", "HF_TOKEN": "hf_tok'en-9c1d$x"}
+CARRIED = {**PLAIN, **SECRET}
 NOT_CARRIED = {"HFHOME": "x", "MY_WANDB_KEY": "x", "WANDB": "x", "hf_home": "x", "NCCL_DEBUG": "INFO",
                "XHF_TOKEN": "x"}
 
 
-def test_deepspeed_env_writer_writes_only_wandb_and_hf_variables(tmp_path):
+def _lines(path: Path) -> dict:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+
+def test_deepspeed_env_writer_writes_only_wandb_and_hf_variables_and_secrets_apart(tmp_path):
     out = tmp_path / "dsenv"
     proc = _run([LAUNCH / "write_deepspeed_env.sh", out], env=_writer_env(**CARRIED, **NOT_CARRIED))
     assert proc.returncode == 0, proc.stderr
-    lines = out.read_text().splitlines()
-    assert dict(line.split("=", 1) for line in lines) == CARRIED
-    assert len(lines) == len(CARRIED)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # it may hold API keys
+    assert _lines(out) == PLAIN and len(out.read_text().splitlines()) == len(PLAIN)
+    # The secrets go to a file beside it that never becomes part of a command: mode 600.
+    secrets = tmp_path / ".coconut_secrets"
+    assert _lines(secrets) == SECRET
+    for path in (out, secrets):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".coconut_secrets", "dsenv"]
+    assert not any(value in proc.stderr for value in SECRET.values())
 
 
 def test_deepspeed_env_writer_refuses_what_cannot_pass_and_writes_nothing(tmp_path):
@@ -352,48 +371,98 @@ def test_deepspeed_env_example_and_hostfile_example_parse_the_way_deepspeed_read
     assert len(hosts) >= 2 and all(slots > 0 for slots in hosts.values())
 
 
-def _pdsh_fakes(tmp_path: Path) -> tuple[Path, Path]:
-    """A pdsh that records the command deepspeed hands it, and an ssh that answers deepspeed's ssh check."""
+def _pdsh_fakes(tmp_path: Path, play_node: bool = False) -> tuple[Path, Path]:
+    """A pdsh that records the command deepspeed hands it, and an ssh that answers deepspeed's ssh check.
+
+    With `play_node`, the fake pdsh then does what pdsh + ssh would do on node 0: run that command through a
+    login shell whose environment is a fresh login's (HOME and PATH only, nothing from the launching shell),
+    with DeepSpeed's node launcher for real, except that the ranks run the probe module `probe_env` (in the
+    launch directory) instead of coconut_scale.train.
+    """
     record = tmp_path / "pdsh_argv.json"
+    node = f"""
+remote = " ".join(argv[argv.index("-w") + 2:]).replace("%n", "0").replace(" coconut_scale.train ", " probe_env ")
+sys.exit(subprocess.call(["bash", "-c", remote], env={{"HOME": os.environ["HOME"], "PATH": "/usr/bin:/bin"}}))
+""" if play_node else ""
     _fake_bin(tmp_path, "pdsh", f"""#!{sys.executable}
-import json, sys
-json.dump(sys.argv[1:], open({str(record)!r}, "w"))
-""")
+import json, os, subprocess, sys
+argv = sys.argv[1:]
+json.dump(argv, open({str(record)!r}, "w"))
+{node}""")
     bin_dir = _fake_bin(tmp_path, "ssh", "#!/bin/sh\necho fake-host\n")
     return bin_dir, record
 
 
-def test_pdsh_launch_carries_deepspeed_env_to_the_other_nodes(tmp_path):
-    """multi_node_pdsh.sh through DeepSpeed's real runner, up to the pdsh call: the WANDB_*/HF_* lines that
-    write_deepspeed_env.sh put in ~/.deepspeed_env become `export` commands run on every node, and nothing
-    else from this shell's WANDB_*/HF_* does."""
+def _pdsh_launch(tmp_path: Path, play_node: bool = False, work_files: dict | None = None):
+    """write_deepspeed_env.sh into ~/, then multi_node_pdsh.sh through DeepSpeed's real runner, launched from a
+    directory without a .deepspeed_env of its own (holding only `work_files`). Returns the finished launch, the
+    argv the fake pdsh received, and the home directory."""
     if shutil.which("deepspeed") is None:
         pytest.skip("deepspeed launcher not on PATH")
-    home, work = tmp_path / "home", tmp_path / "work"  # cwd without a .deepspeed_env of its own
+    home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
+    for name, text in (work_files or {}).items():
+        (work / name).write_text(text)
     assert _run([LAUNCH / "write_deepspeed_env.sh", home / ".deepspeed_env"],
                 env=_writer_env(**CARRIED)).returncode == 0
-    bin_dir, record = _pdsh_fakes(tmp_path)
+    bin_dir, record = _pdsh_fakes(tmp_path, play_node)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=2\nnodeB slots=2\n")
+    # The secrets are also set in the launching shell, as they would be for whoever ran the writer.
     env = _writer_env(PATH=f"{bin_dir}:{os.environ['PATH']}", HOME=str(home), MASTER_ADDR="10.0.0.1",
-                      MASTER_PORT="29577", WANDB_RUN_GROUP="set-after-the-file-was-written")
+                      MASTER_PORT="29577", WANDB_RUN_GROUP="set-after-the-file-was-written", **SECRET)
     proc = _run([LAUNCH / "multi_node_pdsh.sh", hostfile, REPO / RECIPE, "optim.lr=1e-4", "x.y=a b"],
-                cwd=work, env=env)
+                cwd=work, env=env, timeout=120)
+    argv = json.loads(record.read_text()) if record.exists() else None
+    return proc, argv, home
+
+
+def test_pdsh_launch_carries_deepspeed_env_to_the_other_nodes_and_no_secret_on_the_command_line(tmp_path):
+    """multi_node_pdsh.sh through DeepSpeed's real runner, up to the pdsh call: the plain WANDB_*/HF_* lines that
+    write_deepspeed_env.sh put in ~/.deepspeed_env become `export` commands run on every node, nothing else from
+    this shell's WANDB_*/HF_* does, and the secrets appear neither in pdsh's command line nor in the log."""
+    proc, argv, home = _pdsh_launch(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    argv = json.loads(record.read_text())
     assert argv[argv.index("-w") + 1] == "nodeA,nodeB"
     remote = " ".join(argv)
-    for key, value in CARRIED.items():
+    for key, value in PLAIN.items():
         quoted = value if re.fullmatch(r"[\w@%+=:,./-]+", value) else f'"{value}"'
         assert f"export {key}={quoted};" in remote, (key, remote)
     assert "WANDB_RUN_GROUP" not in remote  # only the file's lines travel
+    for key, value in SECRET.items():
+        assert value not in remote and f"export {key}=" not in remote, (key, remote)
+        assert value not in proc.stdout + proc.stderr, key  # DeepSpeed logs `cmd = pdsh ...`
+    # Each node reads them itself, before anything else of the command runs.
+    assert remote.split(" -w nodeA,nodeB ", 1)[1].startswith(
+        f"source {LAUNCH}/load_secrets.sh {home}/.coconut_secrets; export ")
     assert "--node_rank=%n" in remote and "--master_addr=10.0.0.1" in remote and "--master_port=29577" in remote
     assert "--module" in argv
     # deepspeed quotes arguments with spaces for the remote shell
     assert argv[-4:] == ["coconut_scale.train", str(REPO / RECIPE), "optim.lr=1e-4", '"x.y=a b"']
+
+
+PROBE = """import json, os, sys
+keys = {keys!r}
+with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump({{k: os.environ.get(k) for k in keys}}, f)
+"""
+
+
+def test_pdsh_launch_secrets_reach_the_training_processes_on_the_node(tmp_path):
+    """The other half: on a node (a fresh login environment), the ranks DeepSpeed's node launcher starts see
+    WANDB_API_KEY and HF_TOKEN (from the secrets file) and the plain variables (from the exports)."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    probe = PROBE.format(keys=sorted(CARRIED), out=str(seen))
+    proc, argv, _ = _pdsh_launch(tmp_path, play_node=True, work_files={"probe_env.py": probe})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = sorted(p.name for p in seen.iterdir())
+    assert ranks == ["rank0.json", "rank1.json"], proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ranks:
+        assert json.loads((seen / name).read_text()) == CARRIED, name
+    assert not any(value in " ".join(argv) + proc.stdout + proc.stderr for value in SECRET.values())
 
 
 def test_pdsh_script_rejects_a_deepspeed_env_deepspeed_would_misread(tmp_path):
@@ -406,6 +475,75 @@ def test_pdsh_script_rejects_a_deepspeed_env_deepspeed_would_misread(tmp_path):
                 env=_env(HOME=str(home), DRY_RUN="1"))
     assert proc.returncode == 2
     assert "line 2" in proc.stderr and "# carried to every node" in proc.stderr
+
+
+def _two_hosts(tmp_path: Path) -> Path:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    return hostfile
+
+
+def test_pdsh_script_refuses_a_deepspeed_env_that_carries_a_secret_without_printing_it(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".deepspeed_env").write_text(f"WANDB_PROJECT=coconut\nHF_TOKEN={SECRET['HF_TOKEN']}\n")
+    proc = _run([LAUNCH / "multi_node_pdsh.sh", _two_hosts(tmp_path), REPO / RECIPE], cwd=tmp_path,
+                env=_writer_env(HOME=str(home), DRY_RUN="1"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{home / '.deepspeed_env'} line 2 carries HF_TOKEN" in proc.stderr
+    assert SECRET["HF_TOKEN"] not in proc.stdout + proc.stderr
+
+
+def test_pdsh_script_refuses_a_secret_deepspeed_would_copy_from_this_shell(tmp_path):
+    proc = _run([LAUNCH / "multi_node_pdsh.sh", _two_hosts(tmp_path), REPO / RECIPE], cwd=tmp_path,
+                env=_writer_env(HOME=str(tmp_path), DRY_RUN="1", MLFLOW_TRACKING_PASSWORD="pw-77aa"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "MLFLOW_TRACKING_PASSWORD is set here" in proc.stderr and "pw-77aa" not in proc.stderr
+
+
+def test_pdsh_script_refuses_a_secrets_file_others_can_read(tmp_path):
+    secrets = tmp_path / "secrets"
+    secrets.write_text(f"WANDB_API_KEY={SECRET['WANDB_API_KEY']}\n")
+    secrets.chmod(0o640)
+    proc = _run([LAUNCH / "multi_node_pdsh.sh", _two_hosts(tmp_path), REPO / RECIPE], cwd=tmp_path,
+                env=_writer_env(HOME=str(tmp_path), DRY_RUN="1", COCONUT_SECRETS_FILE=str(secrets)))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"'{secrets}' must be owned by you and not readable by others (mode 640" in proc.stderr
+    secrets.chmod(0o600)
+    proc = _run([LAUNCH / "multi_node_pdsh.sh", _two_hosts(tmp_path), REPO / RECIPE], cwd=tmp_path,
+                env=_writer_env(HOME=str(tmp_path), DRY_RUN="1", COCONUT_SECRETS_FILE=str(secrets)))
+    assert proc.returncode == 0, proc.stderr
+    assert shlex.split(proc.stdout)[5:7] == ["--venv_script", f"{LAUNCH}/load_secrets.sh {secrets}"]
+
+
+@pytest.mark.parametrize("mode, content, error", [
+    (0o600, None, None),
+    (0o644, None, "not readable by others (mode 644"),
+    (0o600, "WANDB_API_KEY {value}\n", "line 1 is not NAME=value"),
+])
+def test_load_secrets_on_a_node_exports_a_private_file_and_stops_the_node_otherwise(tmp_path, mode, content, error):
+    """What each node runs first (`source load_secrets.sh FILE; <DeepSpeed's node launcher>`): the secrets are
+    exported for the launcher and its ranks, or the node's shell exits before starting anything, without
+    printing a value."""
+    value = SECRET["HF_TOKEN"]
+    secrets = tmp_path / "secrets"
+    secrets.write_text((content or "HF_TOKEN={value}\n").format(value=value))
+    secrets.chmod(mode)
+    remote = f"source {LAUNCH}/load_secrets.sh {secrets}; echo \"started HF_TOKEN=$HF_TOKEN\""
+    proc = _run(["bash", "-c", remote], env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    if error is None:
+        assert proc.returncode == 0 and proc.stdout == f"started HF_TOKEN={value}\n", proc.stderr
+    else:
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert error in proc.stderr and value not in proc.stderr
+
+
+def test_pdsh_script_warns_when_a_secret_is_set_here_but_no_secrets_file_carries_it(tmp_path):
+    proc = _run([LAUNCH / "multi_node_pdsh.sh", _two_hosts(tmp_path), REPO / RECIPE], cwd=tmp_path,
+                env=_writer_env(HOME=str(tmp_path), DRY_RUN="1", WANDB_API_KEY=SECRET["WANDB_API_KEY"]))
+    assert proc.returncode == 0, proc.stderr
+    assert "WANDB_API_KEY is set here but there is no secrets file" in proc.stderr
+    assert "--venv_script" not in proc.stdout and SECRET["WANDB_API_KEY"] not in proc.stdout + proc.stderr
 
 
 def test_pdsh_script_warns_when_wandb_variables_would_not_travel(tmp_path):

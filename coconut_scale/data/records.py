@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Iterable
+
 from coconut_scale.errors import UserError
+from coconut_scale.model.tokens import SPECIAL_TOKENS
 
 REQUIRED_FIELDS = ("question", "steps", "answer")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -42,6 +44,23 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _check_text(text: str, path: str | Path | None, index: int | None, field: str) -> None:
+    """Refuse text the pipeline would mistrain on or fail on later, far from the record."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # JSON allows "\\ud800"; Python decodes it to a lone surrogate, which no tokenizer can encode.
+        raise DataFormatError(path, index, field, f"cannot be encoded as UTF-8: U+{ord(text[e.start]):04X} at "
+                              f"character {e.start} (a lone surrogate)") from None
+    for token in SPECIAL_TOKENS:
+        at = text.find(token)
+        if at >= 0:
+            # The tokenizer maps the literal to the real special token: in a question it would become a latent
+            # position (or a marker the curriculum does not expect), so it is refused rather than trained on.
+            raise DataFormatError(path, index, field, f"holds the Coconut special token {token!r} at character "
+                                  f"{at}; the harness inserts these tokens itself, remove or rewrite it")
+
+
 def validate_record(rec: Any, path: str | Path | None = None, index: int | None = None) -> dict:
     """Check one record; returns it unchanged or raises DataFormatError naming path/index/field."""
     if not isinstance(rec, dict):
@@ -55,6 +74,7 @@ def validate_record(rec: Any, path: str | Path | None = None, index: int | None 
         raise DataFormatError(path, index, "question", f"must be a string, got {_type_name(question)}")
     if not question.strip():
         raise DataFormatError(path, index, "question", "must not be empty")
+    _check_text(question, path, index, "question")
 
     steps = rec["steps"]
     if not isinstance(steps, list):
@@ -64,12 +84,14 @@ def validate_record(rec: Any, path: str | Path | None = None, index: int | None 
         # the few problems whose solution has no calculator annotation, and we reproduce that data exactly.
         if not isinstance(step, str):
             raise DataFormatError(path, index, f"steps[{j}]", f"must be a string, got {_type_name(step)}")
+        _check_text(step, path, index, f"steps[{j}]")
 
     answer = rec["answer"]
     if not isinstance(answer, str):
         raise DataFormatError(path, index, "answer", f"must be a string, got {_type_name(answer)}")
     if not answer.strip():
         raise DataFormatError(path, index, "answer", "must not be empty")
+    _check_text(answer, path, index, "answer")
     return rec
 
 

@@ -14,17 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import pickle
-import tempfile
 from pathlib import Path
 
-from coconut_scale.data.records import load_records
+from coconut_scale.atomic_files import atomic_write
+from coconut_scale.data.records import DataFormatError, load_records
 
 logger = logging.getLogger(__name__)
 
 # Bump when the cached layout or the tokenization recipe changes, so stale caches are never read.
-CACHE_VERSION = 1
+# 2: JSON instead of pickle (a pickle runs whatever code the file names when it is loaded).
+CACHE_VERSION = 2
+# The keys of every cached record (tokenize_records writes exactly these).
+_RECORD_KEYS = frozenset({"idx", "question_ids", "steps_ids", "answer_ids", "answer", "steps"})
 
 
 def tokenize_record(record: dict, tokenizer) -> dict:
@@ -111,27 +112,43 @@ def cache_key(path: str | Path, tokenizer) -> str:
     return h.hexdigest()[:32]
 
 
-def _write_atomic(obj, target: Path) -> None:
-    # Write to a temp file in the same directory, then rename: readers never see a half-written cache, and two
-    # writers racing (e.g. two jobs) each replace it with a complete file.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def cache_file(path: str | Path, tokenizer, cache_dir: str | Path) -> Path:
+    """Where the tokenized records of `path` are cached for this tokenizer."""
+    path = Path(path)
+    return Path(cache_dir) / f"{path.stem}-{cache_key(path, tokenizer)}.json"
+
+
+def _write_cache(payload: dict, target: Path) -> None:
+    # Atomic (readers never see half a cache; two racing writers each put a complete one in place) and compact:
+    # GSM8K's 385k records are mostly lists of ints, which indented JSON would spread over millions of lines.
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, separators=(",", ":"), ensure_ascii=False)
+
+    atomic_write(target, write)
+
+
+def _is_cache_payload(payload) -> bool:
+    return (isinstance(payload, dict) and payload.get("version") == CACHE_VERSION
+            and isinstance(payload.get("records"), list)
+            and all(isinstance(r, dict) and r.keys() == _RECORD_KEYS for r in payload["records"]))
 
 
 def _read_cache(target: Path) -> list[dict] | None:
-    try:
-        with open(target, "rb") as f:
-            payload = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError):
+    """The cached records, or None when there is no usable cache; the caller then tokenizes again.
+
+    The cache is JSON, which can only ever yield data: a planted or corrupted file (a pickle payload, a
+    truncated write, another version's layout) is reported in one line naming it, and replaced.
+    """
+    if not target.exists():
         return None
-    if not isinstance(payload, dict) or payload.get("version") != CACHE_VERSION:
+    try:
+        payload = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        logger.warning("%s: not a readable token cache (%s); tokenizing again", target, e)
+        return None
+    if not _is_cache_payload(payload):
+        logger.warning("%s: not a version-%d token cache; tokenizing again", target, CACHE_VERSION)
         return None
     return payload["records"]
 
@@ -167,14 +184,14 @@ def get_tokenized(path: str | Path, tokenizer, cache_dir: str | Path | None = No
     path = Path(path)
     if cache_dir is None:
         return _tokenize_file(path, tokenizer)
-    target = Path(cache_dir) / f"{path.stem}-{cache_key(path, tokenizer)}.pkl"
+    target = cache_file(path, tokenizer, cache_dir)
     distributed, rank = _dist_info()
     tokenized = None
     if rank == 0:
         tokenized = _read_cache(target)
         if tokenized is None:
             tokenized = _tokenize_file(path, tokenizer)
-            _write_atomic({"version": CACHE_VERSION, "source": str(path), "records": tokenized}, target)
+            _write_cache({"version": CACHE_VERSION, "source": str(path), "records": tokenized}, target)
             logger.info("tokenized %d records of %s into %s", len(tokenized), path, target)
         else:
             logger.info("read %d tokenized records of %s from cache %s", len(tokenized), path, target)
@@ -204,20 +221,37 @@ def longest_train_length(tok_rec: dict, c_thought: int, max_latent_stage: int) -
 
 
 def load_tokenized(path: str | Path, tokenizer, max_seq_len: int | None = None, cache_dir: str | Path | None = None,
-                   c_thought: int = 1, max_latent_stage: int = 0) -> tuple[list[dict], int]:
+                   c_thought: int = 1, max_latent_stage: int = 0, *, role: str | None = None) -> tuple[list[dict], int]:
     """Tokenized records of `path` that fit `max_seq_len` at every stage, and how many were dropped.
 
     Each kept record has idx (its index in the file, so evaluation can find the gold answer), question_ids,
-    steps_ids, answer_ids, answer and steps (text).
+    steps_ids, answer_ids, answer and steps (text). With `role` (e.g. "train", "validation"), a set left with
+    no records is refused (DataFormatError naming the file, how many were dropped and their lengths): an empty
+    training set has nothing to learn from, and an empty validation set would report a loss of 0.
     """
     tokenized = get_tokenized(path, tokenizer, cache_dir)
     if max_seq_len is None:
-        return tokenized, 0
-    kept = [r for r in tokenized if longest_train_length(r, c_thought, max_latent_stage) <= max_seq_len]
-    n_dropped = len(tokenized) - len(kept)
-    if n_dropped:
-        logger.warning("%s: dropped %d of %d records longer than max_seq_len=%d (c_thought=%d, max_latent_stage=%d)",
-                       path, n_dropped, len(tokenized), max_seq_len, c_thought, max_latent_stage)
+        kept, lengths = tokenized, []
     else:
+        lengths = [longest_train_length(r, c_thought, max_latent_stage) for r in tokenized]
+        kept = [r for r, n in zip(tokenized, lengths) if n <= max_seq_len]
+    n_dropped = len(tokenized) - len(kept)
+    if role is not None and not kept:
+        raise DataFormatError(path, None, None, _empty_set_message(role, lengths, max_seq_len, c_thought,
+                                                                   max_latent_stage))
+    if n_dropped:
+        logger.warning("%s: dropped %d of %d records longer than max_seq_len=%d (longest %d tokens; c_thought=%d, "
+                       "max_latent_stage=%d)", path, n_dropped, len(tokenized), max_seq_len, max(lengths),
+                       c_thought, max_latent_stage)
+    elif max_seq_len is not None:
         logger.info("%s: all %d records fit max_seq_len=%d", path, len(tokenized), max_seq_len)
     return kept, n_dropped
+
+
+def _empty_set_message(role: str, lengths: list[int], max_seq_len: int | None, c_thought: int,
+                       max_latent_stage: int) -> str:
+    if not lengths:
+        return f"the {role} set has no records"
+    return (f"the {role} set is empty: all {len(lengths)} records were dropped by data.max_seq_len={max_seq_len} "
+            f"(their longest sequence over stages 0..{max_latent_stage} with c_thought={c_thought} is "
+            f"{min(lengths)}..{max(lengths)} tokens); raise data.max_seq_len to at least {min(lengths)}")

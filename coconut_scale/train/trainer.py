@@ -147,10 +147,11 @@ class Trainer:
     def _tokenize(self) -> None:
         data, cfg = self.recipe.data, self.cfg
         cache_dir = data.cache_dir or str(self.out / "token_cache")
+        # An empty set (everything dropped by max_seq_len) is refused, naming the file, counts and lengths.
         self.train_recs, dropped = load_tokenized(data.train_file, self.tokenizer, data.max_seq_len, cache_dir,
-                                                  cfg.c_thought, cfg.max_latent_stage)
+                                                  cfg.c_thought, cfg.max_latent_stage, role="train")
         self.val_recs, val_dropped = load_tokenized(data.val_file, self.tokenizer, data.max_seq_len, cache_dir,
-                                                    cfg.c_thought, cfg.max_latent_stage)
+                                                    cfg.c_thought, cfg.max_latent_stage, role="validation")
         self.log.print(f"data: {len(self.train_recs)} train records ({dropped} dropped > max_seq_len "
                        f"{data.max_seq_len}), {len(self.val_recs)} validation ({val_dropped} dropped)")
         if data.eval_max_examples:
