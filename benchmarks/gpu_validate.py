@@ -1,0 +1,787 @@
+"""Every GPU figure of coconut_scale in one prepared call: about 8 minutes on one H200, nothing downloaded.
+
+    python benchmarks/gpu_validate.py --out DIR            # on the GPU machine (benchmarks/gpu_validate.sh)
+    python benchmarks/gpu_validate.py --out DIR --smoke    # every stage on tiny shapes, on the CPU, < 1 minute
+    python benchmarks/gpu_validate.py --out DIR --stages llama8b_lora profile   # rerun some stages only
+
+Writes DIR/results.json (every figure, the tracebacks of failed stages), DIR/results.md (the tables) and
+DIR/gpu_validate.log (the stages' output). Stages, each timed, each allowed to fail without stopping the rest:
+
+  environment        GPU, torch, CUDA, transformers, deepspeed, peft versions; measured bf16 matmul TFLOP/s
+  gpu_tests          pytest -m gpu tests/gpu (the smoke run only collects them)
+  llama8b_lora       Llama-3.1-8B shape from its config, random init on the GPU, LoRA as
+                     recipes/llama8b_gsm_lora.yaml, ZeRO-3 on one GPU (ds_configs/zero3_bf16.json), stage-3 GSM-like
+                     rows (c_thought 2: 6 latents), 512 tokens, checkpointing on; micro-batch sweep under an 80 GiB
+                     cap: tokens/s, peak memory, MFU, share of step time in the latent passes (CUDA events)
+  gpt2_fast_vs_reference  GPT-2-small full fine-tune step at stage 3, fast path vs reference (tokens/s), and
+                     batched generation (KV cache) vs batch-1 reference generation without a cache
+  memory_estimate    the memory estimator vs the measured peak: llama8b_lora's largest micro batch, and a
+                     Qwen3-4B-shaped full fine-tune (ZeRO-3, one GPU, micro batch of recipes/qwen3_4b_gsm.yaml)
+  profile            where a figure misses its target: torch.profiler's top kernels of one 8B step and the
+                     time of every latent and full pass (in the smoke run: always, to keep the code alive)
+
+On CUDA each stage runs in its own process (an OOM, a hang or a crash costs that stage only; its time limit
+is enforced by killing it); in the smoke run on the CPU they run in this process, except `environment`, which
+keeps the subprocess path exercised.
+
+MFU counts the FLOPs the step must do: the forward of every pass (the passes together cover the sequence
+once), input gradients through every layer, weight gradients of trainable weights only (LoRA: the adapters),
+attention's backward at twice its forward; the checkpointing recompute is not counted. The peak is the bf16
+matmul rate measured in `environment`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STAGES = ("environment", "gpu_tests", "llama8b_lora", "gpt2_fast_vs_reference", "memory_estimate", "profile")
+# Seconds each stage may take on one H200 (child killed beyond it); the sum stays under --budget-s so a whole
+# run plus the machine's start fits twice in 15 minutes only when stages are rerun selectively (--stages).
+STAGE_LIMIT_S = {"environment": 40, "gpu_tests": 120, "llama8b_lora": 150, "gpt2_fast_vs_reference": 60,
+                 "memory_estimate": 90, "profile": 80}
+TARGETS = {"micro_batch": 8, "mfu": 0.45, "estimate_error": 0.15, "latent_share": 0.25}
+GPU_CAP_GIB = 80.0
+LOG_NAME, JSON_NAME, MD_NAME = "gpu_validate.log", "results.json", "results.md"
+
+
+# --- shapes of the workloads ---------------------------------------------------------------------------------
+
+def workloads(smoke: bool) -> dict:
+    """Model shapes and sizes per stage: the real ones, or tiny ones that exercise the same code on the CPU."""
+    from coconut_scale.model.shapes import SHAPES
+
+    if not smoke:
+        return dict(llama=SHAPES["llama-3.1-8b"], gpt2=SHAPES["gpt2"], qwen=SHAPES["qwen3-4b-2507"], seq=512,
+                    micro_sweep=(4, 8, 16, 32, 64), gpt2_micro=32, gen_batch=64, gen_ref_rows=8, gen_new=32,
+                    matmul_n=8192, steps=3, qwen_micro=None)
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, vocab_size=512)
+    return dict(llama={**tiny, "model_type": "llama", "tie_word_embeddings": False},
+                gpt2=dict(model_type="gpt2", vocab_size=512, n_positions=512, n_embd=64, n_layer=1, n_head=4,
+                          bos_token_id=0, eos_token_id=0),
+                qwen={**tiny, "model_type": "qwen3", "tie_word_embeddings": True}, seq=32,
+                micro_sweep=(1, 2), gpt2_micro=2, gen_batch=4, gen_ref_rows=2, gen_new=4, matmul_n=256, steps=1,
+                qwen_micro=2)
+
+
+# --- device helpers ----------------------------------------------------------------------------------------------
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def on_cuda() -> bool:
+    return _torch().cuda.is_available()
+
+
+class Clock:
+    """Timestamps in stream order: CUDA events on a GPU, the host clock on the CPU (where work is synchronous)."""
+
+    def __init__(self):
+        self.cuda = on_cuda()
+
+    def now(self):
+        torch = _torch()
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+    def sync(self):
+        if self.cuda:
+            _torch().cuda.synchronize()
+
+
+def matmul_tflops(n: int, iters: int = 10) -> float:
+    """bf16 n x n x n matrix products on random data (zeros run faster, ../.library/device/METHOD.md)."""
+    torch = _torch()
+    device = "cuda" if on_cuda() else "cpu"
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    clock = Clock()
+    for _ in range(3):
+        a @ b
+    clock.sync()
+    start = clock.now()
+    for _ in range(iters):
+        a @ b
+    end = clock.now()
+    clock.sync()
+    return 2 * n**3 * iters / (clock.ms(start, end) / 1e3) / 1e12
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    torch = _torch()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _gib(n_bytes: float) -> float:
+    return n_bytes / 2**30
+
+
+# --- batches -----------------------------------------------------------------------------------------------------
+
+def gsm_like_batch(tokens, batch: int, seq: int, latents: int = 6, seed: int = 0) -> dict:
+    """Stage-3 rows: question | <start> | 6 latents | <end> | remaining steps and answer (labelled), `seq` wide.
+
+    Question lengths vary by up to 7 tokens; each row is as long as the aligned layout allows, so the batch is
+    exactly `seq` columns after LatentAlignedCollator left-pads the rows to align their first latent.
+    """
+    torch = _torch()
+    from coconut_scale.data.collate import LatentAlignedCollator
+
+    g = torch.Generator().manual_seed(seed)
+    base_q = max(2, seq // 4)
+    features = []
+    for r in range(batch):
+        q = base_q - r % min(8, base_q - 1)
+        length = seq - (base_q - q)
+        tail = length - q - latents - 2
+        if tail < 2:
+            raise ValueError(f"seq {seq} too short for a question, {latents} latents and an answer")
+        ids = torch.randint(0, tokens.start_id, (length,), generator=g).tolist()
+        ids[q:q + latents + 2] = [tokens.start_id, *[tokens.latent_id] * latents, tokens.end_id]
+        ids[-1] = tokens.eos_id
+        labels = [-100] * (q + latents + 2) + ids[q + latents + 2:]
+        features.append({"input_ids": ids, "labels": labels})
+    return LatentAlignedCollator(tokens.pad_id, tokens.latent_id)(features)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# --- FLOPs -------------------------------------------------------------------------------------------------------
+
+def step_flops(shape: dict, batch: int, seq: int, lora_rank: int | None, lora_targets: list[str] | None) -> float:
+    """FLOPs one training step must do (see the module docstring): recompute not counted."""
+    from coconut_scale.model.shapes import dims, linear_shapes
+
+    d = dims(shape)
+    tokens = batch * seq
+    linear = sum(i * o for mods in linear_shapes(shape).values() for i, o in mods) * d.layers
+    head = d.vocab * d.hidden
+    fwd_matmul = 2 * tokens * (linear + head)
+    fwd_attention = 2 * 2 * tokens * d.layers * d.q_dim * (seq + 1) / 2  # QK^T and PV over a causal prefix
+    if lora_rank is None:  # full fine-tune: input and weight gradients of every matmul
+        return 3 * fwd_matmul + 3 * fwd_attention
+    layout = linear_shapes(shape)
+    adapters = sum(lora_rank * (i + o) for t in lora_targets for i, o in layout[t]) * d.layers
+    return 2 * fwd_matmul + 3 * fwd_attention + 3 * 2 * tokens * adapters
+
+
+# --- engines -----------------------------------------------------------------------------------------------------
+
+def _recipe(recipe_file: str, shape: dict, micro: int, seq: int, ds_json: str, extra: list[str] = ()):
+    from coconut_scale.config.recipe import load_recipe
+
+    overrides = [
+        f"model.from_config={json.dumps(shape)}", "checkpoint.init_from=null", "checkpoint.resume_from_epoch=0",
+        f"deepspeed.config={ds_json}", f"batch.micro_batch_size={micro}", f"batch.global_batch_size={micro}",
+        "batch.micro_batch_per_world_size={}", "batch.world_sizes=[1]", f"data.max_seq_len={seq}", *extra,
+    ]
+    return load_recipe(REPO / "recipes" / recipe_file, overrides)
+
+
+def _ds_json(smoke: bool) -> str:
+    # The bf16 ZeRO-3 config of the big recipes; the CPU smoke run has no bf16 DeepSpeed path, so fp32.
+    return "ds_configs/zero3_fp32.json" if smoke else "ds_configs/zero3_bf16.json"
+
+
+def _smoke_overrides(smoke: bool) -> list[str]:
+    # Tiny shapes partition nothing unless the persistence threshold is 0 (../shared/FACTS.md).
+    return ["model.dtype=fp32", "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}",
+            "lora.rank=4"] if smoke else []
+
+
+def build(recipe):
+    """(bundle, tokens): the DeepSpeed engine of `recipe` in this process (one rank)."""
+    from coconut_scale.config.batch_plan import resolve_batch
+    from coconut_scale.config.ds_config import build_ds_config
+    from coconut_scale.model.tokens import LatentTokens
+    from coconut_scale.testing import tiny_tokenizer
+    from coconut_scale.config.model_shape import hidden_size
+    from coconut_scale.train.strategy import build_engine, init_distributed
+
+    init_distributed()
+    plan = resolve_batch(recipe.batch, 1, recipe.data.max_seq_len)
+    ds_config = build_ds_config(recipe, plan, hidden_size(recipe))
+    tokenizer = tiny_tokenizer()  # the shape's vocabulary is kept (its rows exceed the tokenizer's ids)
+    bundle = build_engine(recipe, ds_config, tokenizer, 100, log=lambda *a: print(*a, flush=True))
+    return bundle, LatentTokens.from_tokenizer(tokenizer)
+
+
+def release(bundle) -> None:
+    """Drop an engine and the global HF ZeRO-3 context, so the next stage in this process starts clean."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    bundle.engine.destroy() if hasattr(bundle.engine, "destroy") else None
+    unset_hf_deepspeed_config()
+    if on_cuda():
+        _torch().cuda.empty_cache()
+
+
+class _BackwardMark:
+    """Identity in forward; calls `callback` when the gradient reaches it (the end of one pass's backward)."""
+
+    @staticmethod
+    def make():
+        torch = _torch()
+
+        class Mark(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, anchor, callback):
+                ctx.callback = callback
+                return x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, grad):
+                ctx.callback()
+                return grad, None, None
+
+        return Mark
+
+
+class PassTimer:
+    """Per-pass forward and backward times of a Coconut step, from timestamps in stream order.
+
+    Forward: a pre-hook and a hook on the base model bracket each pass. Backward: an identity marker on each
+    pass's input embeddings fires when that pass's gradient is complete; the interval since the previous marker
+    (or since backward began) is that pass's backward. Optional profiler labels name each pass.
+    """
+
+    def __init__(self, base, clock: Clock, label_passes: bool = False):
+        torch = _torch()
+        self.clock, self.label = clock, label_passes
+        self.mark = _BackwardMark.make()
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.fwd, self.bwd_marks, self._labels = [], {}, []
+        self.handles = [base.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        base.register_forward_hook(self._post)]
+
+    def _pre(self, module, args, kwargs):
+        i = len(self.fwd)
+        if self.label:
+            rf = _torch().autograd.profiler.record_function(f"coconut_pass_{i}")
+            rf.__enter__()
+            self._labels.append(rf)
+        self.fwd.append([self.clock.now(), None])
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and _torch().is_grad_enabled():
+            kwargs["inputs_embeds"] = self.mark.apply(embeds, self.anchor,
+                                                      lambda i=i: self.bwd_marks.__setitem__(i, self.clock.now()))
+        return args, kwargs
+
+    def _post(self, module, args, output):
+        self.fwd[-1][1] = self.clock.now()
+        if self._labels:
+            self._labels.pop().__exit__(None, None, None)
+
+    def reset(self):
+        self.fwd, self.bwd_marks = [], {}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def per_pass_ms(self, bwd_start, bwd_end) -> tuple[list[float], list[float]]:
+        fwd = [self.clock.ms(a, b) for a, b in self.fwd]
+        stamps = sorted(self.bwd_marks.items(), key=lambda kv: self.clock.ms(bwd_start, kv[1]))
+        bwd, prev = [0.0] * len(fwd), bwd_start
+        for i, stamp in stamps:
+            bwd[i] = self.clock.ms(prev, stamp)
+            prev = stamp
+        return fwd, bwd
+
+
+def timed_steps(bundle, batch: dict, latent_id: int, steps: int, label_passes: bool = False) -> dict:
+    """Run `steps` engine steps (forward, backward, step) and time each pass; returns medians and per-pass ms."""
+    import statistics
+
+    from coconut_scale.model.coconut import plan_passes
+
+    engine, clock = bundle.engine, Clock()
+    plan = plan_passes(batch["input_ids"], latent_id)
+    latent = [i for i, ((a, b), fill) in enumerate(zip(plan.ranges, plan.fills)) if fill and b - a == 1]
+    timer = PassTimer(bundle.model.base_causallm, clock, label_passes)
+    rows = []
+    try:
+        for _ in range(steps):
+            timer.reset()
+            start = clock.now()
+            loss = engine(**batch, num_passes=len(plan.ranges)).loss
+            bwd_start = clock.now()
+            engine.backward(loss)
+            bwd_end = clock.now()
+            engine.step()
+            end = clock.now()
+            clock.sync()
+            fwd, bwd = timer.per_pass_ms(bwd_start, bwd_end)
+            rows.append(dict(step_ms=clock.ms(start, end), forward_ms=clock.ms(start, bwd_start),
+                             backward_ms=clock.ms(bwd_start, bwd_end), optimizer_ms=clock.ms(bwd_end, end),
+                             pass_forward_ms=fwd, pass_backward_ms=bwd, loss=float(loss)))
+    finally:
+        timer.remove()
+    median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+    last = rows[-1]
+    latent_ms = sum(last["pass_forward_ms"][i] + last["pass_backward_ms"][i] for i in latent)
+    return dict(step_ms=median("step_ms"), forward_ms=median("forward_ms"), backward_ms=median("backward_ms"),
+                optimizer_ms=median("optimizer_ms"), passes=len(plan.ranges), latent_passes=latent,
+                pass_ranges=[list(r) for r in plan.ranges], pass_forward_ms=last["pass_forward_ms"],
+                pass_backward_ms=last["pass_backward_ms"], latent_share=latent_ms / last["step_ms"],
+                losses=[r["loss"] for r in rows])
+
+
+# --- stages ------------------------------------------------------------------------------------------------------
+
+def stage_environment(ctx) -> dict:
+    torch = _torch()
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+           **{name: _version(name) for name in ("transformers", "deepspeed", "peft", "pydantic", "liger-kernel",
+                                                "flash-attn")}}
+    if on_cuda():
+        props = torch.cuda.get_device_properties(0)
+        out.update(gpu=props.name, capability=f"{props.major}.{props.minor}", gpu_memory_gib=_gib(props.total_memory),
+                   multiprocessors=props.multi_processor_count)
+    else:
+        out["gpu"] = None
+    out["matmul_n"] = ctx["w"]["matmul_n"]
+    out["bf16_matmul_tflops"] = matmul_tflops(ctx["w"]["matmul_n"])
+    return out
+
+
+def stage_gpu_tests(ctx) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(REPO / "tests" / "gpu")]
+    if ctx["smoke"]:
+        cmd.append("--collect-only")
+    limit = max(10, ctx["deadline"] - time.time() - 5)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
+    print(proc.stdout[-6000:], proc.stderr[-3000:], flush=True)
+    summary = next((line for line in reversed(proc.stdout.strip().splitlines()) if line.strip()), "")
+    ok = proc.returncode == 0
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return {"returncode": proc.returncode, "summary": summary, "failed": failed, "collect_only": ctx["smoke"],
+            "status": "ok" if ok else "failed"}
+
+
+def stage_llama8b_lora(ctx) -> dict:
+    torch = _torch()
+    w, smoke = ctx["w"], ctx["smoke"]
+    cuda = on_cuda()
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_CAP_GIB * 2**30 / total))
+    recipe = _recipe("llama8b_gsm_lora.yaml", w["llama"], max(w["micro_sweep"]), w["seq"], _ds_json(smoke),
+                     ["lora.dropout=0.0", *_smoke_overrides(smoke)])
+    t0 = time.time()
+    bundle, tokens = build(recipe)
+    out = {"build_s": time.time() - t0, "cap_gib": GPU_CAP_GIB if cuda else None, "seq": w["seq"],
+           "ds_config": _ds_json(smoke), "lora_rank": recipe.lora.rank, "sweep": []}
+    context_bytes = 0
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        context_bytes = max(0, total - free - torch.cuda.memory_reserved())  # CUDA context, NCCL, cuBLAS
+    peak_tflops = ctx["previous"].get("environment", {}).get("bf16_matmul_tflops") or matmul_tflops(w["matmul_n"])
+    device = bundle.engine.device
+    for micro in w["micro_sweep"]:
+        if time.time() > ctx["deadline"] - 20:
+            out["sweep_stopped"] = f"time budget reached before micro batch {micro}"
+            break
+        entry = {"micro_batch": micro}
+        out["sweep"].append(entry)
+        try:
+            batch = to_device(gsm_like_batch(tokens, micro, w["seq"]), device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            timed_steps(bundle, batch, tokens.latent_id, 1)  # warm-up: a new shape re-records ZeRO-3's trace
+            t = timed_steps(bundle, batch, tokens.latent_id, w["steps"])
+        except Exception as e:  # noqa: BLE001 - an OOM ends the sweep; anything else is recorded too
+            entry["error"] = "out of memory" if _is_oom(e) else traceback.format_exc(limit=8)
+            break
+        n_tokens = int(batch["attention_mask"].sum())
+        flops = step_flops(w["llama"], micro, batch["input_ids"].shape[1], recipe.lora.rank, recipe.lora_targets())
+        entry.update(t, tokens_per_s=n_tokens / (t["step_ms"] / 1e3), mfu=flops / (t["step_ms"] / 1e3) / 1e12 / peak_tflops,
+                     model_tflops_per_s=flops / (t["step_ms"] / 1e3) / 1e12)
+        if cuda:
+            entry.update(peak_allocated_gib=_gib(torch.cuda.max_memory_allocated()),
+                         peak_reserved_gib=_gib(torch.cuda.max_memory_reserved()),
+                         measured_gib=_gib(torch.cuda.max_memory_reserved() + context_bytes))
+    fitted = [e for e in out["sweep"] if "error" not in e]
+    if fitted:
+        best = fitted[-1]
+        out.update(best_micro_batch=best["micro_batch"], tokens_per_s=best["tokens_per_s"], mfu=best["mfu"],
+                   latent_share=best["latent_share"], peak_gib=best.get("measured_gib"))
+    out["context_gib"] = _gib(context_bytes)
+    release(bundle)
+    return out
+
+
+def stage_gpt2_fast_vs_reference(ctx) -> dict:
+    """Plain PyTorch (the comparison is of the two implementations, not of DeepSpeed): bf16 on CUDA, fused AdamW."""
+    torch = _torch()
+    from transformers import AutoModelForCausalLM
+
+    from coconut_scale.model.coconut import Coconut
+    from coconut_scale.model.reference import reference_forward, reference_generate
+    from coconut_scale.model.shapes import hf_config
+    from coconut_scale.model.tokens import LatentTokens
+    from coconut_scale.testing import tiny_tokenizer
+
+    w, cuda = ctx["w"], on_cuda()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    tokens = LatentTokens.from_tokenizer(tiny_tokenizer())
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(hf_config(w["gpt2"]), dtype=dtype, attn_implementation="sdpa").to(device)
+    model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda or None)
+    batch = to_device(gsm_like_batch(tokens, w["gpt2_micro"], w["seq"]), device)
+    clock = Clock()
+
+    def fast():
+        return model(**batch).loss
+
+    def reference():
+        return reference_forward(base, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                 batch["position_ids"], tokens.latent_id)[0]
+
+    out = {"micro_batch": w["gpt2_micro"], "seq": w["seq"], "dtype": str(dtype)}
+    n_tokens = int(batch["attention_mask"].sum())
+    for name, loss_fn in (("fast", fast), ("reference", reference)):
+        times = []
+        for step in range(1 + w["steps"]):
+            start = clock.now()
+            loss_fn().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            end = clock.now()
+            clock.sync()
+            if step:  # the first is warm-up
+                times.append(clock.ms(start, end))
+        out[f"train_{name}_tokens_per_s"] = n_tokens / (sorted(times)[len(times) // 2] / 1e3)
+    out["train_speedup"] = out["train_fast_tokens_per_s"] / out["train_reference_tokens_per_s"]
+
+    model.eval()
+    model.eos_token_id = -1  # never stop early: both sides generate exactly gen_new tokens per row
+    prompts = gsm_like_batch(tokens, w["gen_batch"], max(24, w["seq"] // 4))["input_ids"]
+    end_col = int((prompts[0] == tokens.end_id).nonzero()[0])
+    prompts = prompts[:, : end_col + 1].to(device)  # question | <start> | latents | <end>, aligned: no padding
+    new = w["gen_new"]
+    model.generate(prompts[:2], max_new_tokens=2)
+    clock.sync()
+    start = clock.now()
+    model.generate(prompts, max_new_tokens=new)
+    end = clock.now()
+    clock.sync()
+    out["generate_batched_tokens_per_s"] = prompts.shape[0] * new / (clock.ms(start, end) / 1e3)
+    rows = prompts[: w["gen_ref_rows"]]
+    start = clock.now()
+    for row in rows:
+        reference_generate(base, row[None], tokens.latent_id, eos_id=-1, max_new_tokens=new)
+    end = clock.now()
+    clock.sync()
+    out["generate_reference_tokens_per_s"] = rows.shape[0] * new / (clock.ms(start, end) / 1e3)
+    out["generate_speedup"] = out["generate_batched_tokens_per_s"] / out["generate_reference_tokens_per_s"]
+    out.update(gen_batch=w["gen_batch"], gen_reference_rows=w["gen_ref_rows"], gen_new_tokens=new)
+    return out
+
+
+def _estimator():
+    try:
+        from coconut_scale.config.memory import estimate_memory
+    except ImportError:
+        from coconut_scale.cli.check import estimate_memory
+    return estimate_memory
+
+
+def _compare(estimate_gib: float, measured_gib: float | None) -> dict:
+    if not measured_gib:
+        return {"estimate_gib": estimate_gib, "measured_gib": None, "error": None, "within": None}
+    error = estimate_gib / measured_gib - 1
+    return {"estimate_gib": estimate_gib, "measured_gib": measured_gib, "error": error,
+            "within": abs(error) <= TARGETS["estimate_error"]}
+
+
+def stage_memory_estimate(ctx) -> dict:
+    torch = _torch()
+    w, smoke, cuda = ctx["w"], ctx["smoke"], on_cuda()
+    estimate = _estimator()
+    out = {}
+    llama = ctx["previous"].get("llama8b_lora", {})
+    micro = llama.get("best_micro_batch")
+    if micro:
+        recipe = _recipe("llama8b_gsm_lora.yaml", w["llama"], micro, w["seq"], _ds_json(smoke),
+                         ["lora.dropout=0.0", *_smoke_overrides(smoke)])
+        out["llama8b_lora"] = {"micro_batch": micro, **_compare(estimate(recipe, 1)["total"], llama.get("peak_gib"))}
+    else:
+        out["llama8b_lora"] = {"skipped": "llama8b_lora measured no micro batch"}
+
+    from coconut_scale.config.recipe import load_recipe
+
+    qwen_micro = w["qwen_micro"] or load_recipe(REPO / "recipes" / "qwen3_4b_gsm.yaml").batch.micro_batch_size
+    recipe = _recipe("qwen3_4b_gsm.yaml", w["qwen"], qwen_micro, w["seq"], _ds_json(smoke), _smoke_overrides(smoke))
+    est = estimate(recipe, 1)["total"]
+    t0 = time.time()
+    bundle, tokens = build(recipe)
+    context_bytes = 0
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        context_bytes = max(0, total - free - torch.cuda.memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
+    batch = to_device(gsm_like_batch(tokens, qwen_micro, w["seq"]), bundle.engine.device)
+    t = timed_steps(bundle, batch, tokens.latent_id, 2 if cuda else 1)
+    measured = _gib(torch.cuda.max_memory_reserved() + context_bytes) if cuda else None
+    out["qwen3_4b_full"] = {"micro_batch": qwen_micro, "build_s": time.time() - t0, "step_ms": t["step_ms"],
+                            **_compare(est, measured)}
+    release(bundle)
+    return out
+
+
+def missed_targets(previous: dict) -> list[str]:
+    """The figures that miss their targets (or could not be measured)."""
+    llama = previous.get("llama8b_lora", {})
+    memory = previous.get("memory_estimate", {})
+    misses = []
+    if (llama.get("best_micro_batch") or 0) < TARGETS["micro_batch"]:
+        misses.append(f"micro batch {llama.get('best_micro_batch')} < {TARGETS['micro_batch']} within {GPU_CAP_GIB:g} GiB")
+    if llama.get("mfu") is None or llama["mfu"] < TARGETS["mfu"]:
+        misses.append(f"MFU {_fmt(llama.get('mfu'), '{:.1%}')} < {TARGETS['mfu']:.0%}")
+    if llama.get("latent_share") is None or llama["latent_share"] >= TARGETS["latent_share"]:
+        misses.append(f"latent passes {_fmt(llama.get('latent_share'), '{:.1%}')} >= {TARGETS['latent_share']:.0%} of the step")
+    for name in ("llama8b_lora", "qwen3_4b_full"):
+        if (memory.get(name) or {}).get("within") is not True:
+            misses.append(f"memory estimate of {name} not within {TARGETS['estimate_error']:.0%}")
+    return misses
+
+
+def stage_profile(ctx) -> dict:
+    torch = _torch()
+    from torch.profiler import ProfilerActivity, profile
+
+    w, smoke, cuda = ctx["w"], ctx["smoke"], on_cuda()
+    misses = missed_targets(ctx["previous"])
+    if not misses and not smoke:
+        return {"status": "skipped", "reason": "every target met"}
+    micro = ctx["previous"].get("llama8b_lora", {}).get("best_micro_batch") or w["micro_sweep"][0]
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_CAP_GIB * 2**30 / total))
+    recipe = _recipe("llama8b_gsm_lora.yaml", w["llama"], micro, w["seq"], _ds_json(smoke),
+                     ["lora.dropout=0.0", *_smoke_overrides(smoke)])
+    bundle, tokens = build(recipe)
+    batch = to_device(gsm_like_batch(tokens, micro, w["seq"]), bundle.engine.device)
+    timed_steps(bundle, batch, tokens.latent_id, 1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t = timed_steps(bundle, batch, tokens.latent_id, 1, label_passes=True)
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    averages = prof.key_averages()
+    kernels = averages.table(sort_by=sort, row_limit=15)
+    passes = [f"| {i} | {a}-{b} | {'latent' if i in t['latent_passes'] else 'full'} | {f:.2f} | {bw:.2f} |"
+              for i, ((a, b), f, bw) in enumerate(zip(t["pass_ranges"], t["pass_forward_ms"], t["pass_backward_ms"]))]
+    release(bundle)
+    return {"misses": misses, "micro_batch": micro, "step_ms": t["step_ms"], "latent_share": t["latent_share"],
+            "kernel_table": kernels,
+            "pass_table": "\n".join(["| pass | columns | kind | forward ms | backward ms |", "|---|---|---|---|---|",
+                                     *passes])}
+
+
+STAGE_FUNCS = {name: globals()[f"stage_{name}"] for name in STAGES}
+
+
+# --- running stages ----------------------------------------------------------------------------------------------
+
+def run_stage_here(name: str, smoke: bool, previous: dict, deadline: float) -> dict:
+    """One stage in this process: its figures, or status "error" with the traceback; always timed."""
+    t0 = time.time()
+    ctx = {"smoke": smoke, "w": workloads(smoke), "previous": previous, "deadline": deadline}
+    try:
+        result = STAGE_FUNCS[name](ctx)
+        result.setdefault("status", "ok")
+    except Exception:  # noqa: BLE001 - a stage may fail; the others still run
+        result = {"status": "error", "traceback": traceback.format_exc()}
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def run_stage_isolated(name: str, smoke: bool, previous: dict, limit_s: float, log) -> dict:
+    """One stage in a child process, killed after `limit_s`; its figures come back through a JSON file."""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        prev_file, result_file = Path(tmp) / "previous.json", Path(tmp) / "result.json"
+        prev_file.write_text(json.dumps(previous))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--previous", str(prev_file),
+               "--result", str(result_file), "--deadline", str(t0 + limit_s)] + (["--smoke"] if smoke else [])
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=limit_s)
+            output, why = proc.stdout, f"exited with code {proc.returncode} without a result"
+        except subprocess.TimeoutExpired as e:
+            output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            why = f"killed after its {limit_s:.0f} s limit"
+        log.write(output)
+        if result_file.is_file():
+            return json.loads(result_file.read_text())
+    return {"status": "error", "reason": why, "output_tail": output[-3000:], "seconds": time.time() - t0}
+
+
+# --- report ------------------------------------------------------------------------------------------------------
+
+def _fmt(value, pattern="{:.3g}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def headline(name: str, r: dict) -> str:
+    """The figures of one stage in a few words."""
+    if r.get("status") != "ok":
+        return r.get("reason") or _last_line(r.get("traceback"))
+    if name == "environment":
+        return (f"{r.get('gpu') or 'CPU'}; torch {r['torch']} (CUDA {r['cuda']}), transformers {r['transformers']}, "
+                f"deepspeed {r['deepspeed']}; bf16 matmul {r['bf16_matmul_tflops']:.1f} TFLOP/s")
+    if name == "gpu_tests":
+        return r["summary"]
+    if name == "llama8b_lora":
+        return (f"largest micro batch {r.get('best_micro_batch')}: {_fmt(r.get('tokens_per_s'), '{:.0f}')} tokens/s, "
+                f"MFU {_fmt(r.get('mfu'), '{:.1%}')}, latent passes {_fmt(r.get('latent_share'), '{:.1%}')} of the step, "
+                f"peak {_fmt(r.get('peak_gib'), '{:.1f}')} GiB")
+    if name == "gpt2_fast_vs_reference":
+        return (f"train {r['train_fast_tokens_per_s']:.0f} vs {r['train_reference_tokens_per_s']:.0f} tokens/s "
+                f"({r['train_speedup']:.2f}x); generate {r['generate_batched_tokens_per_s']:.0f} vs "
+                f"{r['generate_reference_tokens_per_s']:.0f} tokens/s ({r['generate_speedup']:.1f}x)")
+    if name == "memory_estimate":
+        parts = []
+        for key in ("llama8b_lora", "qwen3_4b_full"):
+            c = r.get(key, {})
+            parts.append(f"{key}: estimate {_fmt(c.get('estimate_gib'), '{:.1f}')} vs measured "
+                         f"{_fmt(c.get('measured_gib'), '{:.1f}')} GiB ({_fmt(c.get('error'), '{:+.0%}')})")
+        return "; ".join(parts)
+    if name == "profile":
+        return "misses: " + "; ".join(r.get("misses", [])) if r.get("misses") else r.get("reason", "")
+    return ""
+
+
+def render_markdown(results: dict) -> str:
+    lines = [f"# GPU validation ({'smoke, CPU' if results['smoke'] else 'GPU'}), {results['started']}", "",
+             f"Command: `{results['command']}`; total {results['seconds']:.0f} s.", "",
+             "| stage | status | seconds | figures |", "|---|---|---|---|"]
+    for name in STAGES:
+        r = results["stages"].get(name)
+        if r is None:
+            continue
+        lines.append(f"| {name} | {r.get('status')} | {r.get('seconds', 0):.1f} | {headline(name, r).replace('|', '/')} |")
+    llama = results["stages"].get("llama8b_lora", {})
+    if llama.get("sweep"):
+        lines += ["", "Micro-batch sweep (llama8b_lora):", "",
+                  "| micro | tokens/s | step ms | MFU | latent share | peak GiB | note |", "|---|---|---|---|---|---|---|"]
+        for e in llama["sweep"]:
+            lines.append(f"| {e['micro_batch']} | {_fmt(e.get('tokens_per_s'), '{:.0f}')} | {_fmt(e.get('step_ms'), '{:.0f}')} "
+                         f"| {_fmt(e.get('mfu'), '{:.1%}')} | {_fmt(e.get('latent_share'), '{:.1%}')} "
+                         f"| {_fmt(e.get('measured_gib'), '{:.1f}')} | {_last_line(e.get('error'))} |")
+    prof = results["stages"].get("profile", {})
+    if prof.get("kernel_table"):
+        lines += ["", "Profile of one 8B step (top kernels):", "", "```", prof["kernel_table"].rstrip(), "```", "",
+                  prof["pass_table"]]
+    lines += ["", f"Targets: micro batch >= {TARGETS['micro_batch']} within {GPU_CAP_GIB:g} GiB, MFU >= "
+              f"{TARGETS['mfu']:.0%}, estimate within {TARGETS['estimate_error']:.0%}, latent passes < "
+              f"{TARGETS['latent_share']:.0%} of the step. Missed: "
+              + ("; ".join(missed_targets(results["stages"])) or "none")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="folder for results.json, results.md, gpu_validate.log")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every stage, < 1 minute")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock limit of the whole run")
+    parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--previous", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    from coconut_scale.atomic_files import write_json_atomic, write_text_atomic
+
+    if args.child:
+        previous = json.loads(args.previous.read_text()) if args.previous else {}
+        write_json_atomic(args.result, run_stage_here(args.child, args.smoke, previous, args.deadline))
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    isolate = on_cuda()
+    results = {"smoke": args.smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "targets": TARGETS,
+               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+               "isolated_stages": isolate, "stages": {}}
+    previous_file = args.out / JSON_NAME
+    if set(args.stages) != set(STAGES) and previous_file.is_file():  # a partial rerun keeps the other figures
+        results["stages"] = json.loads(previous_file.read_text()).get("stages", {})
+    with open(args.out / LOG_NAME, "a") as log:
+        for name in args.stages:
+            remaining = args.budget_s - (time.time() - t0)
+            if remaining < 5:
+                results["stages"][name] = {"status": "skipped", "reason": f"the {args.budget_s:.0f} s budget is spent"}
+                continue
+            limit = min(STAGE_LIMIT_S[name], remaining) if not args.smoke else remaining
+            print(f"== {name} (limit {limit:.0f} s)", flush=True)
+            log.write(f"\n== {name}\n")
+            if isolate or (args.smoke and name == "environment"):
+                result = run_stage_isolated(name, args.smoke, results["stages"], limit, log)
+            else:
+                buffer = io.StringIO()
+                with contextlib.redirect_stdout(buffer):
+                    result = run_stage_here(name, args.smoke, results["stages"], time.time() + limit)
+                log.write(buffer.getvalue())
+            results["stages"][name] = result
+            print(f"   {result.get('status')} in {result.get('seconds', 0):.1f} s: {headline(name, result)}", flush=True)
+            log.flush()
+            results["seconds"] = time.time() - t0
+            write_json_atomic(args.out / JSON_NAME, results)  # a killed run still leaves what it measured
+    results["seconds"] = time.time() - t0
+    write_json_atomic(args.out / JSON_NAME, results)
+    markdown = render_markdown(results)
+    write_text_atomic(args.out / MD_NAME, markdown)
+    print(markdown)
+    return 0 if all(r.get("status") in ("ok", "skipped") for r in results["stages"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
