@@ -85,3 +85,84 @@ def test_unreadable_loop_state_is_named(tmp_path):
     (path / "loop_state.json").write_text("{not json")
     with pytest.raises(UserError, match="loop_state.json"):
         CheckpointManager(tmp_path).load(FakeStrategy(), path)
+
+
+# -- manifests: nothing on disk is trusted unchecked --------------------------------------------------------------
+
+def _two_checkpoints(tmp_path):
+    ckpts = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
+    older = ckpts.save(FakeStrategy(), _state(4), {"recipe.resolved.yaml": "name: x\n"})
+    newer = ckpts.save(FakeStrategy(), _state(8), {"recipe.resolved.yaml": "name: x\n"})
+    return older, newer
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
+    _, newer = _two_checkpoints(tmp_path)
+    files = json.loads((newer / "manifest.json").read_text())["files"]
+    on_disk = {p.relative_to(newer).as_posix() for p in newer.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(files) == on_disk and {"ds/shard.txt", "loop_state.json", "rng_rank0.json"} <= on_disk
+    assert files["ds/shard.txt"]["size"] == len("weights") and len(files["ds/shard.txt"]["sha256"]) == 64
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:3])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, file, says", [
+    (_truncate, "ds/shard.txt", "has 3 bytes, its manifest says 7"),
+    (_flip, "ds/shard.txt", "does not match the sha256"),
+    (lambda p: p.unlink(), "rng_rank0.json", "is missing"),
+    (lambda p: p.write_text("{not json"), "manifest.json", "cannot be read"),
+    (lambda p: p.unlink(), "manifest.json", "is missing"),
+])
+def test_damaged_newest_is_skipped_naming_the_file_and_the_newest_intact_one_is_used(tmp_path, damage, file, says):
+    older, newer = _two_checkpoints(tmp_path)
+    damage(newer / file)
+    lines = []
+    ckpts = CheckpointManager(tmp_path / "checkpoints", keep_last=1)
+    assert ckpts.resume_point(log=lines.append) == older
+    assert len(lines) == 1 and str(newer / file) in lines[0] and says in lines[0], lines
+    # Moved aside: no longer a candidate, and pruning cannot keep it in place of the intact one.
+    assert not newer.exists() and (newer.parent / f"damaged-{newer.name}").is_dir()
+    ckpts.load(FakeStrategy(), older)
+    saved = ckpts.save(FakeStrategy(), _state(6))
+    assert ckpts.complete() == [saved]
+
+
+def test_no_intact_checkpoint_stops_instead_of_starting_over(tmp_path):
+    older, newer = _two_checkpoints(tmp_path)
+    _truncate(older / "ds" / "shard.txt")
+    _flip(newer / "loop_state.json")
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        CheckpointManager(tmp_path / "checkpoints").resume_point(log=lambda line: None)
+    assert older.exists() and newer.exists()  # nothing moved: the user decides
+
+
+def test_load_verifies_and_names_the_damaged_file(tmp_path):
+    _, newer = _two_checkpoints(tmp_path)
+    _flip(newer / "ds" / "shard.txt")
+    with pytest.raises(UserError, match=r"ds/shard\.txt does not match"):
+        CheckpointManager(tmp_path / "checkpoints").load(FakeStrategy(), newer)
+
+
+def test_deepspeed_load_errors_name_the_checkpoint(tmp_path):
+    class Broken(FakeStrategy):
+        def load_checkpoint(self, directory, tag):
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+
+    _, newer = _two_checkpoints(tmp_path)
+    with pytest.raises(UserError, match=rf"{newer / 'ds'}.*PytorchStreamReader"):
+        CheckpointManager(tmp_path / "checkpoints").load(Broken(), newer)
+
+
+def test_pruning_always_keeps_the_checkpoint_just_written(tmp_path):
+    ckpts = CheckpointManager(tmp_path, keep_last=1)
+    ckpts.save(FakeStrategy(), _state(30))  # e.g. from an earlier run with auto_resume off
+    just_written = ckpts.save(FakeStrategy(), _state(5))
+    assert ckpts.complete() == [just_written]

@@ -1,5 +1,7 @@
 """Bad recipes fail in coconut_scale.train before any process group or model exists, naming the problem."""
 
+import re
+
 import pytest
 
 from conftest import REPO
@@ -38,3 +40,17 @@ def test_missing_data_file_is_named(tmp_path):
 def test_contradicting_ds_config_lists_the_mismatch():
     _fails(["deepspeed.overrides={train_micro_batch_size_per_gpu: 7, gradient_clipping: 0.5}"],
            r"(?s)train_micro_batch_size_per_gpu.*gradient_clipping|gradient_clipping.*train_micro_batch_size_per_gpu")
+
+
+@pytest.mark.parametrize("override, names", [
+    ("{zero_optimization: {stage3_typo_key: 1}}", "zero_optimization.stage3_typo_key = 1: Extra inputs"),
+    ("{zero_optimization: {offload_optimizer: {device: cpuu}}}", "zero_optimization.offload_optimizer.device = 'cpuu'"),
+])
+def test_deepspeed_rejects_what_its_own_config_model_rejects_before_any_model(override, names):
+    """DeepSpeed's own config parser runs on the filled config, in train (here) and in check (below)."""
+    _fails([f"deepspeed.overrides={override}"], rf"zero3_fp32\.json.*{re.escape(names)}")
+    from coconut_scale.cli.check import check_recipe
+
+    lines = []
+    failures = check_recipe(RECIPE, [1], overrides=[f"deepspeed.overrides={override}"], out=lines.append)
+    assert failures and any("zero3_fp32.json" in f and names in f for f in failures), lines

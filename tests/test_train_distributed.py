@@ -208,3 +208,40 @@ def test_export_reloads_with_from_pretrained_and_matches_engine_logits(runs, tmp
     assert "MAX_ABS_DIFF" in proc.stdout
     diff = float(proc.stdout.split("MAX_ABS_DIFF")[1].split()[0])
     assert diff < 1e-5
+
+
+def test_ctrl_c_stops_with_one_line_naming_the_last_checkpoint(runs):
+    root, data, _ = runs
+    out = root / "interrupted"
+    cmd = _command("python", _overrides(out, data, **{"checkpoint.save_every_steps": 2}))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = out / "checkpoints" / "step-00000002"
+    deadline = time.time() + TIMEOUT
+    while not target.exists():
+        assert proc.poll() is None, "run ended before the checkpoint to interrupt at"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    last = [line for line in err.splitlines() if line.startswith("interrupted at epoch")]
+    assert len(last) == 1 and "last checkpoint: " + str(out / "checkpoints" / "step-0000000") in last[0], err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_truncated_optimizer_shard_in_the_newest_checkpoint_falls_back_to_the_previous_one(runs):
+    """The newest checkpoint fails its manifest (a truncated ZeRO optimizer shard): the resume says which file, uses
+    the epoch-2 boundary checkpoint instead, and ends where the never-damaged run ends, bit for bit."""
+    root, data, single = runs
+    out = root / "truncated"
+    shutil.copytree(single, out)
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    shard = next((newest / "ds").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    shutil.rmtree(out / "hf" / "stage2")
+    resumed = _run("python", out, data)
+    skipped = [line for line in resumed.stdout.splitlines() if line.startswith(f"checkpoint {newest} skipped")]
+    assert len(skipped) == 1 and str(shard) in skipped[0] and "truncated" in skipped[0], resumed.stdout[-3000:]
+    assert "resumed from " + str(out / "checkpoints" / "step-00000024") in resumed.stdout
+    wa, wb = _final_weights(single), _final_weights(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

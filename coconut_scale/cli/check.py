@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from coconut_scale.config.batch_plan import BatchMathError, batch_table, format_batch_table
-from coconut_scale.config.ds_config import DeepSpeedConfigError, build_ds_config
+from coconut_scale.config.ds_config import DeepSpeedConfigError, build_ds_config, ds_config_path
 from coconut_scale.config.memory import GPU_COMPONENTS, estimate_memory, suggestions, trainable_params
 from coconut_scale.config.model_shape import recipe_shape
 from coconut_scale.config.recipe import RecipeError, apply_overrides, check_files, load_recipe
@@ -31,6 +31,7 @@ from coconut_scale.config.schedule import ScheduleError, describe_schedule
 from coconut_scale.data.records import load_records
 from coconut_scale.errors import run_cli
 from coconut_scale.model.shapes import dims, param_count
+from coconut_scale.train.strategy import validate_ds_config
 
 _SHORT = {"weights": "weights", "gradients": "grads", "optimizer": "optim", "gathered": "gathered",
           "activations": "activ", "kv_cache": "kv", "logits": "logits", "buffers": "buffers", "overhead": "overhead"}
@@ -115,6 +116,7 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
     for plan in plans:
         try:
             cfg = build_ds_config(recipe, plan, d.hidden)
+            validate_ds_config(cfg, f"{ds_config_path(recipe)} (+ deepspeed.overrides) at world_size {plan.world_size}")
         except DeepSpeedConfigError as e:
             out(f"FAIL {e}")
             failures.append(str(e))

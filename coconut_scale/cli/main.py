@@ -33,6 +33,8 @@ COMMANDS: dict[str, Command] = {
     "noise-sweep": Command("coconut_scale.evaluate.noise_sweep", "accuracy when the continuous thoughts are perturbed"),
     "ablations": Command("coconut_scale.evaluate.ablations", "feedback off and fewer latents than trained, side by side"),
     "probing": Command("coconut_scale.evaluate.probing", "what each continuous thought decodes to under the LM head"),
+    "decode-latents": Command("coconut_scale.evaluate.decode_latents",
+                              "decode each latent step back into text with the step decoder (SIM-CoT)"),
     "curves": Command("coconut_scale.evaluate.curves", "training curves from a run's metrics.jsonl"),
 }
 

@@ -29,6 +29,13 @@ q/kv = query/key-value widths, I = MLP width, V = vocab, n = latent passes = c_t
                buffer), + stage3_prefetch_bucket_size * b; ZeRO-0/1 with W > 1: min(5e8, P_t) * b.
   overhead     2.5 GiB: CUDA context, NCCL, cuBLAS workspaces, allocator fragmentation.
 
+Step supervision (coconut.step_supervision, SIM-CoT) with a separate decoder (`pretrained`/`copy`) adds a second
+model of the base's shape: its parameters join P and P_t above (LoRA: frozen, with its own adapters), so weights,
+gradients, optimizer and the gathered set grow with it. Whatever the decoder (`shared` too), its one batched call
+reads at most the tokens of the rows (the replaced steps, plus c_thought thoughts and an EOS per step), so its
+activations and its labelled-token logits are bounded by one more base-model pass over B*T tokens: the checkpointed
+layer inputs (L + 1) * B*T*h*b (L * layer_full without checkpointing) and B*T*V*(b + 12).
+
 These are estimates (+-20%): they bound what the recipe needs, they do not replace a first real step.
 """
 
@@ -43,6 +50,12 @@ GIB = 1024**3
 OVERHEAD_GIB = 2.5
 GPU_COMPONENTS = ("weights", "gradients", "optimizer", "gathered", "activations", "kv_cache", "logits", "buffers",
                   "overhead")
+
+
+def step_decoder_is_separate(recipe) -> bool:
+    """Whether step supervision holds a second model (a decoder copy) beside the base."""
+    step = recipe.coconut.step_supervision
+    return step.enabled and step.decoder != "shared"
 
 
 def trainable_params(recipe, shape: dict) -> int:
@@ -63,8 +76,9 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
     stage, W = z["stage"], world_size
     b = 4 if recipe.model.dtype == "fp32" else 2
 
-    P = param_count(shape)
-    P_t = trainable_params(recipe, shape)
+    copies = 2 if step_decoder_is_separate(recipe) else 1  # the base, and SIM-CoT's decoder when it is a copy
+    P = param_count(shape) * copies
+    P_t = trainable_params(recipe, shape) * copies
     P_frozen = P if recipe.lora.enabled else 0
     opt_bytes = 8 + (4 if b < 4 else 0)
 
@@ -93,6 +107,9 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
         activations = L * layer_full + 2 * L * B * T * kv * b * (n - 1)
     kv_cache = 2 * L * B * T * kv * b
     logits = B * T * d.vocab * (b + 12)
+    if recipe.coconut.step_supervision.enabled:  # the decoder's one call: at most one more pass over B*T tokens
+        activations += (L + 1) * B * T * h * b if recipe.model.gradient_checkpointing else L * layer_full
+        logits *= 2
 
     if stage >= 2:
         buffers = 2 * z["reduce_bucket_size"] * b + (z["prefetch_bucket_size"] * b if stage == 3 else 0)

@@ -121,6 +121,25 @@ class DataCfg(_Section):
         return out
 
 
+class StepSupervisionCfg(_Section):
+    """SIM-CoT's step-level supervision of the latents (model/step_supervision.py, docs/step_supervision.md)."""
+
+    enabled: bool = False
+    weight: float = Field(1.0, gt=0.0)  # loss = coconut loss + weight * step loss (SIM-CoT: 1.0)
+    # pretrained: a separate decoder loaded from model.name_or_path (SIM-CoT: the pretrained base, not the
+    # Coconut checkpoint); copy: a separate decoder loaded from what the base loads (checkpoint.init_from when
+    # set); shared: no second model, the base model itself decodes.
+    decoder: Literal["pretrained", "copy", "shared"] = "pretrained"
+    # Text before each step's thoughts, "{k}" = the 1-based step (SIM-CoT's "Step {k} of the solution"); None: none.
+    prompt: str | None = Field(None, min_length=1)
+    stages: list[PositiveInt] | None = Field(None, min_length=1)  # curriculum stages it trains; None: all with latents
+    # HF exports leave the training-only decoder out; true also writes it to <export>/step_decoder/ (decode-latents).
+    export_decoder: bool = False
+
+    def applies_to(self, stage: int) -> bool:
+        return self.enabled and stage >= 1 and (self.stages is None or stage in self.stages)
+
+
 class CoconutCfg(_Section):
     # coconut: latent curriculum. cot: stage 0 forever (language CoT SFT). no_cot: answer only.
     # no_thoughts: curriculum that removes steps but inserts no latents. pause_as_thought: the latents are
@@ -136,6 +155,14 @@ class CoconutCfg(_Section):
     no_thoughts_markers: bool = True
     # The official run.py re-creates AdamW at the start of every epoch when this is set.
     reset_optimizer: bool = True
+    step_supervision: StepSupervisionCfg = Field(default_factory=StepSupervisionCfg)
+
+    @model_validator(mode="after")
+    def _step_supervision_needs_latents(self):
+        if self.step_supervision.enabled and self.mode not in ("coconut", "pause_as_thought"):
+            raise ValueError(f"coconut.step_supervision.enabled: mode {self.mode!r} has no latent steps to decode; "
+                             f"use coconut.mode 'coconut' or set coconut.step_supervision.enabled false")
+        return self
 
     @model_validator(mode="after")
     def _latents_need_a_stage(self):
@@ -178,6 +205,9 @@ class OptimCfg(_Section):
     # transformers' get_scheduler names (coconut_scale/config/schedule.py: the steps a schedule spans)
     scheduler: Literal[SCHEDULERS] = "constant"
     grad_clip: float = Field(1.0, ge=0.0)  # global-norm clipping; 0 = off
+    # Optimizer steps with a non-finite loss or gradient norm that may be skipped (gradients dropped, no update;
+    # ZeRO stages 1-3) before the run stops, as Megatron and torchtitan allow; 0: the first one stops the run.
+    skip_nonfinite_steps: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _constant_has_no_warmup(self):
@@ -217,6 +247,16 @@ class CheckpointCfg(_Section):
     # init_from is a CoT-trained model).
     resume_from_epoch: NonNegativeInt = 0
     auto_resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
+    # Recipe keys (or whole sections) a resume may change although they change the math, e.g. [optim.lr];
+    # any other difference from the checkpoint's recipe stops the run (coconut_scale/train/recipe_guard.py).
+    allow_changes: list[str] = Field(default_factory=list)
+
+    @field_validator("allow_changes")
+    @classmethod
+    def _known_keys(cls, v):
+        for key in v:
+            _check_override_key(key.split("."), "checkpoint.allow_changes", key)
+        return v
 
 
 class LoggingCfg(_Section):

@@ -159,6 +159,24 @@ def load_exported(directory: str | Path, dtype: str = "fp32", attn_implementatio
     return model, tokenizer, cfg
 
 
+def attach_step_decoder(model: Coconut, directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
+    """Reattach the step decoder an export holds in `<directory>/step_decoder/` (written with
+    `coconut.step_supervision.export_decoder`) to its loaded Coconut; returns (model, step_config)."""
+    from coconut_scale.model.step_supervision import EXPORT_DIR, add_step_decoder, read_decoder_config
+
+    step_cfg = read_decoder_config(directory)
+    decoder = None if step_cfg["shared"] else load_causal_lm(str(Path(directory) / EXPORT_DIR), dtype=dtype,
+                                                             attn_implementation=attn_implementation)
+    return add_step_decoder(model, decoder, step_cfg["c_thought"], step_cfg["weight"]), step_cfg
+
+
+def load_exported_with_step_decoder(directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
+    """(StepSupervisedCoconut, tokenizer, coconut_config, step_config) from an export with its step decoder."""
+    model, tokenizer, cfg = load_exported(directory, dtype=dtype, attn_implementation=attn_implementation)
+    model, step_cfg = attach_step_decoder(model, directory, dtype, attn_implementation)
+    return model, tokenizer, cfg, step_cfg
+
+
 def save_exported(coconut: Coconut, tokenizer, out_dir: str | Path, meta: dict) -> Path:
     """Write an in-memory Coconut model as an export directory that `load_exported` reads (no DeepSpeed).
 

@@ -5,8 +5,13 @@ Layout under `<output_dir>/checkpoints/`:
                             rng_rank<r>.json (every RNG of rank r), the resolved recipe, the batch table
     step-00000120/ds_universal/   written by `coconut_scale.universal`, loadable at any world size
     .tmp-step-00000140/     a save in progress; ignored, removed by the next save
+    damaged-step-00000160/  a checkpoint that failed verification on resume, moved aside (never pruned)
 A checkpoint is written under its .tmp name by every rank, then renamed by rank 0 once all ranks are done.
-The rename is atomic, so any `step-*` directory is complete; resume picks the highest.
+The rename is atomic, so any `step-*` directory is complete. Last before the rename, rank 0 writes
+manifest.json: every file's size and sha256, read back from disk once every rank's files exist (the hashing is
+split across the ranks). Resume verifies the newest checkpoint against it and falls back to the newest intact
+one, saying which file failed; a damaged one is moved aside, so that pruning (keep_last) never keeps it in
+place of an intact one. Pruning always keeps the checkpoint just written (and verified).
 
 The harness's own files are JSON, so reading them back can never run code. DeepSpeed's shards are its own
 pickles: resume only checkpoints you trust, as with every PyTorch tool.
@@ -14,6 +19,7 @@ pickles: resume only checkpoints you trust, as with every PyTorch tool.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,6 +38,12 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"  # written next to DS_TAG by coconut_scale.universal, for another world size
 LOOP_STATE = "loop_state.json"
+MANIFEST = "manifest.json"
+DAMAGED_PREFIX = "damaged-"
+
+
+class CheckpointError(UserError):
+    """A checkpoint on disk that is incomplete or damaged; the message names the file."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,6 +77,63 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _listing(root: Path) -> list[str]:
+    """Rank 0's sorted list of the files under `root` (relative paths), the same on every rank (collective)."""
+    names = None
+    if dist.is_main():
+        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return dist.gather_objects(names)[0]
+
+
+def _file_problem(root: Path, name: str, expected: dict) -> str | None:
+    path = root / name
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != expected.get("size"):
+        return f"{path} has {size} bytes, its manifest says {expected.get('size')} (truncated or rewritten)"
+    if _sha256(path) != expected.get("sha256"):
+        return f"{path} does not match the sha256 in its manifest (damaged)"
+    return None
+
+
+def write_manifest(root: Path) -> None:
+    """Collective: `root/manifest.json` with every file's size and sha256, each rank hashing a share of them."""
+    names = _listing(root)
+    mine = {n: {"size": (root / n).stat().st_size, "sha256": _sha256(root / n)}
+            for n in names[dist.rank()::dist.world_size()]}
+    files = {name: entry for share in dist.gather_objects(mine) for name, entry in share.items()}
+    if dist.is_main():
+        write_json_atomic(root / MANIFEST, {"format": 1, "files": files})
+
+
+def verify_manifest(root: Path) -> str | None:
+    """Collective: None when every file `root/manifest.json` lists is there with its size and sha256, else the
+    first problem, naming the file. Each rank checks a share; every rank gets the same answer."""
+    manifest = root / MANIFEST
+    problem, files = None, {}
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise ValueError("'files' is not a mapping of file entries")
+    except FileNotFoundError:
+        problem = f"{manifest} is missing (a save that did not finish, or an older coconut_scale)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = f"{manifest} cannot be read: {e}"
+    names = sorted(files) if problem is None else []
+    mine = [p for n in names[dist.rank()::dist.world_size()] if (p := _file_problem(root, n, files[n]))]
+    found = [p for share in dist.gather_objects(mine) for p in share]  # every rank joins, whatever it found
+    return problem or (found[0] if found else None)
+
+
 def read_json(path: Path) -> dict:
     """A JSON file of a checkpoint; a missing or unreadable one is named."""
     try:
@@ -77,6 +146,7 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int = 2):
         self.root = Path(root)
         self.keep_last = max(int(keep_last), 1)
+        self._verified: set[Path] = set()  # checked against their manifests by this process
 
     def complete(self) -> list[Path]:
         if not self.root.is_dir():
@@ -105,13 +175,56 @@ class CheckpointManager:
             write_json_atomic(tmp / LOOP_STATE, {**loop_state, "world_size": dist.world_size()})
             for filename, text in (side_files or {}).items():
                 (tmp / filename).write_text(text)
+        dist.barrier()
+        write_manifest(tmp)  # read back from disk: the new checkpoint is verified before an older one goes
+        if dist.is_main():
             _fsync_dir(tmp)
             os.rename(tmp, final)
             _fsync_dir(self.root)
-            for old in self.complete()[: -self.keep_last]:
+            older = [p for p in self.complete() if p != final]
+            for old in older[: max(len(older) - (self.keep_last - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
+        self._verified.add(final)
         dist.barrier()
         return final
+
+    def verify(self, path: Path, universal: bool = False) -> str | None:
+        """Collective: None when `path` (and with `universal` its universal copy) matches its manifest, else the
+        problem, naming the file."""
+        path = Path(path)
+        problem = None if path in self._verified else verify_manifest(path)
+        if problem is None:
+            self._verified.add(path)
+            if universal:
+                problem = verify_manifest(path / UNIVERSAL_TAG)
+        return problem
+
+    def resume_point(self, log=print) -> Path | None:
+        """Collective: the newest checkpoint that verifies, None when there is none at all. Each newer one that
+        fails is reported in one line naming the file, then moved aside (damaged-step-*) so that it is never
+        mistaken for the newest again. When checkpoints exist but none verifies, the run stops rather than
+        start over from scratch (and overwrite their exports)."""
+        names = dist.gather_objects([p.name for p in self.complete()])[0]  # rank 0's view, on every rank
+        damaged = []
+        for name in reversed(names):
+            path = self.root / name
+            problem = self.verify(path)
+            if problem is None:
+                if dist.is_main():
+                    for bad in damaged:
+                        target = bad.with_name(DAMAGED_PREFIX + bad.name)
+                        if target.exists():  # damaged twice at the same step: keep both
+                            target = target.with_name(f"{target.name}-{os.getpid()}")
+                        os.rename(bad, target)
+                dist.barrier()
+                return path
+            log(f"checkpoint {path} skipped: {problem}; moved aside as {DAMAGED_PREFIX}{name} if an older one "
+                f"is intact")
+            damaged.append(path)
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint under {self.root}: all {len(damaged)} failed verification "
+                                  f"(see above). Move them away to start this run from scratch.")
+        return None
 
     @staticmethod
     def saved_world_size(path: Path) -> int | None:
@@ -131,8 +244,18 @@ class CheckpointManager:
 
     def load(self, strategy, path: Path, universal: bool = False) -> dict:
         """The loop state of `path`, after loading weights, optimizer, schedule and this rank's RNG into place.
-        `universal`: the world-size-free copy (the engine must be built with `"checkpoint": {"load_universal": true}`)."""
-        strategy.load_checkpoint(path, UNIVERSAL_TAG if universal else DS_TAG)
+        `universal`: the world-size-free copy (the engine must be built with `"checkpoint": {"load_universal": true}`).
+        Verified against its manifest first (once per process: resume_point already did it)."""
+        path = Path(path)
+        problem = self.verify(path, universal)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
+        tag = UNIVERSAL_TAG if universal else DS_TAG
+        try:
+            strategy.load_checkpoint(path, tag)
+        except Exception as e:  # DeepSpeed's own errors (torch.load of a shard) do not say which checkpoint
+            raise CheckpointError(f"checkpoint {path / tag} could not be loaded by DeepSpeed: "
+                                  f"{type(e).__name__}: {e}") from e
         rng_file = path / f"rng_rank{dist.rank()}.json"
         if rng_file.exists():  # absent when resuming at another world size
             set_rng_state(read_json(rng_file))
@@ -161,5 +284,6 @@ class CheckpointManager:
         if final.is_dir():
             return final
         convert_to_universal(step_dir / DS_TAG, tmp, workers)
+        write_manifest(tmp)
         os.rename(tmp, final)
         return final

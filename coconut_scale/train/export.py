@@ -14,26 +14,34 @@ from pathlib import Path
 
 from coconut_scale import distributed as dist
 from coconut_scale.model.export_meta import ExportMeta
+from coconut_scale.model.step_supervision import split_decoder_state, write_decoder_export
 
 BASE_PREFIX = "base_causallm."  # the Coconut wrapper's name for the HF model
 
 
-def export_hf(strategy, tokenizer, out_dir: str | Path, meta: ExportMeta, to_base=None) -> Path | None:
+def export_hf(strategy, tokenizer, out_dir: str | Path, meta: ExportMeta, to_base=None,
+              export_step_decoder: bool = False, step_prompt: str | None = None) -> Path | None:
     """Write an HF-format export of the strategy's Coconut model. Collective; rank 0 writes.
 
     `to_base(state_dict) -> (model, state_dict)` turns the wrapper's state into an HF model to save
     (identity for full fine-tuning; merges adapters for LoRA). A `to_base` with a
     `write_extras(state_dict, directory, tokenizer)` method also gets the unmerged state to write beside
     the model (LoRA: the adapter in `<out_dir>/adapter/`).
+
+    A step-supervised model's decoder (`step_decoder.*` keys) is training-only and left out; with
+    `export_step_decoder` it is written beside the model, in `<out_dir>/step_decoder/` (model/step_supervision.py).
     """
     out_dir = Path(out_dir)
     state = strategy.consolidated_state_dict()
     if dist.is_main():
+        state, decoder_state = split_decoder_state(state)
         state = {k[len(BASE_PREFIX):] if k.startswith(BASE_PREFIX) else k: v for k, v in state.items()}
         base = strategy.model.base_causallm
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        if export_step_decoder and hasattr(strategy.model, "step_decoder"):
+            write_decoder_export(strategy.model, decoder_state, tmp, step_prompt)
         write_extras = getattr(to_base, "write_extras", None)
         if write_extras is not None:
             write_extras(state, tmp, tokenizer)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from coconut_scale import distributed as dist
+from coconut_scale.config.ds_config import DeepSpeedConfigError
 from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
 from coconut_scale.model.loading import DTYPES, build_coconut, load_causal_lm
 
@@ -49,6 +50,30 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank())
+
+
+def validate_ds_config(cfg: dict, source: str) -> None:
+    """Run a filled config through DeepSpeed's own config parser (its pydantic models), without a GPU or a
+    process group, so that an unknown key or a bad value fails before any model loads, naming `source` and the
+    key. train_batch_size is left for DeepSpeed to derive: the parser sees a world of one, and build_ds_config
+    already checked the batch arithmetic for the real world size."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    trial = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "train_batch_size"}
+    try:
+        DeepSpeedConfig(trial)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors(include_url=False):
+            loc = [str(part) for part in error["loc"]]
+            # The models validate one section each; find the section that holds the offending key.
+            section = [k for k, v in cfg.items() if isinstance(v, dict) and loc and loc[0] in v]
+            key = ".".join(section[:1] + loc) if len(section) <= 1 else ".".join(loc)
+            problems.append(f"{key} = {error['input']!r}: {error['msg']}")
+        raise DeepSpeedConfigError(f"DeepSpeed refuses the config {source}: " + "; ".join(problems)) from None
+    except (ValueError, AssertionError, KeyError, TypeError) as e:
+        raise DeepSpeedConfigError(f"DeepSpeed refuses the config {source}: {type(e).__name__}: {e}") from None
 
 
 def _zero3_gather(params):
@@ -97,11 +122,20 @@ class DeepSpeedStrategy:
         model.feedback = recipe.coconut.mode == "coconut"
         if recipe.model.gradient_checkpointing:
             enable_latent_safe_checkpointing(base)
+        step = recipe.coconut.step_supervision
+        if step.enabled:  # SIM-CoT's decoder: a submodule of the wrapper, so ZeRO-3 partitions it with the base
+            from coconut_scale.model.step_supervision import add_step_decoder, load_step_decoder
+
+            add_step_decoder(model, load_step_decoder(recipe, len(tokenizer)), recipe.coconut.c_thought, step.weight)
         self.lora = bool(recipe.lora.enabled)
         if self.lora:
             from coconut_scale.model.lora import apply_lora
 
             apply_lora(model, recipe.lora, tokenizer, dtype=DTYPES[recipe.model.dtype])
+            if getattr(model, "step_decoder", None) is not None:
+                from coconut_scale.model.step_supervision import apply_decoder_lora
+
+                model.step_decoder = apply_decoder_lora(model.step_decoder, recipe.lora)
 
         params = [p for p in model.parameters() if p.requires_grad]
         offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
@@ -140,6 +174,17 @@ class DeepSpeedStrategy:
         """Called after every micro-batch: DeepSpeed steps the optimizer at the accumulation boundary."""
         self.engine.step()
 
+    def step_outcome(self) -> tuple[bool, torch.Tensor | float | None]:
+        """After an optimizer step: whether DeepSpeed applied it, and the global gradient norm it computed (a device
+        tensor under ZeRO, not read here so the caller syncs once). ZeRO stages 1-3 skip a step whose gradient norm
+        is not finite by themselves (zeroed gradients, no optimizer or schedule step): `applied` is then False."""
+        return bool(self.engine.was_step_applied()), self.engine.get_global_grad_norm()
+
+    @property
+    def skips_nonfinite_steps(self) -> bool:
+        """Whether the engine refuses a non-finite step itself (ZeRO 1-3) rather than applying it."""
+        return self.zero_stage > 0
+
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
@@ -157,6 +202,19 @@ class DeepSpeedStrategy:
         self.schedule.load_state_dict(copy.deepcopy(self._fresh_schedule))
         for group, lr in zip(opt.param_groups, self._fresh_schedule["_last_lr"]):
             group["lr"] = lr
+
+    def apply_recipe_optim(self) -> None:
+        """After a load: the recipe's optimizer settings replace the checkpoint's, the schedule keeping its position.
+        They are equal unless checkpoint.allow_changes let optim.* differ; without this a new optim.lr would be
+        ignored (the loaded schedule's base_lrs and the groups' initial_lr keep the old one). Same arithmetic as
+        the schedule's own step (base lr x factor), so an unchanged recipe resumes bit for bit."""
+        o = self.recipe.optim
+        opt, schedule = self._optimizer(), self.schedule
+        schedule.base_lrs = [o.lr] * len(opt.param_groups)
+        for group, factor in zip(opt.param_groups, schedule.lr_lambdas):
+            group.update(initial_lr=o.lr, lr=o.lr * factor(schedule.last_epoch), betas=tuple(o.betas), eps=o.eps,
+                         weight_decay=o.weight_decay)
+        schedule._last_lr = [group["lr"] for group in opt.param_groups]
 
     def lr(self) -> float:
         return float(self._optimizer().param_groups[0]["lr"])

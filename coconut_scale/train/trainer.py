@@ -11,6 +11,8 @@ writes a stage's HF export before the checkpoint that moves past it, so a kill c
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -22,12 +24,13 @@ import yaml
 from coconut_scale import distributed as dist
 from coconut_scale.atomic_files import write_jsonl_atomic
 from coconut_scale.config.batch_plan import BatchMathError, BatchPlan, format_batch_table, resolve_batch
-from coconut_scale.config.ds_config import build_ds_config
+from coconut_scale.config.ds_config import build_ds_config, ds_config_path
 from coconut_scale.config.model_shape import hidden_size
 from coconut_scale.config.schedule import schedule_steps
 from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.data.curriculum import CurriculumConfig, build_eval_examples, build_stage_dataset, stage_for_epoch
 from coconut_scale.data.sampler import GlobalBatchSampler
+from coconut_scale.data.step_targets import StepTargetCollator
 from coconut_scale.data.tokenized import load_tokenized
 from coconut_scale.errors import UserError
 from coconut_scale.evaluate.generation import generate_and_score, validation_loss
@@ -35,8 +38,20 @@ from coconut_scale.model.export_meta import ExportMeta
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train.checkpoints import CheckpointManager
 from coconut_scale.train.export import export_hf
+from coconut_scale.train.recipe_guard import CHANGES_FILE, change_history, check_resume
+from coconut_scale.train.run_lock import RunLock, RunLockError
 from coconut_scale.train.run_log import RunLog, peak_memory_gb
-from coconut_scale.train.strategy import DeepSpeedStrategy, init_distributed
+from coconut_scale.train.strategy import DeepSpeedStrategy, init_distributed, validate_ds_config
+
+
+class NonFiniteError(UserError):
+    """A non-finite loss or gradient norm: the run stops before anything non-finite reaches the disk."""
+
+
+def _say(message: str) -> None:
+    """A line on rank 0, for what happens before the RunLog exists."""
+    if dist.is_main():
+        print(message, flush=True)
 
 
 @dataclass
@@ -48,6 +63,7 @@ class TrainState:
     global_step: int = 0
     best_accuracy: float = -1.0
     stage: int | None = None  # stage of the last epoch trained (the optimizer reset looks at it)
+    skipped_steps: int = 0  # non-finite steps skipped so far (optim.skip_nonfinite_steps)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -107,10 +123,16 @@ class Trainer:
         # Everything that can be wrong with the recipe fails here, before any process group or model exists.
         self.plan = resolve_batch(recipe.batch, world, recipe.data.max_seq_len)
         self.hidden = hidden_size(recipe)
-        build_ds_config(recipe, self.plan, self.hidden)
+        validate_ds_config(build_ds_config(recipe, self.plan, self.hidden),
+                           f"{ds_config_path(recipe)} (+ deepspeed.overrides)")
 
         init_distributed()
+        self._take_output_dir()
         torch.manual_seed(recipe.seed)
+        self.ckpts = CheckpointManager(self.out / "checkpoints", recipe.checkpoint.keep_last)
+        latest = self.ckpts.resume_point(log=_say) if recipe.checkpoint.auto_resume else None
+        # Before anything is written or loaded: another recipe stops the run here, naming every key it changes.
+        self.recipe_changes = check_resume(recipe, latest) if latest is not None else {}
         self.log = RunLog(self.out, recipe.logging.wandb_project, recipe.logging.wandb_run_name, recipe.resolved_dict())
         self.log.print(f"coconut_scale: {recipe.name} | world size {world} | output {self.out}")
         self.log.print(format_batch_table([self.plan]))
@@ -128,8 +150,6 @@ class Trainer:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         n_schedule = schedule_steps(recipe, len(self.train_recs))  # refuses a data set with no full global batch
         ds_config = build_ds_config(recipe, self.plan, self.hidden)
-        self.ckpts = CheckpointManager(self.out / "checkpoints", recipe.checkpoint.keep_last)
-        latest = self.ckpts.latest() if recipe.checkpoint.auto_resume else None
         # A checkpoint from another GPU count loads only through its universal copy (coconut_scale.universal).
         universal = latest is not None and self.ckpts.needs_universal(latest, world)
         if universal:
@@ -138,11 +158,36 @@ class Trainer:
                                           n_schedule, log=self.log.print)
         self.model = self.strategy.model
         self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
+        step = recipe.coconut.step_supervision
+        # SIM-CoT's per-step decoder targets, built once from the records' step texts (data/step_targets.py).
+        self.step_collate = (StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
+                             if step.enabled else None)
         self.side_files = {"recipe.resolved.yaml": yaml.safe_dump(recipe.resolved_dict(), sort_keys=False),
                            "batch_table.txt": format_batch_table(self._resolvable_plans()) + "\n"}
         if latest is not None:
             self.load(latest, universal)
+        history = change_history(latest, self.recipe_changes, self.state.global_step)
+        if history:  # beside every later checkpoint: the run's recipe changes so far
+            self.side_files[CHANGES_FILE] = json.dumps(history, indent=2) + "\n"
+        if self.recipe_changes:
+            self.log.log("recipe_change", global_step=self.state.global_step, checkpoint=str(latest),
+                         changes=self.recipe_changes)
+            self.log.print("recipe changed on resume (checkpoint.allow_changes): " + "; ".join(
+                f"{k}: {json.dumps(old)} -> {json.dumps(new)}" for k, (old, new) in self.recipe_changes.items()))
         return self
+
+    def _take_output_dir(self) -> None:
+        """Rank 0 locks output_dir before anything is written there; a refusal stops every rank together."""
+        self.lock = RunLock(self.out)
+        refusal = None
+        if dist.is_main():
+            try:
+                self.lock.acquire(log=_say)
+            except RunLockError as e:
+                refusal = str(e)
+        refusal = dist.gather_objects(refusal)[0]
+        if refusal:
+            raise RunLockError(refusal)
 
     def _tokenize(self) -> None:
         data, cfg = self.recipe.data, self.cfg
@@ -202,6 +247,7 @@ class Trainer:
             self.save()
         self.log.print(f"done: best accuracy {state.best_accuracy:.4f}; outputs in {self.out}")
         self.log.close()
+        self.lock.release()
         return state
 
     def train_epoch(self, epoch: int, stage: int) -> None:
@@ -212,9 +258,14 @@ class Trainer:
         bar = self.log.progress(self.steps_per_epoch, f"epoch {epoch} stage {stage}", initial=state.step_in_epoch)
         micro_batches = self.sampler.micro_batches(epoch, state.step_in_epoch)
         t_last, tokens_since, loss_sum, n_losses = time.perf_counter(), 0, torch.zeros((), device=device), 0
+        part_sums, n_parts = torch.zeros(2, device=device), 0  # coconut loss, step loss (step supervision only)
         for step in range(state.step_in_epoch, self.steps_per_epoch):
+            step_losses, loss_parts = [], []
             for _ in range(plan.grad_accum):
-                batch = self.collate([data[i] for i in next(micro_batches)])
+                features = [data[i] for i in next(micro_batches)]
+                batch = self.collate(features)
+                if self.step_collate is not None and recipe.coconut.step_supervision.applies_to(stage):
+                    batch.update(self.step_collate(features))  # the same on every rank: the stage decides
                 # Counted on the CPU copy: reading them from the device would stall it every micro-batch.
                 tokens_since += int(batch["attention_mask"].sum())
                 needed = self.model.count_passes(batch["input_ids"])
@@ -222,28 +273,88 @@ class Trainer:
                     raise RuntimeError(f"a batch at stage {stage} needs {needed} passes, more than the "
                                        f"{passes} planned for the stage")
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss = self.strategy.forward(**batch, num_passes=passes).loss
+                out = self.strategy.forward(**batch, num_passes=passes)
+                loss = out.loss
                 self.strategy.backward(loss)
                 self.strategy.step()
-                loss_sum += loss.detach()
-                n_losses += 1
+                step_losses.append(loss.detach())
+                if getattr(out, "step_loss", None) is not None:  # logged apart: coconut loss and step loss
+                    loss_parts.append(torch.stack([out.coconut_loss.detach(), out.step_loss.detach()]))
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
+            if self._finite_or_skipped(step_losses, epoch):
+                for micro_loss in step_losses:
+                    loss_sum += micro_loss
+                n_losses += len(step_losses)
+                for parts in loss_parts:
+                    part_sums += parts
+                n_parts += len(loss_parts)
             bar.update(1)
-            if state.global_step % recipe.logging.log_every_steps == 0 or step + 1 == self.steps_per_epoch:
+            # n_losses is 0 when every step since the last line was skipped (the same on every rank): nothing to log.
+            log_now = state.global_step % recipe.logging.log_every_steps == 0 or step + 1 == self.steps_per_epoch
+            if n_losses and log_now:
                 elapsed = time.perf_counter() - t_last
                 loss_total, tokens = dist.all_reduce_sum([float(loss_sum) / n_losses, tokens_since])  # one sync
+                if not math.isfinite(loss_total):  # a loss non-finite on one rank only (its gradients were finite)
+                    raise NonFiniteError(f"non-finite mean training loss {loss_total} over the steps logged at global "
+                                         f"step {state.global_step} (epoch {epoch}): a rank's micro-batch loss was not "
+                                         f"finite; nothing of it was checkpointed or exported")
                 record = dict(global_step=state.global_step, epoch=epoch, stage=stage,
                               loss=loss_total / dist.world_size(), lr=self.strategy.lr(),
                               grad_norm=self.strategy.grad_norm(), latent_passes=passes - 1,
                               tokens_per_s=tokens / max(elapsed, 1e-9), peak_mem_gb=peak_memory_gb())
+                if n_parts:  # the same on every rank (the stage decides), so this reduction is collective
+                    coconut_loss, step_loss = dist.all_reduce_sum((part_sums / n_parts).tolist())
+                    record.update(coconut_loss=coconut_loss / dist.world_size(), step_loss=step_loss / dist.world_size())
                 self.log.log("train", **record)
                 self.log.step_line(bar, record, self.steps_per_epoch * recipe.optim.epochs)
-                t_last, tokens_since, n_losses = time.perf_counter(), 0, 0
+                t_last, tokens_since, n_losses, n_parts = time.perf_counter(), 0, 0, 0
                 loss_sum.zero_()
+                part_sums.zero_()
             every = recipe.checkpoint.save_every_steps
             if every and state.global_step % every == 0 and step + 1 < self.steps_per_epoch:
                 self.save()
         bar.close()
+
+    def _finite_or_skipped(self, losses: list[torch.Tensor], epoch: int) -> bool:
+        """False for a step skipped within optim.skip_nonfinite_steps; raises NonFiniteError for one that stops the run.
+
+        One host sync per optimizer step: this rank's micro-batch losses and the gradient norm the engine computed.
+        The decision rests on facts every rank shares (the global norm; whether the engine applied the step), so
+        all ranks stop or skip together. A loss non-finite on one rank only, with finite gradients, updates nothing
+        non-finite; the logged loss (summed over ranks) catches it. fp16 runs skip steps by loss scaling, which is
+        normal: there only the losses count.
+        """
+        state = self.state
+        applied, norm = self.strategy.step_outcome()
+        values = torch.stack([*losses, torch.as_tensor(0.0 if norm is None else norm, dtype=losses[0].dtype,
+                                                       device=losses[0].device)]).tolist()
+        micro, norm_value = values[:-1], (None if norm is None else values[-1])
+        bad_micro = next((i for i, v in enumerate(micro) if not math.isfinite(v)), None)
+        fp16 = self.recipe.model.dtype == "fp16"
+        global_bad = not fp16 and (not applied or (norm_value is not None and not math.isfinite(norm_value)))
+        if not global_bad and (bad_micro is None or dist.world_size() > 1):
+            return True
+        where = (f"global step {state.global_step} (epoch {epoch}, step {state.step_in_epoch} of "
+                 f"{self.steps_per_epoch})")
+        what = (f"loss {micro[bad_micro]} in micro-batch {bad_micro + 1} of {len(micro)}"
+                + (f" on rank {dist.rank()}" if dist.world_size() > 1 else "") if bad_micro is not None
+                else f"every micro-batch loss finite on rank {dist.rank()}")
+        what = f"non-finite step at {where}: {what}, gradient norm {norm_value}"
+        budget = self.recipe.optim.skip_nonfinite_steps
+        if not applied and not fp16 and state.skipped_steps < budget:
+            state.skipped_steps += 1
+            self.log.log("nonfinite_skip", global_step=state.global_step, epoch=epoch, micro_batch=bad_micro,
+                         loss=micro[bad_micro] if bad_micro is not None else None, grad_norm=norm_value)
+            self.log.print(f"{what}: skipped (gradients dropped, no update), {state.skipped_steps} of "
+                           f"optim.skip_nonfinite_steps {budget}")
+            return False
+        if applied and self.strategy.skips_nonfinite_steps is False:
+            why = "the engine applied it (ZeRO stage 0 does not refuse non-finite steps): the weights may not be finite"
+        elif budget:
+            why = f"optim.skip_nonfinite_steps {budget} already used up"
+        else:
+            why = "lower optim.lr, check the data, or allow skips with optim.skip_nonfinite_steps"
+        raise NonFiniteError(f"{what}; the run stops before anything of this step is checkpointed or exported ({why})")
 
     def evaluate(self, epoch: int, stage: int) -> dict:
         """Validation loss and (if the recipe asks) generation accuracy at `stage`, over every rank's shard."""
@@ -273,6 +384,7 @@ class Trainer:
 
     def load(self, path: Path, universal: bool = False) -> None:
         self.state.load_state_dict(self.ckpts.load(self.strategy, path, universal=universal))
+        self.strategy.apply_recipe_optim()  # a new optim.lr (checkpoint.allow_changes) takes effect at once
         self.last_checkpoint = path
         self.log.print(f"resumed from {path}{' (universal copy)' if universal else ''} (epoch {self.state.epoch}, "
                        f"step {self.state.step_in_epoch} of {self.steps_per_epoch}, "
@@ -289,6 +401,8 @@ class Trainer:
             from coconut_scale.model.lora import merged_base_for_export
 
             to_base = merged_base_for_export(self.model)
-        path = export_hf(self.strategy, self.tokenizer, self.out / "hf" / name, meta, to_base=to_base)
+        step = self.recipe.coconut.step_supervision
+        path = export_hf(self.strategy, self.tokenizer, self.out / "hf" / name, meta, to_base=to_base,
+                         export_step_decoder=step.enabled and step.export_decoder, step_prompt=step.prompt)
         if path:
             self.log.print(f"exported HF model -> {path}")

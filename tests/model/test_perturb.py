@@ -79,18 +79,18 @@ def test_changes_outputs_only_when_enabled(kind):
     t = LatentTokens.from_tokenizer(tok)
     coconut = Coconut(model, t.latent_id, t.start_id, t.end_id, t.eos_id)
     ids, mask, labels, pos = latent_batch(t, [3, 2], [5, 6], seed=1)
-    clean = coconut(ids, mask, labels, pos).logits
-    assert torch.equal(coconut(ids, mask, labels, pos).logits, clean)  # off: deterministic, untouched
+    clean = coconut(ids, mask, labels, pos, return_logits=True).logits
+    assert torch.equal(coconut(ids, mask, labels, pos, return_logits=True).logits, clean)  # off: deterministic, untouched
     scale = {"snr": 0.0, "targeted": -0.9}.get(kind, 2.0)
     coconut.perturbation = Perturbation(kind, scale, passes=(1,))
-    noisy = coconut(ids, mask, labels, pos).logits
+    noisy = coconut(ids, mask, labels, pos, return_logits=True).logits
     first_latent = int((ids[0] == t.latent_id).nonzero()[0])
     # Positions up to and including the first latent are untouched (pass 0 not perturbed) ...
     torch.testing.assert_close(noisy[:, : first_latent + 1], clean[:, : first_latent + 1])
     # ... the second latent's fed-back state was perturbed, so later positions change.
     assert not torch.allclose(noisy[:, first_latent + 2 :], clean[:, first_latent + 2 :])
     coconut.perturbation = None
-    assert torch.equal(coconut(ids, mask, labels, pos).logits, clean)
+    assert torch.equal(coconut(ids, mask, labels, pos, return_logits=True).logits, clean)
 
 
 @pytest.mark.parametrize("kind", NOISE_KINDS)

@@ -14,7 +14,7 @@ from coconut_scale.config.ds_config import build_ds_config
 from coconut_scale.model.shapes import dims
 from coconut_scale.config.recipe import check_files, load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 NAMES = [p.stem for p in RECIPES]
 # The header convention (launch command, batch table) is checked on the recipes of this package's configuration

@@ -22,7 +22,7 @@ from coconut_scale.config.recipe import (
     resolve_path,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BASE = {
     "name": "unit",

@@ -17,7 +17,7 @@ from coconut_scale.data.records import DataFormatError, write_records
 from coconut_scale.testing import SMOLLM2_GGUF, smollm2_path, tiny_tokenizer
 from coconut_scale.model.tokens import LatentTokens
 
-SHARED = Path(os.environ.get("COCONUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(os.environ.get("COCONUT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")

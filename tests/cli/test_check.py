@@ -14,7 +14,7 @@ from coconut_scale.data.records import DataFormatError
 from coconut_scale.model.shapes import SHAPES, dims, hf_config, lora_param_count, param_count, shape_for
 from coconut_scale.config.recipe import load_recipe, recipe_from_dict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LLAMA = REPO / "recipes" / "llama8b_gsm.yaml"
 LLAMA_LORA = REPO / "recipes" / "llama8b_gsm_lora.yaml"
 

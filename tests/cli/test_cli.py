@@ -27,7 +27,8 @@ def test_help_lists_every_command_with_one_line_each():
     lines = proc.stdout.splitlines()
     for name, command in COMMANDS.items():
         assert any(line.split() == [name, *command.summary.split()] for line in lines), name
-    assert set(COMMANDS) == {"train", "check", "eval", "universal", "noise-sweep", "ablations", "probing", "curves"}
+    assert set(COMMANDS) == {"train", "check", "eval", "universal", "noise-sweep", "ablations", "probing", "curves",
+                             "decode-latents"}
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))

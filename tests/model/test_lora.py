@@ -26,7 +26,7 @@ import torch
 if __name__ != "__main__":
     from conftest import REPO
 else:  # run as a torchrun script: tests/ is sys.path[0], the package may not be installed
-    REPO = Path(__file__).resolve().parents[1]
+    REPO = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(REPO))
 
 from coconut_scale.model.lora import (

@@ -14,8 +14,8 @@ from coconut_scale.data import prosqa_synthetic
 from coconut_scale.data.converters import gsm_hf, gsm_icot, prontoqa, prosqa
 from coconut_scale.data.records import DataFormatError, load_records, validate_records
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("COCONUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("COCONUT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def shared_file(name: str) -> Path:

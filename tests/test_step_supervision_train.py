@@ -1,0 +1,63 @@
+"""Step supervision through the whole trainer on CPU: ZeRO-3 with 1 process vs 2 ranks (torchrun), the two losses
+logged apart, the decoder left out of the HF export by default and written beside it on request, then reattached.
+
+Stage mixing (uniform_prob) gives ranks rows of different latent-step counts in the same step, and rows with no
+latent at all (the decoder then still runs once, on a dummy pair).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from coconut_scale.model.loading import load_exported_with_step_decoder
+from test_train_distributed import _run, _train_losses
+
+pytestmark = pytest.mark.slow
+STEP = {"coconut.step_supervision.enabled": "true", "coconut.step_supervision.export_decoder": "true"}
+
+
+def _train_records(out):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("step_train")
+    data = root / "data"
+    _run("python", root / "one", data, **STEP)
+    _run("torchrun", root / "two", data, **STEP)
+    return root / "one", root / "two"
+
+
+def test_losses_are_logged_apart_and_two_ranks_equal_one(runs):
+    one, two = runs
+    rec1, rec2 = _train_records(one), _train_records(two)
+    latent = [r for r in rec1 if r["stage"] >= 1]
+    assert latent and all({"coconut_loss", "step_loss"} <= r.keys() for r in latent)
+    assert all("step_loss" not in r for r in rec1 if r["stage"] == 0)  # stage 0 has no latent step
+    for r in latent:
+        assert abs(r["loss"] - (r["coconut_loss"] + r["step_loss"])) < 1e-3 * max(1.0, r["loss"])
+    l1, l2 = _train_losses(one), _train_losses(two)
+    assert l1.keys() == l2.keys()
+    for step in l1:
+        assert abs(l1[step] - l2[step]) < 1e-4 * max(1.0, l1[step]), (step, l1[step], l2[step])
+
+
+def test_export_drops_the_decoder_writes_it_beside_and_the_loader_reattaches_it(runs):
+    one, two = runs
+    export = one / "hf" / "stage2"
+    model_keys = load_file(str(export / "model.safetensors")).keys()
+    assert not any(k.startswith("step_decoder") for k in model_keys)
+    # 2-rank ZeRO-3 and 1 process train the same decoder
+    d1 = load_file(str(one / "hf" / "stage2" / "step_decoder" / "model.safetensors"))
+    d2 = load_file(str(two / "hf" / "stage2" / "step_decoder" / "model.safetensors"))
+    assert d1.keys() == d2.keys()
+    for key in d1:
+        torch.testing.assert_close(d1[key], d2[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
+    model, _, cfg, step_cfg = load_exported_with_step_decoder(export)
+    assert step_cfg["c_thought"] == cfg["c_thought"] == 1 and not step_cfg["shared"]
+    loaded = model.step_decoder.state_dict()
+    for key, value in d1.items():
+        torch.testing.assert_close(loaded[key], value)
