@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from coconut_scale import distributed as dist
-from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
+from coconut_scale.evaluate.inputs import add_common_args, check_common_args, open_inputs
 from coconut_scale.atomic_files import write_json_atomic, write_jsonl_atomic
 from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.runtime import (
     new_figure,
     progress,
-    quiet_libraries,
     save_png,
     say,
 )
@@ -59,10 +57,7 @@ def tokens_figure(rows: list[dict], title: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_common_args(args)
-    quiet_libraries()
-    dist.init_for_inference()
-    inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
-    out = Path(args.out) if args.out else default_out_dir(inputs.checkpoint, "generation", inputs.stage)
+    inputs, out = open_inputs(args, "generation")
     n_batches = -(-len(inputs.examples[dist.rank()::dist.world_size()]) // args.batch_size)
     bar = progress(n_batches, f"eval stage {inputs.stage}")
     result = generate_and_score(inputs.model, inputs.examples, inputs.tokenizer, args.batch_size, args.max_new_tokens,

@@ -203,7 +203,9 @@ def build_eval_example(tok_rec: dict, stage: int, cfg: CurriculumConfig, tokens:
     return example
 
 
-class _ExampleDataset(Dataset):
+class TrainDataset(Dataset):
+    """Training (or validation-loss) examples of one epoch; rebuild each epoch with build_stage_dataset."""
+
     def __init__(self, examples: list[dict], stage: int):
         self.examples = examples
         self.stage = stage
@@ -213,14 +215,6 @@ class _ExampleDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.examples[i]
-
-
-class TrainDataset(_ExampleDataset):
-    """Training (or validation-loss) examples of one epoch; rebuild each epoch with build_stage_dataset."""
-
-
-class EvalDataset(_ExampleDataset):
-    """Generation prompts of one stage."""
 
 
 def build_stage_dataset(tokenized: list[dict], stage: int, cfg: CurriculumConfig, tokens: LatentTokens,
@@ -237,10 +231,6 @@ def build_stage_dataset(tokenized: list[dict], stage: int, cfg: CurriculumConfig
     if shuffle:
         rng.shuffle(examples)
     return TrainDataset(examples, stage)
-
-
-def build_eval_dataset(tokenized: list[dict], stage: int, cfg: CurriculumConfig, tokens: LatentTokens) -> EvalDataset:
-    return EvalDataset([build_eval_example(r, stage, cfg, tokens) for r in tokenized], stage)
 
 
 def build_eval_examples(tokenized: list[dict], stage: int, cfg: CurriculumConfig, tokens: LatentTokens) -> list[dict]:

@@ -24,19 +24,17 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from coconut_scale import distributed as dist
-from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
+from coconut_scale.evaluate.inputs import add_common_args, check_common_args, open_inputs
 from coconut_scale.atomic_files import write_json_atomic, write_text_atomic
 from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.runtime import (
     InputError,
     new_figure,
     progress,
-    quiet_libraries,
     save_png,
     say,
 )
@@ -177,10 +175,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_common_args(args)
-    quiet_libraries()
-    dist.init_for_inference()
-    inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
-    out = Path(args.out) if args.out else default_out_dir(inputs.checkpoint, "ablations", inputs.stage)
+    inputs, out = open_inputs(args, "ablations")
     n_latents = max(ex["n_latents"] for ex in inputs.examples)
     if n_latents == 0:
         raise InputError(f"stage {inputs.stage} prompts hold no latents; there is nothing to ablate (use --stage >= 1)")

@@ -110,7 +110,7 @@ def format_table(rows: list[dict], summary: dict, width: int = 60) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="coconut-scale decode-latents", description=__doc__,
+    parser = argparse.ArgumentParser(prog="coconut-scale decode-latents", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.set_defaults(max_new_tokens=48)

@@ -16,7 +16,7 @@ from pathlib import Path
 from coconut_scale import distributed as dist
 from coconut_scale.data.curriculum import CurriculumConfig, build_eval_examples
 from coconut_scale.data.records import load_records
-from coconut_scale.evaluate.runtime import InputError
+from coconut_scale.evaluate.runtime import InputError, quiet_libraries
 from coconut_scale.model.export_meta import COCONUT_CONFIG, ExportMeta
 from coconut_scale.model.tokens import LatentTokens
 
@@ -127,3 +127,12 @@ def default_out_dir(checkpoint: str | Path, tool: str, stage: int) -> Path:
     ckpt = Path(checkpoint).resolve()
     base = ckpt.parent.parent / "eval" / ckpt.name if ckpt.parent.name == "hf" else ckpt.with_name(ckpt.name + "-eval")
     return base / f"{tool}-stage{stage}"
+
+
+def open_inputs(args, tool: str) -> tuple[EvalInputs, Path]:
+    """What every export-evaluating command does once its own flags are checked: quiet the libraries, join the
+    launcher's process group (if any), load the export and the data, and pick the output directory."""
+    quiet_libraries()
+    dist.init_for_inference()
+    inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
+    return inputs, Path(args.out) if args.out else default_out_dir(inputs.checkpoint, tool, inputs.stage)

@@ -22,19 +22,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 
 from coconut_scale import distributed as dist
-from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
+from coconut_scale.evaluate.inputs import add_common_args, check_common_args, open_inputs
 from coconut_scale.atomic_files import write_json_atomic
 from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.runtime import (
     InputError,
     new_figure,
     progress,
-    quiet_libraries,
     save_png,
     say,
 )
@@ -211,10 +209,7 @@ def main(argv=None) -> int:
     check_common_args(args)
     kinds = list(dict.fromkeys(args.kinds))
     scales = parse_scales(args.scales, kinds)
-    quiet_libraries()
-    dist.init_for_inference()
-    inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
-    out = Path(args.out) if args.out else default_out_dir(inputs.checkpoint, "noise_sweep", inputs.stage)
+    inputs, out = open_inputs(args, "noise_sweep")
     sweep = run_sweep(inputs, kinds, scales, args.passes, args.seed, args.batch_size, args.max_new_tokens)
     report = {"checkpoint": str(inputs.checkpoint), "data": str(inputs.data), "stage": inputs.stage,
               "kinds": kinds, "scales": {k: list(v) for k, v in scales.items()}, "seed": args.seed,

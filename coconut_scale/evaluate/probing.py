@@ -27,19 +27,17 @@ import argparse
 import math
 import sys
 from collections import Counter, deque
-from pathlib import Path
 
 import torch
 
 from coconut_scale import distributed as dist
-from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
+from coconut_scale.evaluate.inputs import add_common_args, check_common_args, open_inputs
 from coconut_scale.atomic_files import write_json_atomic, write_jsonl_atomic
 from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.runtime import (
     InputError,
     new_figure,
     progress,
-    quiet_libraries,
     save_png,
     say,
 )
@@ -181,14 +179,11 @@ def main(argv=None) -> int:
     check_common_args(args)
     if args.top_k < 1:
         raise InputError(f"--top-k must be >= 1, got {args.top_k}")
-    quiet_libraries()
-    dist.init_for_inference()
-    inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
+    inputs, out = open_inputs(args, "probing")
     if not inputs.model.feedback:
         raise InputError(f"{inputs.checkpoint}: mode {inputs.curriculum.mode!r} has no continuous thoughts to probe")
     if max(ex["n_latents"] for ex in inputs.examples) == 0:
         raise InputError(f"stage {inputs.stage} prompts hold no latents; there are no thoughts to probe (--stage >= 1)")
-    out = Path(args.out) if args.out else default_out_dir(inputs.checkpoint, "probing", inputs.stage)
     rows = probe_examples(inputs, args.top_k, args.batch_size)
     steps = summarize(rows)
     report = {"checkpoint": str(inputs.checkpoint), "data": str(inputs.data), "stage": inputs.stage,

@@ -114,3 +114,25 @@ def test_module_shims_exit_through_the_same_handler(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "coconut_scale.check", str(tmp_path / "nope.yaml")], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("launch", ["coconut-scale train", "python -m coconut_scale.train"])
+@pytest.mark.parametrize("case", ["override", "recipe path", "data file"])
+def test_train_user_errors_are_one_line_with_exit_code_2(launch, case, tmp_path):
+    """Bad input to training fails before any model loads, as one line that names it."""
+    if case == "override":
+        args, named = ["recipes/tiny_cpu.yaml", "optim.lrr=1"], "'optim.lrr'"
+    elif case == "recipe path":
+        args, named = [tmp_path / "nope.yaml"], str(tmp_path / "nope.yaml")
+    else:
+        missing = tmp_path / "nope.json"
+        args, named = ["recipes/tiny_cpu.yaml", f"data.train_file={missing}", "data.generate=null"], str(missing)
+    if launch == "coconut-scale train":
+        proc = coconut_scale("train", *args)
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "COCONUT_DEBUG"}
+        proc = subprocess.run([sys.executable, "-m", "coconut_scale.train", *map(str, args)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], proc.stderr

@@ -10,9 +10,7 @@ from hypothesis import strategies as st
 from coconut_scale.data.curriculum import (
     MODES,
     CurriculumConfig,
-    EvalDataset,
     TrainDataset,
-    build_eval_dataset,
     build_eval_example,
     build_eval_examples,
     build_stage_dataset,
@@ -183,8 +181,8 @@ def test_build_stage_dataset_reproducible():
     assert [ex["idx"] for ex in shuffled] != list(range(120))
     plain = build_stage_dataset(recs, 1, cfg("coconut"), T, seed=5)
     assert all(ex["stage"] == 1 for ex in plain)
-    ev = build_eval_dataset(recs, 2, c, T)
-    assert isinstance(ev, EvalDataset) and ev[0]["input_ids"] == Q + S + lat(4) + E
+    ev = build_eval_examples(recs, 2, c, T)
+    assert ev[0]["input_ids"] == Q + S + lat(4) + E
 
 
 # ---------------------------------------------------------------- from a recipe, from an export, pass counts
