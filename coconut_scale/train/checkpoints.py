@@ -218,8 +218,8 @@ class CheckpointManager:
                         os.rename(bad, target)
                 dist.barrier()
                 return path
-            log(f"checkpoint {path} skipped: {problem}; moved aside as {DAMAGED_PREFIX}{name} if an older one "
-                f"is intact")
+            log(f"checkpoint {path} skipped: {problem}; it is moved aside ({DAMAGED_PREFIX}{name}) once an "
+                f"older one verifies")
             damaged.append(path)
         if damaged:
             raise CheckpointError(f"no intact checkpoint under {self.root}: all {len(damaged)} failed verification "

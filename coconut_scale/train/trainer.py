@@ -348,7 +348,7 @@ class Trainer:
             self.log.print(f"{what}: skipped (gradients dropped, no update), {state.skipped_steps} of "
                            f"optim.skip_nonfinite_steps {budget}")
             return False
-        if applied and self.strategy.skips_nonfinite_steps is False:
+        if applied and not self.strategy.skips_nonfinite_steps:
             why = "the engine applied it (ZeRO stage 0 does not refuse non-finite steps): the weights may not be finite"
         elif budget:
             why = f"optim.skip_nonfinite_steps {budget} already used up"
