@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,24 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a training/eval subprocess: DeepSpeed on CPU, one thread, no wandb, unbuffered output,
+    the checkout importable (scripts run by path do not see it unless the package is installed), and none of a
+    launcher's rank variables leaking in from the calling shell."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **extra)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    """{global step: logged train loss} of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["global_step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
 def shared_data_dir() -> Path:

@@ -52,7 +52,7 @@ def test_fast_path_equals_reference(arch, batch_index):
     ids, mask, labels, pos = latent_batch(tokens, *BATCHES[batch_index], seed=batch_index)
     names = [n for n, _ in coconut.base_causallm.named_parameters()]
 
-    out = coconut(ids, mask, labels, pos)
+    out = coconut(ids, mask, labels, pos, return_logits=True)
     fast = _grads(coconut.base_causallm, out.loss)
     ref_loss, ref_logits = reference_forward(coconut.base_causallm, ids, mask, labels, pos, tokens.latent_id)
     ref = _grads(coconut.base_causallm, ref_loss)
@@ -203,7 +203,7 @@ def test_feedback_off_is_plain_tokens():
     coconut, tokens = _wrap("llama")
     ids, mask, labels, pos = latent_batch(tokens, [2, 3], [5, 4], seed=2)
     coconut.feedback = False
-    out = coconut(ids, mask, labels, pos)
+    out = coconut(ids, mask, labels, pos, return_logits=True)
     plain = coconut.base_causallm(input_ids=ids, attention_mask=mask, position_ids=pos)
     torch.testing.assert_close(out.logits[mask.bool()], plain.logits[mask.bool()], rtol=RTOL, atol=1e-5)
     assert out.num_passes == 1

@@ -126,7 +126,7 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
         rows.append((plan.world_size, plan.micro_batch_size, plan.grad_accum,
                      estimate_memory(recipe, plan.world_size, shape=shape, ds_config=cfg)))
     if rows:
-        out(f"memory per GPU, GiB (estimate; 'host' = CPU RAM per rank for offloaded state):")
+        out("memory per GPU, GiB (estimate; 'host' = CPU RAM per rank for offloaded state):")
         out(_memory_table(rows, limit))
     for ws, micro, _, est in rows:
         if est["total"] > limit:

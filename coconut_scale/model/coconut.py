@@ -16,19 +16,25 @@ How it is computed (no Python loop over rows or positions):
   - `num_passes` lets the caller ask for more passes than this batch needs (extra passes split the longest
     stretch without latents). Distributed trainers all-reduce the max so every rank runs the same number of
     base-model calls; the wrapper itself knows nothing of distribution.
+  - `latent_columns` (optional) is the plan's input as the collator knows it on the CPU; without it the plan
+    reads the latent columns back from `input_ids` (one host sync, a stall on a GPU).
+  - Training with labels never builds [B, T, V] logits: each pass runs the decoder body alone and returns
+    its final hidden states (no lm_head per pass); the loss comes from chunked_loss.py. Logits of every position
+    are returned only when asked for (`return_logits=True`) or when there are no labels.
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from coconut_scale.model.activation_checkpointing import decoder_layers
+from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS, chunked_shifted_cross_entropy
 from coconut_scale.model.kv_cache import PassCache
 from coconut_scale.model.perturb import Perturbation
 from coconut_scale.model.tokens import IGNORE_INDEX
@@ -38,7 +44,7 @@ class CoconutOutput(NamedTuple):
     """A NamedTuple (as the official `Outputs`): DeepSpeed's ZeRO-3 hooks must find the tensors in it."""
 
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when labels were given and return_logits was not asked for
     inputs_embeds: torch.Tensor | None = None
     num_passes: int = 1
 
@@ -56,14 +62,16 @@ def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list[int]:
     return torch.nonzero((input_ids == latent_id).any(dim=0)).flatten().tolist()
 
 
-def count_passes(input_ids: torch.Tensor, latent_id: int) -> int:
-    """Base-model calls this batch needs: one per latent column, plus one."""
-    return len(latent_columns(input_ids, latent_id)) + 1
+def count_passes(input_ids: torch.Tensor, latent_id: int, columns: Sequence[int] | None = None) -> int:
+    """Base-model calls this batch needs: one per latent column, plus one (no sync when `columns` is given)."""
+    return len(latent_columns(input_ids, latent_id) if columns is None else columns) + 1
 
 
-def plan_passes(input_ids: torch.Tensor, latent_id: int, num_passes: int | None = None) -> PassPlan:
+def plan_passes(input_ids: torch.Tensor, latent_id: int, num_passes: int | None = None,
+                columns: Sequence[int] | None = None) -> PassPlan:
+    """`columns`: the latent columns if the caller already knows them (must equal `latent_columns(input_ids)`)."""
     seq_len = input_ids.shape[1]
-    columns = latent_columns(input_ids, latent_id)
+    columns = latent_columns(input_ids, latent_id) if columns is None else sorted(int(c) for c in columns)
     if columns and columns[0] == 0:
         raise ValueError("a <|latent|> token sits at position 0: there is no earlier hidden state to feed it")
     bounds = [0, *columns, seq_len]
@@ -125,8 +133,14 @@ class Coconut(nn.Module):
         eos_token_id: int,
         feedback: bool = True,
         perturbation: Perturbation | None = None,
+        loss_chunks: int | None = DEFAULT_LOSS_CHUNKS,
     ):
+        """`loss_chunks`: token chunks of the training loss (chunked_loss.py); at most ceil(B*(T-1)/loss_chunks)
+        rows of logits exist at a time, and backward recomputes the lm_head product (about a third more lm_head
+        compute). None: the loss from full [B, T, V] logits (faster where the vocabulary is small and memory is
+        not short; the logits are then returned too). Keep it equal on every rank."""
         super().__init__()
+        self.loss_chunks = loss_chunks
         self.base_causallm = base_causallm
         self.latent_token_id = latent_token_id
         self.start_latent_id = start_latent_id
@@ -137,12 +151,12 @@ class Coconut(nn.Module):
         self.num_layers = len(decoder_layers(base_causallm))
 
     # -- helpers -------------------------------------------------------------------------------------
-    def count_passes(self, input_ids: torch.Tensor) -> int:
-        return count_passes(input_ids, self.latent_token_id) if self.feedback else 1
+    def count_passes(self, input_ids: torch.Tensor, latent_columns: Sequence[int] | None = None) -> int:
+        return count_passes(input_ids, self.latent_token_id, latent_columns) if self.feedback else 1
 
-    def _plan(self, input_ids: torch.Tensor, num_passes: int | None) -> PassPlan:
+    def _plan(self, input_ids: torch.Tensor, num_passes: int | None, columns: Sequence[int] | None) -> PassPlan:
         if self.feedback:
-            return plan_passes(input_ids, self.latent_token_id, num_passes)
+            return plan_passes(input_ids, self.latent_token_id, num_passes, columns)
         # No feedback: latents are plain tokens; still honour num_passes so ranks stay in step.
         return plan_passes(torch.zeros_like(input_ids[:1]), -1, num_passes)
 
@@ -160,14 +174,18 @@ class Coconut(nn.Module):
         first = torch.where(is_latent[:, None], fed, chunk[:, 0])
         return torch.cat([first[:, None], chunk[:, 1:]], dim=1)
 
-    def _run_passes(self, input_ids, attention_mask, position_ids, plan: PassPlan, keep_last_only: bool):
-        """All passes of the plan; returns per-pass logits, the filled embeddings and the final cache."""
+    def _run_passes(self, input_ids, attention_mask, position_ids, plan: PassPlan, output: str):
+        """All passes of the plan; returns one output per pass, the filled embeddings and the final cache.
+
+        output: "logits" (every position's), "last_logits" (the last position's: generation) or "hidden" (the
+        final hidden states, after the final norm, from the decoder body alone: no lm_head call per pass).
+        """
         embeds = self.base_causallm.get_input_embeddings()(input_ids)
         ordinals = (input_ids == self.latent_token_id).long().cumsum(dim=1) - 1
         # Noise keyed by each row's own tokens: an example gets the same noise in any batch, on any rank.
         row_keys = example_keys(input_ids, attention_mask) if self.perturbation is not None else None
         cache = PassCache(self.num_layers)
-        logits, filled, prev_hidden = [], [], None
+        outputs, filled, prev_hidden = [], [], None
         last = len(plan.ranges) - 1
         for i, (start, end) in enumerate(plan.ranges):
             chunk = embeds[:, start:end]
@@ -177,21 +195,21 @@ class Coconut(nn.Module):
             if i > 0 and self.feedback:
                 chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], prev_hidden, row_keys)
             filled.append(chunk)
-            needs_hidden = i < last and self.feedback
-            out = self.base_causallm(
-                inputs_embeds=chunk,
-                attention_mask=attention_mask[:, :end],
-                position_ids=position_ids[:, start:end],
-                past_key_values=cache,
-                use_cache=True,
-                output_hidden_states=needs_hidden,
-                logits_to_keep=1 if keep_last_only else 0,
-            )
-            logits.append(out.logits)
-            if needs_hidden:
-                prev_hidden = out.hidden_states[-1][:, -1]
+            inputs = dict(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
+                          position_ids=position_ids[:, start:end], past_key_values=cache, use_cache=True)
+            if output == "hidden":
+                hidden = self.base_causallm.get_decoder()(**inputs).last_hidden_state
+                outputs.append(hidden)
+                prev_hidden = hidden[:, -1]
+            else:
+                needs_hidden = i < last and self.feedback
+                out = self.base_causallm(**inputs, output_hidden_states=needs_hidden,
+                                         logits_to_keep=1 if output == "last_logits" else 0)
+                outputs.append(out.logits)
+                if needs_hidden:
+                    prev_hidden = out.hidden_states[-1][:, -1]
             cache = cache.extended()
-        return logits, filled, cache
+        return outputs, filled, cache
 
     # -- training ------------------------------------------------------------------------------------
     def forward(
@@ -201,17 +219,34 @@ class Coconut(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         num_passes: int | None = None,
-        **unused,
+        latent_columns: Sequence[int] | None = None,
+        return_logits: bool | None = None,
     ) -> CoconutOutput:
+        """`return_logits` defaults to `labels is None` (or `loss_chunks is None`): a training step then never
+        holds [B, T, V] logits."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
-        plan = self._plan(input_ids, num_passes)
-        logits, filled, _ = self._run_passes(input_ids, attention_mask, position_ids, plan, keep_last_only=False)
-        logits = torch.cat(logits, dim=1)
-        loss = shifted_cross_entropy(logits, labels) if labels is not None else None
-        return CoconutOutput(loss=loss, logits=logits, inputs_embeds=torch.cat(filled, dim=1), num_passes=len(plan.ranges))
+        full_logits = bool(return_logits) or labels is None or self.loss_chunks is None
+        if return_logits is None:
+            return_logits = full_logits
+        plan = self._plan(input_ids, num_passes, latent_columns)
+        outputs, filled, _ = self._run_passes(input_ids, attention_mask, position_ids, plan,
+                                              output="logits" if full_logits else "hidden")
+        inputs_embeds = torch.cat(filled, dim=1)
+        if full_logits:
+            logits = torch.cat(outputs, dim=1)
+            loss = shifted_cross_entropy(logits, labels) if labels is not None else None
+            return CoconutOutput(loss=loss, logits=logits if return_logits else None, inputs_embeds=inputs_embeds,
+                                 num_passes=len(plan.ranges))
+        hidden = torch.cat(outputs, dim=1)
+        # Zero-weighted last column: the shift drops it, and it may be a whole (one-column) pass; this keeps
+        # every pass in the backward graph (ZeRO-3 hook order, see shifted_cross_entropy).
+        keep_graph = hidden[:, -1].sum() * 0.0
+        head = self.base_causallm.get_output_embeddings()
+        loss = chunked_shifted_cross_entropy(hidden, labels, head, self.loss_chunks) + keep_graph
+        return CoconutOutput(loss=loss, logits=None, inputs_embeds=inputs_embeds, num_passes=len(plan.ranges))
 
     # -- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,8 +258,7 @@ class Coconut(nn.Module):
         position_ids: torch.Tensor | None = None,
         num_passes: int | None = None,
         sync_finished: Callable[[bool], bool] | None = None,
-        synced_gpus: bool = False,
-        **unused,
+        latent_columns: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Greedy decoding for a left-padded batch; returns [input_ids | new tokens], EOS-padded after each row's EOS.
 
@@ -237,8 +271,8 @@ class Coconut(nn.Module):
             position_ids = default_position_ids(attention_mask)
         if input_ids.shape[1] and (attention_mask[:, -1] == 0).any():
             raise ValueError("generate() needs left padding: every row's last column must be a real token")
-        plan = self._plan(input_ids, num_passes)
-        logits, _, cache = self._run_passes(input_ids, attention_mask, position_ids, plan, keep_last_only=True)
+        plan = self._plan(input_ids, num_passes, latent_columns)
+        logits, _, cache = self._run_passes(input_ids, attention_mask, position_ids, plan, output="last_logits")
         next_logits = logits[-1][:, -1]
         batch = input_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from coconut_scale import distributed as dist
 from coconut_scale.config.batch_plan import resolve_batch
 from coconut_scale.train.export import export_hf
 from coconut_scale.data.collate import LatentAlignedCollator

@@ -380,9 +380,9 @@ def _pdsh_fakes(tmp_path: Path, play_node: bool = False) -> tuple[Path, Path]:
     launch directory) instead of coconut_scale.train.
     """
     record = tmp_path / "pdsh_argv.json"
-    node = f"""
+    node = """
 remote = " ".join(argv[argv.index("-w") + 2:]).replace("%n", "0").replace(" coconut_scale.train ", " probe_env ")
-sys.exit(subprocess.call(["bash", "-c", remote], env={{"HOME": os.environ["HOME"], "PATH": "/usr/bin:/bin"}}))
+sys.exit(subprocess.call(["bash", "-c", remote], env={"HOME": os.environ["HOME"], "PATH": "/usr/bin:/bin"}))
 """ if play_node else ""
     _fake_bin(tmp_path, "pdsh", f"""#!{sys.executable}
 import json, os, subprocess, sys

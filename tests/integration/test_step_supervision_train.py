@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from coconut_scale.model.loading import load_exported_with_step_decoder
-from test_train_distributed import _run, _train_losses
+from conftest import train_losses as _train_losses
+from test_train_distributed import _run
 
 pytestmark = pytest.mark.slow
 STEP = {"coconut.step_supervision.enabled": "true", "coconut.step_supervision.export_decoder": "true"}
@@ -43,6 +44,11 @@ def test_losses_are_logged_apart_and_two_ranks_equal_one(runs):
     assert l1.keys() == l2.keys()
     for step in l1:
         assert abs(l1[step] - l2[step]) < 1e-4 * max(1.0, l1[step]), (step, l1[step], l2[step])
+    step1 = {r["global_step"]: r["step_loss"] for r in rec1 if "step_loss" in r}
+    step2 = {r["global_step"]: r["step_loss"] for r in rec2 if "step_loss" in r}
+    assert step1.keys() == step2.keys() and step1
+    for step in step1:  # the step loss on its own, not only the sum, is the same on 2 ranks as on 1
+        assert abs(step1[step] - step2[step]) < 1e-4 * max(1.0, step1[step]), (step, step1[step], step2[step])
 
 
 def test_export_drops_the_decoder_writes_it_beside_and_the_loader_reattaches_it(runs):

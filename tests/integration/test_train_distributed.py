@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, subprocess_env, train_losses
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 420
@@ -44,16 +44,6 @@ def _overrides(out: Path, data: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               # Scripts run by path do not see the checkout unless the package is installed (pip install -e).
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _command(launcher: str, overrides: list[str]) -> list[str]:
     recipe = str(REPO / "recipes" / "tiny_cpu.yaml")
     if launcher == "python":
@@ -69,15 +59,10 @@ def _command(launcher: str, overrides: list[str]) -> list[str]:
 
 
 def _run(launcher: str, out: Path, data: Path, **extra) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(launcher, _overrides(out, data, **extra)), cwd=REPO, env=_env(),
+    proc = subprocess.run(_command(launcher, _overrides(out, data, **extra)), cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"{launcher} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
-
-
-def _train_losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["global_step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -102,7 +87,7 @@ def runs(tmp_path_factory):
 
 def test_single_process_run_trains_evaluates_and_exports(runs):
     _, _, single = runs
-    losses = _train_losses(single)
+    losses = train_losses(single)
     assert len(losses) == 3 * 12  # 48 records / global batch 4, three epochs
     evals = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line]
@@ -129,7 +114,7 @@ def test_two_ranks_zero3_torchrun_equals_single_process(runs, torchrun2):
     """1 rank x accum 2 vs 2 ranks x accum 1 at global batch 4: same losses, same final weights."""
     _, _, single = runs
     two = torchrun2
-    l1, l2 = _train_losses(single), _train_losses(two)
+    l1, l2 = train_losses(single), train_losses(two)
     assert l1.keys() == l2.keys()
     for step in l1:
         assert abs(l1[step] - l2[step]) < 1e-4, (step, l1[step], l2[step])
@@ -147,13 +132,13 @@ def test_universal_checkpoint_resumes_a_two_rank_run_on_one_process(runs, torchr
     shutil.rmtree(out / "hf" / "stage2")
     assert json.loads((boundary / "loop_state.json").read_text())["world_size"] == 2
 
-    refused = subprocess.run(_command("python", _overrides(out, data)), cwd=REPO, env=_env(), capture_output=True,
+    refused = subprocess.run(_command("python", _overrides(out, data)), cwd=REPO, env=subprocess_env(), capture_output=True,
                              text=True, timeout=TIMEOUT)
     assert refused.returncode != 0
     assert "written by 2 ranks and this run has 1" in refused.stderr
     assert f"python -m coconut_scale.universal {boundary}" in refused.stderr
 
-    convert = subprocess.run([sys.executable, "-m", "coconut_scale.universal", str(out)], cwd=REPO, env=_env(),
+    convert = subprocess.run([sys.executable, "-m", "coconut_scale.universal", str(out)], cwd=REPO, env=subprocess_env(),
                              capture_output=True, text=True, timeout=TIMEOUT)
     assert convert.returncode == 0, convert.stdout[-2000:] + convert.stderr[-4000:]
     assert (boundary / "ds_universal").is_dir()
@@ -161,7 +146,7 @@ def test_universal_checkpoint_resumes_a_two_rank_run_on_one_process(runs, torchr
     resumed = _run("python", out, data)
     assert "(universal copy)" in resumed.stdout
     _assert_same_weights(single, out)
-    l1, lr = _train_losses(single), _train_losses(out)
+    l1, lr = train_losses(single), train_losses(out)
     for step in range(25, 37):  # epoch 2, trained by the single resumed process
         assert abs(l1[step] - lr[step]) < 1e-4, (step, l1[step], lr[step])
 
@@ -179,7 +164,7 @@ def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs):
     root, data, single = runs
     out = root / "killed"
     cmd = _command("python", _overrides(out, data, **{"checkpoint.save_every_steps": 5}))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     target = out / "checkpoints" / "step-00000005"  # mid-epoch 0 (12 steps per epoch)
     deadline = time.time() + TIMEOUT
@@ -193,7 +178,7 @@ def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs):
     resumed = _run("python", out, data, **{"checkpoint.save_every_steps": 5})
     assert "resumed from" in resumed.stdout
     _assert_same_weights(single, out)
-    l1, lk = _train_losses(single), _train_losses(out)
+    l1, lk = train_losses(single), train_losses(out)
     for step in l1:
         assert abs(l1[step] - lk[step]) < 1e-4, (step, l1[step], lk[step])
 
@@ -201,9 +186,9 @@ def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs):
 def test_export_reloads_with_from_pretrained_and_matches_engine_logits(runs, tmp_path):
     """The exported stage model, reloaded by transformers, gives the logits the engine's module gives."""
     root, data, single = runs
-    script = REPO / "tests" / "export_roundtrip.py"
+    script = REPO / "tests" / "integration" / "export_roundtrip.py"
     proc = subprocess.run([sys.executable, str(script), str(single / "recipe.resolved.yaml"), str(tmp_path)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "MAX_ABS_DIFF" in proc.stdout
     diff = float(proc.stdout.split("MAX_ABS_DIFF")[1].split()[0])
@@ -214,7 +199,7 @@ def test_ctrl_c_stops_with_one_line_naming_the_last_checkpoint(runs):
     root, data, _ = runs
     out = root / "interrupted"
     cmd = _command("python", _overrides(out, data, **{"checkpoint.save_every_steps": 2}))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     target = out / "checkpoints" / "step-00000002"
     deadline = time.time() + TIMEOUT
     while not target.exists():

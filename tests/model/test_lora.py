@@ -169,9 +169,9 @@ def test_adapter_refuses_a_base_with_other_embedding_tying(tmp_path):
 # DeepSpeed runs
 
 def _env():
-    from test_train_distributed import _env as train_env
+    from conftest import subprocess_env
 
-    return dict(train_env(), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess_env(HF_HUB_OFFLINE="1")
 
 
 def _torchrun(*args) -> list[str]:
@@ -245,9 +245,9 @@ def _train(launcher: str, out: Path, root: Path, **extra) -> subprocess.Complete
 
 
 def _train_losses(out: Path) -> dict[int, float]:
-    from test_train_distributed import _train_losses as losses
+    from conftest import train_losses
 
-    return losses(out)
+    return train_losses(out)
 
 
 def _final_tensors(out: Path) -> dict[str, torch.Tensor]:

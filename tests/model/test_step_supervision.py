@@ -281,7 +281,6 @@ def test_export_without_decoder_then_beside_it_and_decode_latents(tmp_path):
     from coconut_scale.model.loading import load_exported_with_step_decoder, save_exported
     from coconut_scale.model.step_supervision import split_decoder_state, write_decoder_export
 
-    cfg = CurriculumConfig(c_thought=2, max_latent_stage=3)
     model, tok, tokens = _setup("gpt2", 2, "copy")
     own, dec = split_decoder_state(model.state_dict())
     assert dec and not any(k.startswith("step_decoder") for k in own)

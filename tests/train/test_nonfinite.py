@@ -5,23 +5,18 @@ The NaN is made deterministically by the recipe: optim.lr 1e30 moves every weigh
 and the second forward overflows fp32 (RMSNorm squares them) to a NaN loss."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
 def _run(out, data, *extra):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "coconut_scale.train", str(REPO / "recipes" / "tiny_cpu.yaml"), f"output_dir={out}",
            f"data.train_file={data / 'train.json'}", f"data.val_file={data / 'val.json'}",
            "data.generate={kind: prosqa_synthetic, n_train: 24, n_val: 4, seed: 3}", "batch.global_batch_size=4",

@@ -3,7 +3,6 @@ as old -> new; checkpoint.allow_changes accepts named keys, which then take effe
 recorded; output-only keys change freely."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 from coconut_scale.config.recipe import RecipeError, load_recipe
 from coconut_scale.train.recipe_guard import RecipeChangeError, check_resume
 
@@ -75,11 +74,7 @@ def test_keys_added_to_the_schema_since_count_at_their_defaults(tmp_path):
 # -- end to end: refused before the model loads; an allowed lr takes effect at once ---------------------------------
 
 def _run(out, data, *extra):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "coconut_scale.train", str(RECIPE), f"output_dir={out}",
            f"data.train_file={data / 'train.json'}", f"data.val_file={data / 'val.json'}",
            "data.generate={kind: prosqa_synthetic, n_train: 24, n_val: 4, seed: 3}", "batch.global_batch_size=4",

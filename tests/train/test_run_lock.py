@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 from coconut_scale.train.run_lock import LOCK_FILE, RunLock, RunLockError
 
 HOLD = ("import sys, time; from coconut_scale.train.run_lock import RunLock; "
@@ -18,12 +18,7 @@ HOLD = ("import sys, time; from coconut_scale.train.run_lock import RunLock; "
 
 
 def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return subprocess_env()
 
 
 def test_a_held_lock_refuses_naming_the_holder(tmp_path):
@@ -40,7 +35,7 @@ def test_a_held_lock_refuses_naming_the_holder(tmp_path):
     lines = []
     lock = RunLock(tmp_path)
     lock.acquire(log=lines.append)  # its holder was killed: the kernel dropped the lock, the record is stale
-    assert len(lines) == 1 and f"taking over the stale run lock" in lines[0] and f"pid {holder.pid}" in lines[0]
+    assert len(lines) == 1 and "taking over the stale run lock" in lines[0] and f"pid {holder.pid}" in lines[0]
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
     assert (tmp_path / LOCK_FILE).read_text() == ""  # a clean end: the next run takes it without a word
