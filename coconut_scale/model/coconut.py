@@ -25,6 +25,8 @@ How it is computed (no Python loop over rows or positions):
 
 from __future__ import annotations
 
+import functools
+import inspect
 import zlib
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -55,6 +57,19 @@ class PassPlan:
 
     ranges: tuple[tuple[int, int], ...]
     fills: tuple[bool, ...]
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which this HF model takes a KV cache: `cache` from transformers 5.2x on (where
+    `past_key_values` still works but warns on every call), `past_key_values` before. A peft wrapper takes
+    whatever its base model takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_kwarg_of(type(base))
 
 
 def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list[int]:
@@ -195,8 +210,9 @@ class Coconut(nn.Module):
             if i > 0 and self.feedback:
                 chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], prev_hidden, row_keys)
             filled.append(chunk)
-            inputs = dict(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
-                          position_ids=position_ids[:, start:end], past_key_values=cache, use_cache=True)
+            inputs = {"inputs_embeds": chunk, "attention_mask": attention_mask[:, :end],
+                      "position_ids": position_ids[:, start:end], cache_kwarg(self.base_causallm): cache,
+                      "use_cache": True}
             if output == "hidden":
                 hidden = self.base_causallm.get_decoder()(**inputs).last_hidden_state
                 outputs.append(hidden)
@@ -293,9 +309,9 @@ class Coconut(nn.Module):
                 inputs_embeds=embed(token[:, None]),
                 attention_mask=attention_mask,
                 position_ids=next_pos,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_kwarg(self.base_causallm): cache},
             )
             cache = cache.extended()
             next_pos = next_pos + 1
