@@ -22,9 +22,11 @@ q/kv = query/key-value widths, I = MLP width, V = vocab, n = latent passes = c_t
                Without checkpointing: L full layers, plus every later pass re-materialising the concatenated
                past keys/values inside attention: 2*L*B*T*kv*b*(n - 1).
   kv_cache     the keys/values carried across passes: 2*L*B*T*kv*b.
-  logits       B*T*V*(b + 12): the model-dtype logits, the fp32 log-softmax cross-entropy saves, and the fp32
-               gradient and input gradient during backward (the fp32 upcast itself is transient). This is
-               large for big vocabularies (Llama-3: 128k, Qwen3: 152k).
+  logits       ceil(B*(T-1)/K)*V*(b + 12) + 2*B*T*h*b: the training loss is computed in K = 8 token chunks
+               (model/chunked_loss.py), so only one chunk's logits exist at a time: in the model dtype, the fp32
+               log-softmax cross-entropy saves, and the fp32 gradient and input gradient during backward. The second
+               term is the final hidden states of all passes, concatenated, and their shifted copy. Unchunked
+               (B*T*V*(b + 12)) this was the largest activation at big vocabularies (Llama-3: 128k, Qwen3: 152k).
   buffers      DeepSpeed communication buckets: ZeRO-2/3: 2 * reduce_bucket_size * b (overlap_comm double
                buffer), + stage3_prefetch_bucket_size * b; ZeRO-0/1 with W > 1: min(5e8, P_t) * b.
   overhead     2.5 GiB: CUDA context, NCCL, cuBLAS workspaces, allocator fragmentation.
@@ -41,9 +43,12 @@ These are estimates (+-20%): they bound what the recipe needs, they do not repla
 
 from __future__ import annotations
 
+import math
+
 from coconut_scale.config.batch_plan import resolve_batch
 from coconut_scale.config.ds_config import build_ds_config, zero_settings
 from coconut_scale.config.model_shape import recipe_shape
+from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS
 from coconut_scale.model.shapes import dims, lora_param_count, param_count
 
 GIB = 1024**3
@@ -106,10 +111,10 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
     else:
         activations = L * layer_full + 2 * L * B * T * kv * b * (n - 1)
     kv_cache = 2 * L * B * T * kv * b
-    logits = B * T * d.vocab * (b + 12)
+    logits = math.ceil(B * (T - 1) / DEFAULT_LOSS_CHUNKS) * d.vocab * (b + 12) + 2 * B * T * h * b
     if recipe.coconut.step_supervision.enabled:  # the decoder's one call: at most one more pass over B*T tokens
         activations += (L + 1) * B * T * h * b if recipe.model.gradient_checkpointing else L * layer_full
-        logits *= 2
+        logits += B * T * d.vocab * (b + 12)  # its labelled positions' logits, unchunked
 
     if stage >= 2:
         buffers = 2 * z["reduce_bucket_size"] * b + (z["prefetch_bucket_size"] * b if stage == 3 else 0)

@@ -2,6 +2,7 @@
 hand-computed numbers; the model-shape lookup the trainer shares; the LR schedule check prints."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,11 @@ def test_hand_computed_small_config():
         # checkpointing: (L+1) saved layer inputs, plus one layer recomputed in full
         "activations": (L + 1) * B * T * h * b + B * T * b * (4 * h + 3 * q + 4 * kv + 4 * I),
         "kv_cache": 2 * L * B * T * kv * b,
-        "logits": B * T * V * (b + 12),
+        # the loss in 8 token chunks: one chunk's logits at a time, plus the final hidden states and their shift
+        "logits": math.ceil(B * (T - 1) / 8) * V * (b + 12) + 2 * B * T * h * b,
         "buffers": 0,  # one GPU: no all-reduce bucket
     }
-    assert expected["activations"] == 163_840 and expected["logits"] == 896_000
+    assert expected["activations"] == 163_840 and expected["logits"] == 128_384  # unchunked: B*T*V*(b+12) = 896_000
     for key, value in expected.items():
         assert est[key] == pytest.approx(value / GIB), key
     assert est["overhead"] == OVERHEAD_GIB
@@ -125,8 +127,9 @@ def test_zero3_states_scale_as_one_over_world_size():
 
 
 def test_lora_is_far_smaller_than_full_fine_tuning():
-    full = load_recipe(LLAMA, ["deepspeed.config=ds_configs/zero0_bf16.json", "batch.micro_batch_size=16"])
-    lora = load_recipe(LLAMA_LORA, ["batch.micro_batch_size=16"])
+    micro16 = "batch.micro_batch_per_world_size={1: 16}"
+    full = load_recipe(LLAMA, ["deepspeed.config=ds_configs/zero0_bf16.json", micro16])
+    lora = load_recipe(LLAMA_LORA, [micro16])
     f, l = estimate_memory(full, 1), estimate_memory(lora, 1)
     # Same model, micro batch and stage: the base weights match, gradients + Adam shrink ~50x.
     assert l["weights"] == pytest.approx(f["weights"], rel=0.05)
@@ -168,7 +171,7 @@ def test_main_fails_and_explains_when_memory_does_not_fit(capsys):
 
 def test_main_fails_on_invalid_recipe_and_bad_world_size(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(LLAMA.read_text().replace("micro_batch_size: 8", "micro_batch_sise: 8"))
+    bad.write_text(LLAMA.read_text().replace("  micro_batch_size:", "  micro_batch_sise:"))
     assert main([str(bad)]) == 1
     assert "unknown key 'batch.micro_batch_sise'" in capsys.readouterr().out
     assert main([str(LLAMA), "--world-sizes", "48", "--no-ds-config"]) == 1
