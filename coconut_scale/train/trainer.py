@@ -38,20 +38,38 @@ from coconut_scale.model.export_meta import ExportMeta
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train.checkpoints import CheckpointManager
 from coconut_scale.train.export import export_hf
+from coconut_scale.train.nonfinite_guard import NonFiniteError, NonFiniteGuard
 from coconut_scale.train.recipe_guard import CHANGES_FILE, change_history, check_resume
 from coconut_scale.train.run_lock import RunLock, RunLockError
 from coconut_scale.train.run_log import RunLog, peak_memory_gb
 from coconut_scale.train.strategy import DeepSpeedStrategy, init_distributed, validate_ds_config
 
 
-class NonFiniteError(UserError):
-    """A non-finite loss or gradient norm: the run stops before anything non-finite reaches the disk."""
-
-
 def _say(message: str) -> None:
     """A line on rank 0, for what happens before the RunLog exists."""
     if dist.is_main():
         print(message, flush=True)
+
+
+class LogWindow:
+    """What the loop accumulated since the last logged line, kept on the device: read back once per logged step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.n_losses = torch.zeros((), device=self.device), 0
+        self.part_sums, self.n_parts = torch.zeros(2, device=self.device), 0  # coconut loss, step loss
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, losses: list[torch.Tensor], parts: list[torch.Tensor]) -> None:
+        for loss in losses:
+            self.loss_sum += loss
+        for pair in parts:
+            self.part_sums += pair
+        self.n_losses += len(losses)
+        self.n_parts += len(parts)
 
 
 @dataclass
@@ -157,6 +175,7 @@ class Trainer:
         self.strategy = DeepSpeedStrategy(recipe, ds_config, self.tokenizer,
                                           n_schedule, log=self.log.print)
         self.model = self.strategy.model
+        self.guard = NonFiniteGuard(recipe, self.strategy, self.log)
         self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
         step = recipe.coconut.step_supervision
         # SIM-CoT's per-step decoder targets, built once from the records' step texts (data/step_targets.py).
@@ -251,110 +270,69 @@ class Trainer:
         return state
 
     def train_epoch(self, epoch: int, stage: int) -> None:
-        recipe, state, plan = self.recipe, self.state, self.plan
+        recipe, state = self.recipe, self.state
         data = build_stage_dataset(self.train_recs, stage, self.cfg, self.tokens, seed=recipe.seed * 1000 + epoch)
         passes = self.planned_passes(stage)
-        device = self.strategy.device
         bar = self.log.progress(self.steps_per_epoch, f"epoch {epoch} stage {stage}", initial=state.step_in_epoch)
         micro_batches = self.sampler.micro_batches(epoch, state.step_in_epoch)
-        t_last, tokens_since, loss_sum, n_losses = time.perf_counter(), 0, torch.zeros((), device=device), 0
-        part_sums, n_parts = torch.zeros(2, device=device), 0  # coconut loss, step loss (step supervision only)
+        self.window = window = LogWindow(self.strategy.device)
         for step in range(state.step_in_epoch, self.steps_per_epoch):
-            step_losses, loss_parts = [], []
-            for _ in range(plan.grad_accum):
-                features = [data[i] for i in next(micro_batches)]
-                batch = self.collate(features)
-                if self.step_collate is not None and recipe.coconut.step_supervision.applies_to(stage):
-                    batch.update(self.step_collate(features))  # the same on every rank: the stage decides
-                # Counted on the CPU copy: reading them from the device would stall it every micro-batch.
-                tokens_since += int(batch["attention_mask"].sum())
-                needed = self.model.count_passes(batch["input_ids"])
-                if needed > passes:
-                    raise RuntimeError(f"a batch at stage {stage} needs {needed} passes, more than the "
-                                       f"{passes} planned for the stage")
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                out = self.strategy.forward(**batch, num_passes=passes)
-                loss = out.loss
-                self.strategy.backward(loss)
-                self.strategy.step()
-                step_losses.append(loss.detach())
-                if getattr(out, "step_loss", None) is not None:  # logged apart: coconut loss and step loss
-                    loss_parts.append(torch.stack([out.coconut_loss.detach(), out.step_loss.detach()]))
+            losses, parts = [], []
+            for _ in range(self.plan.grad_accum):
+                loss, part = self._micro_step([data[i] for i in next(micro_batches)], stage, passes)
+                losses.append(loss)
+                parts += [] if part is None else [part]
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
-            if self._finite_or_skipped(step_losses, epoch):
-                for micro_loss in step_losses:
-                    loss_sum += micro_loss
-                n_losses += len(step_losses)
-                for parts in loss_parts:
-                    part_sums += parts
-                n_parts += len(loss_parts)
+            if self.guard.check(losses, state, epoch, self.steps_per_epoch):  # the one host sync of a step
+                window.add(losses, parts)
             bar.update(1)
-            # n_losses is 0 when every step since the last line was skipped (the same on every rank): nothing to log.
-            log_now = state.global_step % recipe.logging.log_every_steps == 0 or step + 1 == self.steps_per_epoch
-            if n_losses and log_now:
-                elapsed = time.perf_counter() - t_last
-                loss_total, tokens = dist.all_reduce_sum([float(loss_sum) / n_losses, tokens_since])  # one sync
-                if not math.isfinite(loss_total):  # a loss non-finite on one rank only (its gradients were finite)
-                    raise NonFiniteError(f"non-finite mean training loss {loss_total} over the steps logged at global "
-                                         f"step {state.global_step} (epoch {epoch}): a rank's micro-batch loss was not "
-                                         f"finite; nothing of it was checkpointed or exported")
-                record = dict(global_step=state.global_step, epoch=epoch, stage=stage,
-                              loss=loss_total / dist.world_size(), lr=self.strategy.lr(),
-                              grad_norm=self.strategy.grad_norm(), latent_passes=passes - 1,
-                              tokens_per_s=tokens / max(elapsed, 1e-9), peak_mem_gb=peak_memory_gb())
-                if n_parts:  # the same on every rank (the stage decides), so this reduction is collective
-                    coconut_loss, step_loss = dist.all_reduce_sum((part_sums / n_parts).tolist())
-                    record.update(coconut_loss=coconut_loss / dist.world_size(), step_loss=step_loss / dist.world_size())
-                self.log.log("train", **record)
-                self.log.step_line(bar, record, self.steps_per_epoch * recipe.optim.epochs)
-                t_last, tokens_since, n_losses, n_parts = time.perf_counter(), 0, 0, 0
-                loss_sum.zero_()
-                part_sums.zero_()
+            # Nothing to log when every step since the last line was skipped (the same on every rank).
+            if window.n_losses and (state.global_step % recipe.logging.log_every_steps == 0
+                                    or step + 1 == self.steps_per_epoch):
+                self._log_train(window, epoch, stage, passes, bar)
             every = recipe.checkpoint.save_every_steps
             if every and state.global_step % every == 0 and step + 1 < self.steps_per_epoch:
                 self.save()
         bar.close()
 
-    def _finite_or_skipped(self, losses: list[torch.Tensor], epoch: int) -> bool:
-        """False for a step skipped within optim.skip_nonfinite_steps; raises NonFiniteError for one that stops the run.
-
-        One host sync per optimizer step: this rank's micro-batch losses and the gradient norm the engine computed.
-        The decision rests on facts every rank shares (the global norm; whether the engine applied the step), so
-        all ranks stop or skip together. A loss non-finite on one rank only, with finite gradients, updates nothing
-        non-finite; the logged loss (summed over ranks) catches it. fp16 runs skip steps by loss scaling, which is
-        normal: there only the losses count.
-        """
+    def _log_train(self, window: "LogWindow", epoch: int, stage: int, passes: int, bar) -> None:
+        """One train record over the steps since the last one, averaged over ranks (a collective), then reset."""
         state = self.state
-        applied, norm = self.strategy.step_outcome()
-        values = torch.stack([*losses, torch.as_tensor(0.0 if norm is None else norm, dtype=losses[0].dtype,
-                                                       device=losses[0].device)]).tolist()
-        micro, norm_value = values[:-1], (None if norm is None else values[-1])
-        bad_micro = next((i for i, v in enumerate(micro) if not math.isfinite(v)), None)
-        fp16 = self.recipe.model.dtype == "fp16"
-        global_bad = not fp16 and (not applied or (norm_value is not None and not math.isfinite(norm_value)))
-        if not global_bad and (bad_micro is None or dist.world_size() > 1):
-            return True
-        where = (f"global step {state.global_step} (epoch {epoch}, step {state.step_in_epoch} of "
-                 f"{self.steps_per_epoch})")
-        what = (f"loss {micro[bad_micro]} in micro-batch {bad_micro + 1} of {len(micro)}"
-                + (f" on rank {dist.rank()}" if dist.world_size() > 1 else "") if bad_micro is not None
-                else f"every micro-batch loss finite on rank {dist.rank()}")
-        what = f"non-finite step at {where}: {what}, gradient norm {norm_value}"
-        budget = self.recipe.optim.skip_nonfinite_steps
-        if not applied and not fp16 and state.skipped_steps < budget:
-            state.skipped_steps += 1
-            self.log.log("nonfinite_skip", global_step=state.global_step, epoch=epoch, micro_batch=bad_micro,
-                         loss=micro[bad_micro] if bad_micro is not None else None, grad_norm=norm_value)
-            self.log.print(f"{what}: skipped (gradients dropped, no update), {state.skipped_steps} of "
-                           f"optim.skip_nonfinite_steps {budget}")
-            return False
-        if applied and not self.strategy.skips_nonfinite_steps:
-            why = "the engine applied it (ZeRO stage 0 does not refuse non-finite steps): the weights may not be finite"
-        elif budget:
-            why = f"optim.skip_nonfinite_steps {budget} already used up"
-        else:
-            why = "lower optim.lr, check the data, or allow skips with optim.skip_nonfinite_steps"
-        raise NonFiniteError(f"{what}; the run stops before anything of this step is checkpointed or exported ({why})")
+        elapsed = time.perf_counter() - window.start
+        loss_total, tokens = dist.all_reduce_sum([float(window.loss_sum) / window.n_losses, window.tokens])
+        if not math.isfinite(loss_total):  # a loss non-finite on one rank only (its gradients were finite)
+            raise NonFiniteError(f"non-finite mean training loss {loss_total} over the steps logged at global "
+                                 f"step {state.global_step} (epoch {epoch}): a rank's micro-batch loss was not "
+                                 f"finite; nothing of it was checkpointed or exported")
+        record = dict(global_step=state.global_step, epoch=epoch, stage=stage, loss=loss_total / dist.world_size(),
+                      lr=self.strategy.lr(), grad_norm=self.strategy.grad_norm(), latent_passes=passes - 1,
+                      tokens_per_s=tokens / max(elapsed, 1e-9), peak_mem_gb=peak_memory_gb())
+        if window.n_parts:  # the same on every rank (the stage decides), so this reduction is collective
+            coconut_loss, step_loss = dist.all_reduce_sum((window.part_sums / window.n_parts).tolist())
+            record.update(coconut_loss=coconut_loss / dist.world_size(), step_loss=step_loss / dist.world_size())
+        self.log.log("train", **record)
+        self.log.step_line(bar, record, self.steps_per_epoch * self.recipe.optim.epochs)
+        window.reset()
+
+    def _micro_step(self, features: list[dict], stage: int, passes: int):
+        """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch.
+        Returns the detached loss and, with step supervision, the detached (coconut loss, step loss) pair."""
+        batch = self.collate(features)
+        if self.step_collate is not None and self.recipe.coconut.step_supervision.applies_to(stage):
+            batch.update(self.step_collate(features))  # the same on every rank: the stage decides
+        # Counted on the CPU copy: reading them from the device would stall it every micro-batch.
+        self.window.tokens += int(batch["attention_mask"].sum())
+        needed = self.model.count_passes(batch["input_ids"])
+        if needed > passes:
+            raise RuntimeError(f"a batch at stage {stage} needs {needed} passes, more than the {passes} planned")
+        batch = {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
+        out = self.strategy.forward(**batch, num_passes=passes)
+        self.strategy.backward(out.loss)
+        self.strategy.step()
+        parts = None
+        if getattr(out, "step_loss", None) is not None:  # logged apart: coconut loss and step loss
+            parts = torch.stack([out.coconut_loss.detach(), out.step_loss.detach()])
+        return out.loss.detach(), parts
 
     def evaluate(self, epoch: int, stage: int) -> dict:
         """Validation loss and (if the recipe asks) generation accuracy at `stage`, over every rank's shard."""
