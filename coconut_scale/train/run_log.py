@@ -23,6 +23,7 @@ class RunLog:
         if not self.main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(self.path)
         if not sys.stderr.isatty():
             # transformers' own bars (e.g. "Writing model shards" on every export) would fill a batch job's log.
             from transformers.utils import logging as hf_logging
@@ -69,6 +70,17 @@ class RunLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def drop_torn_tail(path: Path) -> None:
+    """A kill in the middle of an append leaves a last line without its newline. The resumed run would append after
+    it, burying a line that is not JSON in the middle of the file; it is cut instead (its step is trained again)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def peak_memory_gb() -> float:

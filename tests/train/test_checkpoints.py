@@ -166,3 +166,14 @@ def test_pruning_always_keeps_the_checkpoint_just_written(tmp_path):
     ckpts.save(FakeStrategy(), _state(30))  # e.g. from an earlier run with auto_resume off
     just_written = ckpts.save(FakeStrategy(), _state(5))
     assert ckpts.complete() == [just_written]
+
+
+def test_a_torn_metrics_line_from_a_kill_is_cut_before_the_resumed_run_appends(tmp_path):
+    from coconut_scale.train.run_log import RunLog
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"kind": "train", "global_step": 1, "loss": 2.0}\n{"kind": "train", "global_st')
+    log = RunLog(tmp_path)
+    log.log("train", global_step=2, loss=1.5)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["global_step"] for r in rows] == [1, 2]
