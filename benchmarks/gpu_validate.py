@@ -276,7 +276,7 @@ class _BackwardMark:
 class PassTimer:
     """Per-pass forward and backward times of a Coconut step, from timestamps in stream order.
 
-    Forward: a pre-hook and a hook on the base model bracket each pass. Backward: an identity marker on each
+    Forward: a pre-hook and a hook on the decoder body bracket each pass. Backward: an identity marker on each
     pass's input embeddings fires when that pass's gradient is complete; the interval since the previous marker
     (or since backward began) is that pass's backward. Optional profiler labels name each pass.
     """
@@ -334,7 +334,9 @@ def timed_steps(bundle, batch: dict, latent_id: int, steps: int, label_passes: b
     engine, clock = bundle.engine, Clock()
     plan = plan_passes(batch["input_ids"], latent_id)
     latent = [i for i, ((a, b), fill) in enumerate(zip(plan.ranges, plan.fills)) if fill and b - a == 1]
-    timer = PassTimer(bundle.model.base_causallm, clock, label_passes)
+    # The decoder body: training passes call it directly (the loss is chunked over the final hidden states),
+    # and a logits-returning pass calls it through the LM, so every pass is bracketed once either way.
+    timer = PassTimer(bundle.model.base_causallm.get_decoder(), clock, label_passes)
     rows = []
     try:
         for _ in range(steps):
