@@ -101,3 +101,25 @@ def test_kill_9_and_resume_carries_the_decoder(runs, tmp_path):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m: f"{part} {key}: {m}")
     assert _train_losses(out) == _train_losses(one)
+
+
+def test_with_lora_on_base_and_decoder_two_ranks_equal_one(tmp_path):
+    """LoRA adapters on the base and on the separate decoder: 2-rank ZeRO-3 logs the same coconut and step losses
+    as one process, and trains the same decoder adapters."""
+    lora = {**STEP, "lora.enabled": "true", "lora.rank": 4, "lora.alpha": 8, "lora.dropout": 0.0, "optim.epochs": 2,
+            "coconut.max_latent_stage": 1}
+    data = tmp_path / "data"
+    _run("python", tmp_path / "one", data, **lora)
+    _run("torchrun", tmp_path / "two", data, **lora)
+    rec1, rec2 = _train_records(tmp_path / "one"), _train_records(tmp_path / "two")
+    parts1 = {r["global_step"]: (r["coconut_loss"], r["step_loss"]) for r in rec1 if "step_loss" in r}
+    parts2 = {r["global_step"]: (r["coconut_loss"], r["step_loss"]) for r in rec2 if "step_loss" in r}
+    assert parts1 and parts1.keys() == parts2.keys()
+    for step, (c1, s1) in parts1.items():
+        c2, s2 = parts2[step]
+        assert abs(c1 - c2) < 1e-4 * max(1.0, c1) and abs(s1 - s2) < 1e-4 * max(1.0, s1), (step, parts1[step], parts2[step])
+    d1 = load_file(str(tmp_path / "one" / "hf" / "stage1" / "step_decoder" / "model.safetensors"))
+    d2 = load_file(str(tmp_path / "two" / "hf" / "stage1" / "step_decoder" / "model.safetensors"))
+    assert d1.keys() == d2.keys()
+    for key in d1:
+        torch.testing.assert_close(d1[key], d2[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
