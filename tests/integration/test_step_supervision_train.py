@@ -72,28 +72,12 @@ def test_export_drops_the_decoder_writes_it_beside_and_the_loader_reattaches_it(
 def test_kill_9_and_resume_carries_the_decoder(runs, tmp_path):
     """The decoder lives in the engine's module, so checkpoints carry it: a run killed mid-epoch and resumed ends
     with the decoder, the model and the losses of the uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from conftest import REPO, subprocess_env
-    from test_train_distributed import TIMEOUT, _command, _overrides
+    from test_train_distributed import kill_at_checkpoint
 
     one, _ = runs
     out = tmp_path / "killed"
     extra = {**STEP, "checkpoint.save_every_steps": 5}
-    proc = subprocess.Popen(_command("python", _overrides(out, one.parent / "data", **extra)), cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    target = out / "checkpoints" / "step-00000015"  # epoch 1, stage 1: the decoder has trained for 3 steps
-    deadline = time.time() + TIMEOUT
-    while not target.exists():
-        assert proc.poll() is None, "run ended before the checkpoint to kill at"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(out, one.parent / "data", 15, **extra)  # epoch 1, stage 1: the decoder has trained 3 steps
     _run("python", out, one.parent / "data", **extra)
     for part in ("model.safetensors", "step_decoder/model.safetensors"):
         a, b = load_file(str(one / "hf" / "stage2" / part)), load_file(str(out / "hf" / "stage2" / part))

@@ -58,6 +58,20 @@ def _command(launcher: str, overrides: list[str]) -> list[str]:
     raise ValueError(launcher)
 
 
+def kill_at_checkpoint(out: Path, data: Path, step: int, **extra) -> None:
+    """Start a one-process run and SIGKILL it (its whole process group) once checkpoint `step` exists."""
+    proc = subprocess.Popen(_command("python", _overrides(out, data, **extra)), cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    target = out / "checkpoints" / f"step-{step:08d}"
+    deadline = time.time() + TIMEOUT
+    while not target.exists():
+        assert proc.poll() is None, "run ended before the checkpoint to kill at"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _run(launcher: str, out: Path, data: Path, **extra) -> subprocess.CompletedProcess:
     proc = subprocess.run(_command(launcher, _overrides(out, data, **extra)), cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=TIMEOUT)
@@ -163,17 +177,7 @@ def test_deepspeed_launcher_with_module_equals_single_process(runs):
 def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs):
     root, data, single = runs
     out = root / "killed"
-    cmd = _command("python", _overrides(out, data, **{"checkpoint.save_every_steps": 5}))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    target = out / "checkpoints" / "step-00000005"  # mid-epoch 0 (12 steps per epoch)
-    deadline = time.time() + TIMEOUT
-    while not target.exists():
-        assert proc.poll() is None, "run ended before the checkpoint to kill at"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(out, data, 5, **{"checkpoint.save_every_steps": 5})  # mid-epoch 0 (12 steps per epoch)
     assert not (out / "hf" / "stage2").exists()
     resumed = _run("python", out, data, **{"checkpoint.save_every_steps": 5})
     assert "resumed from" in resumed.stdout
