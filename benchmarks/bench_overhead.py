@@ -14,7 +14,7 @@ KV cache) on the same prompts plus n one-column passes.
   memory:     peak RSS of one train step per variant, each in a fresh subprocess, over the RSS right after
               building model and data: GPT-2-small at GPT-2's vocabulary (50257 + 3) and a Llama-shaped model
               (2 x 256) at Llama-3's (128256), 8 rows x ~490 tokens.
-  --compare-rev REV: adds the Coconut wrapper as it was at git revision REV (read with `git show`) as a
+  --compare-rev REV: adds the Coconut wrapper as the package was at git revision REV (`git archive`) as a
               further variant of every train/generation pair, so before/after come from one interleaved run.
 
 Timing: one warm-up per variant, then rounds in which the variants of a pair run back to back in alternating
@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
+import importlib
+import io
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -146,16 +149,18 @@ def gen_prompts(shape: Shape, tokens: LatentTokens, gen: dict, seed: int = 2):
 
 
 def coconut_class_at(rev: str):
-    """The Coconut class as it was at git revision `rev` (a temporary module beside today's package)."""
-    source = subprocess.run(["git", "show", f"{rev}:coconut_scale/model/coconut.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="coconut_at_")) / "coconut_at_rev.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"coconut_at_{rev}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.Coconut
+    """The Coconut class as the package was at git revision `rev`: the whole package (`git archive`), imported
+    under another name beside today's, so the wrapper and everything it imports (the loss, the cache) are `rev`'s."""
+    name = "coconut_scale_at_" + re.sub(r"\W", "_", rev)
+    root = Path(tempfile.mkdtemp(prefix="coconut_at_"))
+    archive = subprocess.run(["git", "archive", rev, "coconut_scale"], cwd=REPO, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root, filter="data")
+    (root / "coconut_scale").rename(root / name)
+    for source in (root / name).rglob("*.py"):  # its absolute imports point at the renamed copy
+        source.write_text(re.sub(r"\bcoconut_scale\b", name, source.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module(f"{name}.model.coconut").Coconut
 
 
 # -- the workloads ---------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ q/kv = query/key-value widths, I = MLP width, V = vocab, n = latent passes = c_t
                log-softmax cross-entropy saves, and the fp32 gradient and input gradient during backward. The second
                term is the final hidden states of all passes, concatenated, and their shifted copy. Unchunked
                (B*T*V*(b + 12)) this was the largest activation at big vocabularies (Llama-3: 128k, Qwen3: 152k).
+               A trainable head that ZeRO-3 does not partition takes the fused path, which holds the head's
+               gradient in fp32 from forward to backward: + V*h*4.
   buffers      DeepSpeed communication buckets: ZeRO-2/3: 2 * reduce_bucket_size * b (overlap_comm double
                buffer), + stage3_prefetch_bucket_size * b; ZeRO-0/1 with W > 1: min(5e8, P_t) * b.
   overhead     2.5 GiB: CUDA context, NCCL, cuBLAS workspaces, allocator fragmentation.
@@ -112,6 +114,8 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
         activations = L * layer_full + 2 * L * B * T * kv * b * (n - 1)
     kv_cache = 2 * L * B * T * kv * b
     logits = math.ceil(B * (T - 1) / DEFAULT_LOSS_CHUNKS) * d.vocab * (b + 12) + 2 * B * T * h * b
+    if stage < 3 and not recipe.lora.enabled:  # a trainable, unpartitioned head: the fused loss's fp32 d(lm_head)
+        logits += d.vocab * h * 4
     if recipe.coconut.step_supervision.enabled:  # the decoder's one call: at most one more pass over B*T tokens
         activations += (L + 1) * B * T * h * b if recipe.model.gradient_checkpointing else L * layer_full
         logits += B * T * d.vocab * (b + 12)  # its labelled positions' logits, unchunked

@@ -46,15 +46,25 @@ class LatentAlignedCollator:
         self.label_pad_id = label_pad_id
         self.keep_keys = tuple(keep_keys)
 
+    def _left_padding(self, features: list[dict]) -> list[int]:
+        """Per row: the left padding that puts its first latent in the batch's latent column (0 without latents)."""
+        firsts = [_first(f["input_ids"], self.latent_id) for f in features]
+        align = max((i for i in firsts if i is not None), default=None)
+        return [0 if i is None else align - i for i in firsts]
+
+    def latent_columns(self, features: list[dict]) -> list[int]:
+        """The sorted columns of the collated batch that hold a latent in some row, from the features alone:
+        the pass plan's input, known on the host without reading the batch back (Coconut's `latent_columns=`)."""
+        return sorted({lp + i for lp, f in zip(self._left_padding(features), features)
+                       for i, t in enumerate(f["input_ids"]) if t == self.latent_id})
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("empty batch")
         has_labels = [f.get("labels") is not None for f in features]
         if any(has_labels) and not all(has_labels):
             raise ValueError("some rows have labels and some do not")
-        firsts = [_first(f["input_ids"], self.latent_id) for f in features]
-        align = max((i for i in firsts if i is not None), default=None)
-        left = [0 if i is None else align - i for i in firsts]
+        left = self._left_padding(features)
         width = max(lp + len(f["input_ids"]) for lp, f in zip(left, features))
 
         n = len(features)

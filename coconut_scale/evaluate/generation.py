@@ -143,10 +143,10 @@ def validation_loss(model, examples: Sequence[dict], batch_size: int, collate, d
         batch = collate(rows)
         if is_filler:
             batch["labels"].fill_(IGNORE_INDEX)
-        batch = {k: v.to(device) for k, v in batch.items()}
         passes = num_passes_fn(batch["input_ids"]) if num_passes_fn else None
+        n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # on the CPU copy: no device read-back
+        batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch, num_passes=passes)
-        n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(out.loss) * n
         count += n
     if was_training:

@@ -18,9 +18,10 @@ How it is computed (no Python loop over rows or positions):
     base-model calls; the wrapper itself knows nothing of distribution.
   - `latent_columns` (optional) is the plan's input as the collator knows it on the CPU; without it the plan
     reads the latent columns back from `input_ids` (one host sync, a stall on a GPU).
-  - Training with labels never builds [B, T, V] logits: each pass runs the decoder body alone and returns
-    its final hidden states (no lm_head per pass); the loss comes from chunked_loss.py. Logits of every position
-    are returned only when asked for (`return_logits=True`) or when there are no labels.
+  - Every pass runs the decoder body alone and returns its final hidden states: the lm_head runs once, over
+    the whole sequence, not once per pass (a one-column pass would pay a whole [V, h] weight gradient for one
+    column). Training with labels never builds [B, T, V] logits: the loss comes from chunked_loss.py. Logits of
+    every position are returned only when asked for (`return_logits=True`) or when there are no labels.
 """
 
 from __future__ import annotations
@@ -132,6 +133,19 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX) + keep_graph
 
 
+# Config fields with which an HF causal LM transforms its lm_head output (Gemma 2/3, Cohere, Granite). The logits
+# here are lm_head(hidden), as for GPT-2, Llama, Qwen, Mistral; a model that post-processes them is refused.
+LOGIT_POSTPROCESSING = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def refuse_logit_postprocessing(config) -> None:
+    for name, neutral in LOGIT_POSTPROCESSING.items():
+        value = getattr(config, name, neutral)
+        if value != neutral and value is not None:
+            raise ValueError(f"{type(config).__name__}.{name}={value}: this model transforms its lm_head output, "
+                             f"which Coconut's loss and logits (lm_head of the last hidden state) do not do")
+
+
 class Coconut(nn.Module):
     """Drop-in for the official `Coconut(base_causallm, latent_token_id, start_latent_id, end_latent_id, eos_token_id)`.
 
@@ -164,6 +178,7 @@ class Coconut(nn.Module):
         self.feedback = feedback
         self.perturbation = perturbation
         self.num_layers = len(decoder_layers(base_causallm))
+        refuse_logit_postprocessing(base_causallm.config)
 
     # -- helpers -------------------------------------------------------------------------------------
     def count_passes(self, input_ids: torch.Tensor, latent_columns: Sequence[int] | None = None) -> int:
@@ -189,43 +204,29 @@ class Coconut(nn.Module):
         first = torch.where(is_latent[:, None], fed, chunk[:, 0])
         return torch.cat([first[:, None], chunk[:, 1:]], dim=1)
 
-    def _run_passes(self, input_ids, attention_mask, position_ids, plan: PassPlan, output: str):
-        """All passes of the plan; returns one output per pass, the filled embeddings and the final cache.
-
-        output: "logits" (every position's), "last_logits" (the last position's: generation) or "hidden" (the
-        final hidden states, after the final norm, from the decoder body alone: no lm_head call per pass).
-        """
+    def _run_passes(self, input_ids, attention_mask, position_ids, plan: PassPlan):
+        """All passes of the plan through the decoder body alone (no lm_head call per pass); returns each pass's
+        final hidden states (after the final norm), the filled embeddings and the final cache."""
         embeds = self.base_causallm.get_input_embeddings()(input_ids)
         ordinals = (input_ids == self.latent_token_id).long().cumsum(dim=1) - 1
         # Noise keyed by each row's own tokens: an example gets the same noise in any batch, on any rank.
         row_keys = example_keys(input_ids, attention_mask) if self.perturbation is not None else None
+        decoder = self.base_causallm.get_decoder()
         cache = PassCache(self.num_layers)
-        outputs, filled, prev_hidden = [], [], None
-        last = len(plan.ranges) - 1
+        hiddens, filled = [], []
         for i, (start, end) in enumerate(plan.ranges):
             chunk = embeds[:, start:end]
-            # Every pass after the first runs the fill (a no-op where its column holds no latent) and every
-            # pass but the last returns hidden states, whatever this batch holds: under ZeRO-3, ranks with
-            # different latent counts must build graphs of the same shape, or their module hooks diverge.
+            # Every pass after the first runs the fill (a no-op where its column holds no latent), whatever this
+            # batch holds: under ZeRO-3, ranks with different latent counts must build graphs of the same shape,
+            # or their module hooks diverge.
             if i > 0 and self.feedback:
-                chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], prev_hidden, row_keys)
+                chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], hiddens[-1][:, -1], row_keys)
             filled.append(chunk)
-            inputs = {"inputs_embeds": chunk, "attention_mask": attention_mask[:, :end],
-                      "position_ids": position_ids[:, start:end], cache_kwarg(self.base_causallm): cache,
-                      "use_cache": True}
-            if output == "hidden":
-                hidden = self.base_causallm.get_decoder()(**inputs).last_hidden_state
-                outputs.append(hidden)
-                prev_hidden = hidden[:, -1]
-            else:
-                needs_hidden = i < last and self.feedback
-                out = self.base_causallm(**inputs, output_hidden_states=needs_hidden,
-                                         logits_to_keep=1 if output == "last_logits" else 0)
-                outputs.append(out.logits)
-                if needs_hidden:
-                    prev_hidden = out.hidden_states[-1][:, -1]
+            hiddens.append(decoder(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
+                                   position_ids=position_ids[:, start:end], use_cache=True,
+                                   **{cache_kwarg(self.base_causallm): cache}).last_hidden_state)
             cache = cache.extended()
-        return outputs, filled, cache
+        return hiddens, filled, cache
 
     # -- training ------------------------------------------------------------------------------------
     def forward(
@@ -248,19 +249,17 @@ class Coconut(nn.Module):
         if return_logits is None:
             return_logits = full_logits
         plan = self._plan(input_ids, num_passes, latent_columns)
-        outputs, filled, _ = self._run_passes(input_ids, attention_mask, position_ids, plan,
-                                              output="logits" if full_logits else "hidden")
-        inputs_embeds = torch.cat(filled, dim=1)
+        hiddens, filled, _ = self._run_passes(input_ids, attention_mask, position_ids, plan)
+        hidden, inputs_embeds = torch.cat(hiddens, dim=1), torch.cat(filled, dim=1)
+        head = self.base_causallm.get_output_embeddings()
         if full_logits:
-            logits = torch.cat(outputs, dim=1)
+            logits = head(hidden)
             loss = shifted_cross_entropy(logits, labels) if labels is not None else None
             return CoconutOutput(loss=loss, logits=logits if return_logits else None, inputs_embeds=inputs_embeds,
                                  num_passes=len(plan.ranges))
-        hidden = torch.cat(outputs, dim=1)
         # Zero-weighted last column: the shift drops it, and it may be a whole (one-column) pass; this keeps
         # every pass in the backward graph (ZeRO-3 hook order, see shifted_cross_entropy).
         keep_graph = hidden[:, -1].sum() * 0.0
-        head = self.base_causallm.get_output_embeddings()
         loss = chunked_shifted_cross_entropy(hidden, labels, head, self.loss_chunks) + keep_graph
         return CoconutOutput(loss=loss, logits=None, inputs_embeds=inputs_embeds, num_passes=len(plan.ranges))
 
@@ -288,8 +287,8 @@ class Coconut(nn.Module):
         if input_ids.shape[1] and (attention_mask[:, -1] == 0).any():
             raise ValueError("generate() needs left padding: every row's last column must be a real token")
         plan = self._plan(input_ids, num_passes, latent_columns)
-        logits, _, cache = self._run_passes(input_ids, attention_mask, position_ids, plan, output="last_logits")
-        next_logits = logits[-1][:, -1]
+        hiddens, _, cache = self._run_passes(input_ids, attention_mask, position_ids, plan)
+        next_logits = self.base_causallm.get_output_embeddings()(hiddens[-1][:, -1])
         batch = input_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         next_pos = position_ids[:, -1:] + 1

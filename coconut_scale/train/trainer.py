@@ -320,13 +320,14 @@ class Trainer:
         batch = self.collate(features)
         if self.step_collate is not None and self.recipe.coconut.step_supervision.applies_to(stage):
             batch.update(self.step_collate(features))  # the same on every rank: the stage decides
-        # Counted on the CPU copy: reading them from the device would stall it every micro-batch.
-        self.window.tokens += int(batch["attention_mask"].sum())
-        needed = self.model.count_passes(batch["input_ids"])
+        # From the features, not the batch: no tensor is read back (on a GPU each read stalls the stream).
+        self.window.tokens += sum(len(f["input_ids"]) for f in features)
+        columns = self.collate.latent_columns(features)  # the pass plan's input
+        needed = self.model.count_passes(batch["input_ids"], columns)
         if needed > passes:
             raise RuntimeError(f"a batch at stage {stage} needs {needed} passes, more than the {passes} planned")
         batch = {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
-        out = self.strategy.forward(**batch, num_passes=passes)
+        out = self.strategy.forward(**batch, num_passes=passes, latent_columns=columns)
         self.strategy.backward(out.loss)
         self.strategy.step()
         parts = None

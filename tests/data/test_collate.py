@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from coconut_scale.data.collate import LatentAlignedCollator, left_pad_for_generation
 from coconut_scale.data.curriculum import CurriculumConfig, build_stage_dataset
+from coconut_scale.model.coconut import latent_columns
 from coconut_scale.model.tokens import LatentTokens
 
 T = LatentTokens(start_id=1, latent_id=2, end_id=3, eos_id=0, pad_id=0)
@@ -94,6 +95,16 @@ def test_property_alignment(specs):
         assert (ids[i][pad] == P).all() and (labels[i][pad] == X).all() and (pos[i][pad] == 0).all()
     # on real tokens this is the usual cumsum formula (which differs only on right padding, masked anyway)
     assert torch.equal(pos[mask == 1], ((mask.cumsum(-1) - 1).clamp_min(0))[mask == 1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 5), st.integers(0, 8)), min_size=1, max_size=8))
+def test_latent_columns_from_features_equal_the_collated_batch(specs):
+    """The pass plan's input, known on the host from the features alone, is what the batch holds."""
+    rows = [row(q, n, t) for q, n, t in specs]
+    collate = LatentAlignedCollator(pad_id=P, latent_id=T.latent_id)
+    ids = collate(rows)["input_ids"]
+    assert collate.latent_columns(rows) == latent_columns(ids, T.latent_id)
 
 
 @settings(max_examples=100, deadline=None)

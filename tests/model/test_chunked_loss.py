@@ -1,5 +1,7 @@
 """Chunked cross-entropy (model/chunked_loss.py) inside Coconut.forward: the same loss and gradients as the
-full-logits loss, without [B, T, V] logits; and the forward/generate signature (pass-plan hint, no keyword sinks)."""
+full-logits loss, without [B, T, V] logits, on both of its paths (the fused sweep for a plain unhooked head, the
+checkpointed module calls for a hooked one, as under ZeRO-3 or LoRA's tied head); and the forward/generate
+signature (pass-plan hint, no keyword sinks)."""
 
 import math
 
@@ -28,6 +30,11 @@ def _wrap(arch, loss_chunks=3, seed=0):
     return coconut, tokens, tok
 
 
+def _force_module_path(head):
+    """A no-op forward hook: the head is then called as a module per chunk (the ZeRO-3 / LoRA path)."""
+    return head.register_forward_hook(lambda module, args, out: None)
+
+
 def _trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -47,12 +54,31 @@ def _assert_same(a, b, rtol=RTOL, atol=ATOL):
         torch.testing.assert_close(a[1][name], b[1][name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("path", ["fused", "module"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("loss_chunks", [1, 3, 500])  # 500: more chunks than tokens, so some are empty
-def test_chunked_loss_equals_full_logits_loss(arch, loss_chunks):
+def test_chunked_loss_equals_full_logits_loss(arch, loss_chunks, path):
     coconut, tokens, _ = _wrap(arch, loss_chunks)
+    if path == "module":
+        _force_module_path(coconut.base_causallm.get_output_embeddings())
     batch = latent_batch(tokens, *BATCH, seed=1)
     _assert_same(_loss_and_grads(coconut, batch), _loss_and_grads(coconut, batch, return_logits=True))
+
+
+def test_fused_path_for_a_plain_head_module_path_for_a_hooked_one(monkeypatch):
+    """A plain head: one fused sweep, no checkpointed module call; a hooked head: one checkpointed call per chunk."""
+    from coconut_scale.model import chunked_loss
+
+    coconut, tokens, _ = _wrap("llama", loss_chunks=4)
+    ids, mask, labels, pos = latent_batch(tokens, *BATCH, seed=11)
+    calls = []
+    checkpoint = chunked_loss.checkpoint
+    monkeypatch.setattr(chunked_loss, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    coconut(ids, mask, labels, pos).loss.backward()
+    assert calls == []
+    _force_module_path(coconut.base_causallm.get_output_embeddings())
+    coconut(ids, mask, labels, pos).loss.backward()
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -118,12 +144,15 @@ def test_no_labels_gives_zero_loss_with_graph_and_no_nan():
     assert all(g is not None and not g.isnan().any() for g in grads)
 
 
-def test_chunked_cross_entropy_matches_plain_function():
+@pytest.mark.parametrize("path", ["fused", "module"])
+def test_chunked_cross_entropy_matches_plain_function(path):
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=True)
     hidden = torch.randn(3, 7, 16, requires_grad=True)
     labels = torch.randint(0, 50, (3, 7))
     labels[0, :5] = IGNORE_INDEX
+    if path == "module":
+        _force_module_path(head)
     plain = shifted_cross_entropy(head(hidden), labels)
     chunked = chunked_shifted_cross_entropy(hidden, labels, head, num_chunks=4)
     torch.testing.assert_close(chunked, plain, rtol=RTOL, atol=ATOL)
