@@ -1,7 +1,8 @@
 """Chunked cross-entropy (coconut_scale/model/chunked_loss.py) against the plain loss on a CUDA GPU.
 
-Two paths: the checkpointed chunk loop (forced by a forward hook on the head, which the Liger path refuses),
-and Liger's fused linear cross-entropy, which the function picks for a plain head when `liger_kernel` imports.
+Two paths: the checkpointed chunk loop (forced by a forward hook on the head, which the fused path refuses),
+and the fused sweep the function picks for a plain head: Liger's kernel when `liger_kernel` imports, else the
+torch `FusedLinearCrossEntropy`.
 """
 
 import pytest
@@ -42,13 +43,11 @@ def _loss_and_grads(loss, head, hidden_states):
     return loss.detach().float(), gh.float(), gw.float()
 
 
-@pytest.mark.parametrize("path", ["chunk_loop", "liger"])
+@pytest.mark.parametrize("path", ["chunk_loop", "fused"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("num_chunks", [1, 4, 200])  # 200 > tokens: empty chunks still call the head
 def test_chunked_loss_equals_plain_loss(path, dtype, rtol, num_chunks):
     chunked = _chunked()
-    if path == "liger":
-        pytest.importorskip("liger_kernel", reason="liger_kernel is not installed")
     head, hidden_states, labels = _problem(dtype)
     want = _loss_and_grads(shifted_cross_entropy(head(hidden_states), labels), head, hidden_states)
     hook = head.register_forward_hook(lambda *_: None) if path == "chunk_loop" else None

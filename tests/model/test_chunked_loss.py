@@ -211,3 +211,16 @@ def test_unknown_keyword_arguments_are_refused():
         coconut(ids, mask, labels, pos, idx=torch.arange(ids.shape[0]))
     with pytest.raises(TypeError, match="synced_gpus"):
         coconut.generate(ids, mask, synced_gpus=True)
+
+
+def test_models_that_transform_their_lm_head_output_are_refused():
+    """Gemma's softcapping, Cohere's logit_scale: the loss here is CE of lm_head(hidden), so such a model would
+    train on other logits than it generates with; it is refused at wrapping, naming the field and its value."""
+    model, tok = tiny_model("llama")
+    tokens = LatentTokens.from_tokenizer(tok)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match=r"LlamaConfig\.final_logit_softcapping=30\.0"):
+        Coconut(model, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
+    model.config.final_logit_softcapping = None
+    model.config.logit_scale = 1.0  # neutral values pass
+    Coconut(model, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
