@@ -165,9 +165,9 @@ class Coconut(nn.Module):
         loss_chunks: int | None = DEFAULT_LOSS_CHUNKS,
     ):
         """`loss_chunks`: token chunks of the training loss (chunked_loss.py); at most ceil(B*(T-1)/loss_chunks)
-        rows of logits exist at a time, and backward recomputes the lm_head product (about a third more lm_head
-        compute). None: the loss from full [B, T, V] logits (faster where the vocabulary is small and memory is
-        not short; the logits are then returned too). Keep it equal on every rank."""
+        rows of logits exist at a time. A plain head takes the fused sweep (no extra compute); a ZeRO-3 or hooked
+        head is called per chunk and backward recomputes its product (about a third more lm_head compute). None:
+        the loss from full [B, T, V] logits (the logits are then returned too). Keep it equal on every rank."""
         super().__init__()
         self.loss_chunks = loss_chunks
         self.base_causallm = base_causallm
