@@ -1,4 +1,4 @@
-"""End-to-end training on CPU (gloo): 1 process vs 2 ranks under ZeRO-3, launchers, kill -9 + resume.
+"""End-to-end training on CPU (gloo): 1 process vs 2 ranks under ZeRO-3 (and ZeRO-2), launchers, kill -9 + resume.
 
 Every run trains the tiny recipe through a stage boundary with an optimizer reset (3 epochs, stages 0-1-2),
 with stage mixing (uniform_prob) so that ranks hold different latent counts in the same step, and an odd
@@ -133,6 +133,23 @@ def test_two_ranks_zero3_torchrun_equals_single_process(runs, torchrun2):
     for step in l1:
         assert abs(l1[step] - l2[step]) < 1e-4, (step, l1[step], l2[step])
     _assert_same_weights(single, two)
+
+
+ZERO2 = {"deepspeed.config": "ds_configs/zero2_fp32.json", "deepspeed.overrides": "{}"}
+
+
+def test_two_ranks_zero2_equal_one_process_on_the_fused_loss(runs, tmp_path):
+    """ZeRO-2 leaves the lm_head whole, so the loss takes the fused sweep (model/chunked_loss.py; ZeRO-3's
+    partitioned head takes the module calls, tested above): 2 ranks x accum 1 equal 1 rank x accum 2."""
+    _, data, _ = runs
+    one, two = tmp_path / "zero2_one", tmp_path / "zero2_two"
+    _run("python", one, data, **ZERO2)
+    _run("torchrun", two, data, **ZERO2)
+    l1, l2 = train_losses(one), train_losses(two)
+    assert l1.keys() == l2.keys() and len(l1) == 3 * 12
+    for step in l1:
+        assert abs(l1[step] - l2[step]) < 1e-4, (step, l1[step], l2[step])
+    _assert_same_weights(one, two)
 
 
 def test_universal_checkpoint_resumes_a_two_rank_run_on_one_process(runs, torchrun2):
