@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from coconut_scale.model.activation_checkpointing import disable_latent_safe_checkpointing, enable_latent_safe_checkpointing  # noqa: E402
-from coconut_scale.data.collate import LatentAlignedCollator
+from coconut_scale.data.collate import LatentAlignedCollator, left_pad_for_generation  # noqa: E402
 from coconut_scale.model.coconut import Coconut  # noqa: E402
 from coconut_scale.model.reference import reference_forward, reference_generate  # noqa: E402
 from coconut_scale.model.tokens import LatentTokens  # noqa: E402
@@ -146,12 +146,7 @@ def gen_prompts(args, tokens):
     for q_len in _question_lengths(args.gen_batch, args.gen_question_len):
         q = torch.randint(0, args.vocab - 4, (q_len,), generator=g).tolist()
         rows.append(q + [tokens.start_id] + [tokens.latent_id] * args.latents + [tokens.end_id])
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokens.pad_id)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
+    ids, mask, _ = left_pad_for_generation(rows, tokens.pad_id)
     return [torch.tensor([r]) for r in rows], ids, mask
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import break_embedding_ties, latent_batch
 
+from coconut_scale.data.collate import left_pad_for_generation
 from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
 from coconut_scale.model.coconut import Coconut
 from coconut_scale.model.reference import reference_forward
@@ -84,12 +85,7 @@ def test_checkpointing_on_and_off_agree_on_cuda(arch, dtype):
 
 
 def _left_pad(rows, pad_id):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+    ids, mask, _ = left_pad_for_generation(rows, pad_id)
     return ids.to(DEVICE), mask.to(DEVICE)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import break_embedding_ties, latent_batch
 
+from coconut_scale.data.collate import left_pad_for_generation
 from coconut_scale.model.activation_checkpointing import (
     decoder_layers,
     disable_latent_safe_checkpointing,
@@ -140,16 +141,6 @@ def test_pass_plan_for_unaligned_latents():
         plan_passes(torch.tensor([[9, 5]]), latent_id=9)
 
 
-def _left_pad(rows, pad_id):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 def _questions(tokens, spec, seed):
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -166,7 +157,7 @@ def test_batched_generation_equals_single_rows(arch, spec):
     break_embedding_ties(coconut.base_causallm)
     coconut.eval()
     rows = _questions(tokens, spec, seed=len(spec))
-    ids, mask = _left_pad(rows, tokens.pad_id)
+    ids, mask, _ = left_pad_for_generation(rows, tokens.pad_id)
     batched = coconut.generate(ids, mask, max_new_tokens=10)
     width = ids.shape[1]
     for i, row in enumerate(rows):
@@ -185,7 +176,7 @@ def test_generation_stops_per_row_at_eos():
     # Make EOS the argmax everywhere for row 0 only by forcing the lm_head bias-free trick: huge EOS row.
     base = coconut.base_causallm
     rows = _questions(tokens, [(4, 1), (6, 1)], seed=9)
-    ids, mask = _left_pad(rows, tokens.pad_id)
+    ids, mask, _ = left_pad_for_generation(rows, tokens.pad_id)
     with torch.no_grad():
         base.lm_head.weight[tokens.eos_id] = 0
     calls = {"synced": []}
