@@ -10,7 +10,7 @@ DIR/gpu_validate.log (the stages' output). Stages, each timed, each allowed to f
   environment        GPU, torch, CUDA, transformers, deepspeed, peft versions; measured bf16 matmul TFLOP/s
   gpu_tests          pytest -m gpu tests/gpu (the smoke run only collects them)
   llama8b_lora       Llama-3.1-8B shape from its config, random init on the GPU, LoRA as
-                     recipes/llama8b_gsm_lora.yaml, ZeRO-3 on one GPU (ds_configs/zero3_bf16.json), stage-3 GSM-like
+                     recipes/llama8b_gsm_lora.yaml with its own DeepSpeed config (ZeRO-0, bf16), stage-3 GSM-like
                      rows (c_thought 2: 6 latents), 512 tokens, checkpointing on; micro-batch sweep under an 80 GiB
                      cap: tokens/s, peak memory, MFU, share of step time in the latent passes (CUDA events)
   gpt2_fast_vs_reference  GPT-2-small full fine-tune step at stage 3, fast path vs reference (tokens/s), and
@@ -56,7 +56,7 @@ STAGES = ("environment", "gpu_tests", "llama8b_lora", "gpt2_fast_vs_reference", 
 # Seconds each stage may take on one H200 (child killed beyond it); the sum stays under --budget-s so a whole
 # run plus the machine's start fits twice in 15 minutes only when stages are rerun selectively (--stages).
 STAGE_LIMIT_S = {"environment": 40, "gpu_tests": 120, "llama8b_lora": 150, "gpt2_fast_vs_reference": 60,
-                 "memory_estimate": 90, "profile": 80}
+                 "memory_estimate": 150, "profile": 80}
 TARGETS = {"micro_batch": 8, "mfu": 0.45, "estimate_error": 0.15, "latent_share": 0.25}
 GPU_CAP_GIB = 80.0
 LOG_NAME, JSON_NAME, MD_NAME = "gpu_validate.log", "results.json", "results.md"
@@ -203,19 +203,27 @@ def step_flops(shape: dict, batch: int, seq: int, lora_rank: int | None, lora_ta
 
 # --- engines -----------------------------------------------------------------------------------------------------
 
-def _recipe(recipe_file: str, shape: dict, micro: int, seq: int, ds_json: str, extra: list[str] = ()):
+def _recipe(recipe_file: str, shape: dict, micro: int, seq: int, ds_json: str | None, extra: list[str] = ()):
+    """The recipe at `shape`, one GPU, micro batch `micro`; `ds_json` None keeps the recipe's own DeepSpeed config."""
     from coconut_scale.config.recipe import load_recipe
 
     overrides = [
         f"model.from_config={json.dumps(shape)}", "checkpoint.init_from=null", "checkpoint.resume_from_epoch=0",
-        f"deepspeed.config={ds_json}", f"batch.micro_batch_size={micro}", f"batch.global_batch_size={micro}",
-        "batch.micro_batch_per_world_size={}", "batch.world_sizes=[1]", f"data.max_seq_len={seq}", *extra,
+        *([f"deepspeed.config={ds_json}"] if ds_json else []), f"batch.micro_batch_size={micro}",
+        f"batch.global_batch_size={micro}", "batch.micro_batch_per_world_size={}", "batch.world_sizes=[1]",
+        f"data.max_seq_len={seq}", *extra,
     ]
     return load_recipe(REPO / "recipes" / recipe_file, overrides)
 
 
+def _llama_lora_recipe(w: dict, micro: int, smoke: bool):
+    """llama8b_gsm_lora as it trains (its ZeRO-0 bf16 config, which runs on the CPU too), dropout off."""
+    return _recipe("llama8b_gsm_lora.yaml", w["llama"], micro, w["seq"], None,
+                   ["lora.dropout=0.0", *(["lora.rank=4"] if smoke else [])])
+
+
 def _ds_json(smoke: bool) -> str:
-    # The bf16 ZeRO-3 config of the big recipes; the CPU smoke run has no bf16 DeepSpeed path, so fp32.
+    # The bf16 ZeRO-3 config of the full fine-tuning recipes; fp32 in the smoke run, where CPU bf16 is only slower.
     return "ds_configs/zero3_fp32.json" if smoke else "ds_configs/zero3_bf16.json"
 
 
@@ -350,6 +358,7 @@ def timed_steps(bundle, batch: dict, latent_id: int, steps: int, label_passes: b
             end = clock.now()
             clock.sync()
             fwd, bwd = timer.per_pass_ms(bwd_start, bwd_end)
+            print(f"  step {len(rows)}: {clock.ms(start, end):.0f} ms (micro {batch['input_ids'].shape[0]})", flush=True)
             rows.append(dict(step_ms=clock.ms(start, end), forward_ms=clock.ms(start, bwd_start),
                              backward_ms=clock.ms(bwd_start, bwd_end), optimizer_ms=clock.ms(bwd_end, end),
                              pass_forward_ms=fwd, pass_backward_ms=bwd, loss=float(loss)))
@@ -404,12 +413,11 @@ def stage_llama8b_lora(ctx) -> dict:
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_CAP_GIB * 2**30 / total))
-    recipe = _recipe("llama8b_gsm_lora.yaml", w["llama"], max(w["micro_sweep"]), w["seq"], _ds_json(smoke),
-                     ["lora.dropout=0.0", *_smoke_overrides(smoke)])
+    recipe = _llama_lora_recipe(w, max(w["micro_sweep"]), smoke)
     t0 = time.time()
     bundle, tokens = build(recipe)
     out = {"build_s": time.time() - t0, "cap_gib": GPU_CAP_GIB if cuda else None, "seq": w["seq"],
-           "ds_config": _ds_json(smoke), "lora_rank": recipe.lora.rank, "sweep": []}
+           "ds_config": recipe.deepspeed.config, "lora_rank": recipe.lora.rank, "sweep": []}
     context_bytes = 0
     if cuda:
         free, total = torch.cuda.mem_get_info()
@@ -542,8 +550,7 @@ def stage_memory_estimate(ctx) -> dict:
     llama = ctx["previous"].get("llama8b_lora", {})
     micro = llama.get("best_micro_batch")
     if micro:
-        recipe = _recipe("llama8b_gsm_lora.yaml", w["llama"], micro, w["seq"], _ds_json(smoke),
-                         ["lora.dropout=0.0", *_smoke_overrides(smoke)])
+        recipe = _llama_lora_recipe(w, micro, smoke)
         out["llama8b_lora"] = {"micro_batch": micro, **_compare(estimate(recipe, 1)["total"], llama.get("peak_gib"))}
     else:
         out["llama8b_lora"] = {"skipped": "llama8b_lora measured no micro batch"}
@@ -555,6 +562,7 @@ def stage_memory_estimate(ctx) -> dict:
     est = estimate(recipe, 1)["total"]
     t0 = time.time()
     bundle, tokens = build(recipe)
+    print(f"  qwen3_4b_full built in {time.time() - t0:.0f} s", flush=True)
     context_bytes = 0
     if cuda:
         free, total = torch.cuda.mem_get_info()
@@ -598,8 +606,7 @@ def stage_profile(ctx) -> dict:
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_CAP_GIB * 2**30 / total))
-    recipe = _recipe("llama8b_gsm_lora.yaml", w["llama"], micro, w["seq"], _ds_json(smoke),
-                     ["lora.dropout=0.0", *_smoke_overrides(smoke)])
+    recipe = _llama_lora_recipe(w, micro, smoke)
     bundle, tokens = build(recipe)
     batch = to_device(gsm_like_batch(tokens, micro, w["seq"]), bundle.engine.device)
     timed_steps(bundle, batch, tokens.latent_id, 1)

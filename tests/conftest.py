@@ -7,7 +7,8 @@ import torch
 
 from coconut_scale.data.collate import LatentAlignedCollator
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():  # on a GPU DeepSpeed must find CUDA: a CPU accelerator would meet NCCL
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -74,4 +75,4 @@ def break_embedding_ties(model, scale=0.05, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         w = model.get_input_embeddings().weight
-        w.add_(torch.randn(w.shape, generator=g) * scale)
+        w.add_((torch.randn(w.shape, generator=g) * scale).to(w.device, w.dtype))

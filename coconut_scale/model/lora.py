@@ -103,7 +103,9 @@ def apply_lora(model, cfg, tokenizer, dtype: torch.dtype | None = None) -> None:
         with warnings.catch_warnings():
             # peft reads transformers' deprecated `is_gradient_checkpointing` alias; the alias warns, peft's to fix.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            peft_model = get_peft_model(base, config)
+            # Adapters in the base's dtype: peft would upcast bf16 adapters to fp32, and DeepSpeed's bf16 engine
+            # flattens every trainable parameter into one buffer of one dtype (it keeps fp32 masters itself).
+            peft_model = get_peft_model(base, config, autocast_adapter_dtype=False)
     except ValueError as e:  # peft's message lists what it could not find; say where the names came from
         raise ValueError(f"lora.target_modules={targets} (model_type {base.config.model_type!r}): {e}") from e
 

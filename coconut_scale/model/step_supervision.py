@@ -218,7 +218,7 @@ def apply_decoder_lora(decoder: nn.Module, lora_cfg) -> nn.Module:
     config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=targets, fan_in_fan_out=model_type == "gpt2", bias="none",
                         task_type="CAUSAL_LM")
-    return get_peft_model(decoder, config)
+    return get_peft_model(decoder, config, autocast_adapter_dtype=False)  # one dtype: see model/lora.py
 
 
 def load_step_decoder(recipe, vocab_size: int) -> nn.Module | None:

@@ -313,6 +313,22 @@ def test_one_gpu_paths_train_like_zero3(root, single_zero3, stage, ds_json):
     _assert_close_tensors(_final_tensors(single), _final_tensors(out))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_json", ["zero3_bf16.json", "zero0_bf16.json"], ids=["zero3", "zero0"])
+def test_bf16_lora_trains_like_fp32(root, single_zero3, ds_json):
+    """bf16, as every GPU recipe trains: DeepSpeed flattens the trainable parameters into one buffer per dtype, so
+    the adapters must share the token rows' dtype (peft's default upcast to fp32 stopped the ZeRO-3 engine at
+    initialize). The losses follow the fp32 run's to bf16 precision."""
+    single, _ = single_zero3
+    out = root / f"bf16_{ds_json.split('_')[0]}"
+    proc = _train("python", out, root, **{"model.dtype": "bf16", "deepspeed.config": f"ds_configs/{ds_json}"})
+    assert f"ZeRO stage {ds_json[4]}" in proc.stdout
+    fp32, bf16 = _train_losses(single), _train_losses(out)
+    assert fp32.keys() == bf16.keys()
+    for step in fp32:
+        assert abs(fp32[step] - bf16[step]) < 0.05 * abs(fp32[step]), (step, fp32[step], bf16[step])
+
+
 # Roundtrip runs: this file as a 2-rank ZeRO-3 script, on a base model loaded from disk (as a hub model would
 # be), whose vocabulary lacks the Coconut tokens: the engine resizes it under ZeRO-3, and the adapter must
 # put the rows back onto that same base.
