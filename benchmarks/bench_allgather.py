@@ -150,21 +150,18 @@ def build(variant: str, recipe, tokenizer, steps_total: int):
     """(engine to step, module to call, Coconut wrapper) for the variant."""
     import deepspeed
 
-    from coconut_scale.train.strategy import build_engine
     from coconut_scale.model.loading import build_coconut, load_causal_lm
+    from coconut_scale.train.engine import build_engine
+    from coconut_scale.train.strategy import DeepSpeedStrategy
 
     ds_config = ds_config_for(variant, recipe, steps_total)
     if variant != "naive":
         bundle = build_engine(recipe, ds_config, tokenizer, steps_total, log=lambda *_: None)
         return bundle.engine, bundle.engine, bundle.model, bundle.hf_ds_config
-    from transformers.integrations import HfDeepSpeedConfig
-
-    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    strategy = DeepSpeedStrategy(ds_config)  # only for its ZeRO-3 context: this variant initializes by hand
     base = load_causal_lm("bench", dtype="fp32", attn_implementation="sdpa", from_config=recipe.model.from_config,
                           vocab_size=len(tokenizer), seed=recipe.seed)
-    from coconut_scale.train.strategy import _zero3_gather
-
-    model = build_coconut(base, tokenizer, gather=_zero3_gather)
+    model = build_coconut(base, tokenizer, gather=strategy.gather)
     ds_config.pop("optimizer", None)
     ds_config.pop("scheduler", None)
     ds_config["zero_allow_untested_optimizer"] = True
@@ -172,7 +169,7 @@ def build(variant: str, recipe, tokenizer, steps_total: int):
     engine, *_ = deepspeed.initialize(model=base, model_parameters=list(base.parameters()), optimizer=optimizer,
                                       config=ds_config)
     model.base_causallm = engine  # every pass is now a separate engine call
-    return engine, model, model, hf_ds_config
+    return engine, model, model, strategy.hf_ds_config
 
 
 def measure(variant: str, n_latents: int, args, recipe, tokenizer) -> dict:

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VOLATILE = {"tokens_per_s", "peak_mem_gb", "time", "elapsed_s", "wall_s", "seconds"}
+VOLATILE = {"tokens_per_s", "peak_mem_gb", "time", "elapsed_s", "wall_s", "seconds", "examples_per_s"}
 
 COMMON = {
     "optim.epochs": 3, "optim.grad_clip": 0.0, "coconut.max_latent_stage": 2, "coconut.uniform_prob": 0.3,
@@ -92,8 +92,9 @@ def fingerprint_output(out: Path) -> dict:
             continue
         exports[str(st.relative_to(out / "hf"))] = {k: _tensor_digest(v) for k, v in sorted(load_file(str(st)).items())}
     fp["exports"] = exports
-    fp["export_configs"] = {str(p.relative_to(out / "hf")): json.loads(p.read_text())
-                            for p in sorted((out / "hf").rglob("coconut_config.json"))}
+    fp["export_configs"] = {str(p.relative_to(out / "hf")): {k: v for k, v in json.loads(p.read_text()).items()
+                                                             if k not in VOLATILE}
+                            for p in sorted((out / "hf").rglob("*.json")) if p.parent.name != "adapter"}
     steps = sorted((out / "checkpoints").glob("step-*"))
     fp["checkpoints"] = [p.name for p in steps]
     if steps:
@@ -105,7 +106,10 @@ def fingerprint_output(out: Path) -> dict:
             # Our own runs' DeepSpeed shards (pickles); read only to hash their tensors.
             _tensors_in(torch.load(shard, map_location="cpu", weights_only=False), shard.name, shards)
         fp["checkpoint_tensors"] = shards
-        fp["rng"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:24] for p in sorted(newest.glob("rng_rank*.json"))}
+        # torch's generators only: Python's and numpy's are seeded from the OS (nothing of the math draws from them).
+        fp["rng"] = {p.name: hashlib.sha256(json.dumps({k: v for k, v in json.loads(p.read_text()).items()
+                                                        if k in ("torch", "cuda")}).encode()).hexdigest()[:24]
+                     for p in sorted(newest.glob("rng_rank*.json"))}
     return fp
 
 
@@ -138,10 +142,21 @@ def run_all(repo: Path, names: list[str], work: Path) -> dict:
         proc = subprocess.run(cmd, cwd=work, env=_env(repo), capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise SystemExit(f"eval failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-        report = json.loads((work / "eval" / "report.json").read_text())
-        drop = VOLATILE | {"examples_per_s", "checkpoint", "data"}
-        result["eval"] = {"report": {k: v for k, v in report.items() if k not in drop},
-                          "samples": _records(work / "eval" / "samples.jsonl")}
+        result["eval"] = fingerprint_eval(work / "eval")
+    return result
+
+
+def fingerprint_eval(directory: Path) -> dict:
+    report = json.loads((directory / "report.json").read_text())
+    return {"report": {k: v for k, v in report.items() if k not in VOLATILE | {"checkpoint", "data"}},
+            "samples": _records(directory / "samples.jsonl")}
+
+
+def rescan(work: Path) -> dict:
+    """The fingerprint of runs already in `work` (a --work directory), without running them again."""
+    result = {name: fingerprint_output(work / name) for name in RUNS if (work / name / "metrics.jsonl").is_file()}
+    if (work / "eval" / "report.json").is_file():
+        result["eval"] = fingerprint_eval(work / "eval")
     return result
 
 
@@ -161,9 +176,24 @@ def _diff(a, b, path: str, out: list[str], limit: int = 40) -> None:
         out.append(f"{path}: {json.dumps(a)[:120]} != {json.dumps(b)[:120]}")
 
 
-def compare(before: dict, after: dict) -> list[str]:
+def _renamed(node, renames: dict[str, str]):
+    """`node` with every key path segment starting with an old name given its new name (state-dict prefixes)."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            for old, new in renames.items():
+                if isinstance(k, str) and old in k:
+                    k = k.replace(old, new)
+            out[k] = _renamed(v, renames)
+        return out
+    if isinstance(node, list):
+        return [_renamed(v, renames) for v in node]
+    return node
+
+
+def compare(before: dict, after: dict, renames: dict[str, str] | None = None) -> list[str]:
     problems: list[str] = []
-    _diff(before, after, "", problems)
+    _diff(_renamed(before, renames or {}), after, "", problems)
     return problems
 
 
@@ -174,10 +204,13 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW",
+                        help="with --compare: a state-dict key prefix renamed between BEFORE and AFTER")
+    parser.add_argument("--rescan", type=Path, metavar="WORK", help="fingerprint the runs already in WORK (with --out)")
     args = parser.parse_args(argv)
     if args.compare:
         before, after = (json.loads(p.read_text()) for p in args.compare)
-        problems = compare(before, after)
+        problems = compare(before, after, dict(r.split("=", 1) for r in args.rename))
         counted = sum(len(v.get("exports", {})) + len(v.get("checkpoint_tensors", {})) for v in after.values()
                       if isinstance(v, dict))
         print(f"{len(after)} runs, {counted} export files and checkpoint tensors compared")
@@ -185,6 +218,10 @@ def main(argv=None) -> int:
         return 0 if not problems else 1
     if args.out is None:
         parser.error("--out or --compare is required")
+    if args.rescan:
+        args.out.write_text(json.dumps(rescan(args.rescan), indent=1, sort_keys=True))
+        print(f"wrote {args.out}")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

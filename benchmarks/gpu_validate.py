@@ -240,7 +240,8 @@ def build(recipe):
     from coconut_scale.model.tokens import LatentTokens
     from coconut_scale.testing import tiny_tokenizer
     from coconut_scale.config.model_shape import hidden_size
-    from coconut_scale.train.strategy import build_engine, init_distributed
+    from coconut_scale.train.engine import build_engine
+    from coconut_scale.train.strategy import init_distributed
 
     init_distributed()
     plan = resolve_batch(recipe.batch, 1, recipe.data.max_seq_len)

@@ -1,13 +1,16 @@
-"""Atomic file writes: written beside the target, then renamed, so a reader (or a run that crashed mid-write)
-never sees a half-written file. The one place the harness writes JSON, JSON Lines and text files."""
+"""Atomic writes: written beside the target, then renamed, so a reader (or a run that crashed mid-write) never
+sees a half-written file or directory. The one place the harness writes JSON, JSON Lines and text files, and the
+one temporary-directory-then-rename writer (`AtomicDir`, `atomic_dir`) of checkpoints and exports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -61,3 +64,59 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (best effort: some filesystems refuse to open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class AtomicDir:
+    """A directory written under `.tmp-<name>` beside its final path and renamed into place when complete.
+
+    `begin()` clears a leftover of the same name and creates the temporary directory; `commit()` replaces the
+    final directory (if any) by it; `abort()` removes it. A reader therefore finds either the old directory or the
+    new one, never a mix; a crash leaves only the `.tmp-` directory, which the next `begin()` removes. Collective
+    writers (every rank writing its shards into `tmp`) call begin and commit on one rank, with barriers between.
+    """
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final)
+        self.tmp = self.final.with_name(f".tmp-{self.final.name}")
+
+    def begin(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def commit(self) -> Path:
+        fsync_dir(self.tmp)
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.rename(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """`with atomic_dir(out) as tmp:` write into `tmp`; it becomes `out` when the block ends without an error and
+    is removed when it raises (the previous `out`, if any, is untouched then)."""
+    target = AtomicDir(final)
+    tmp = target.begin()
+    try:
+        yield tmp
+    except BaseException:
+        target.abort()
+        raise
+    target.commit()

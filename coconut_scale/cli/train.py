@@ -43,6 +43,8 @@ def main(argv=None) -> int:
         print(f"\ninterrupted at epoch {trainer.state.epoch}, step {trainer.state.step_in_epoch}; last checkpoint: "
               f"{where}. Re-run the same command to resume.", file=sys.stderr, flush=True)
         return 130
+    finally:
+        trainer.close()  # wandb finished and the run lock released on every exit: error, Ctrl-C, success
     dist.finish()
     return 0
 

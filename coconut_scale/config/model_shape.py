@@ -22,9 +22,8 @@ def recipe_shape(recipe) -> dict:
     model = recipe.model
     if model.from_config is not None:
         shape = dict(model.from_config)
-        tok = model.tokenizer or ""
-        if "vocab_size" not in shape and tok.startswith("train-bpe:"):
-            shape["vocab_size"] = int(tok.split(":", 1)[1])  # the trainer sizes the model to that tokenizer
+        if "vocab_size" not in shape and model.bpe_vocab_size is not None:
+            shape["vocab_size"] = model.bpe_vocab_size  # the trainer sizes the model to that tokenizer
         return shape
     for candidate in (model.name_or_path, recipe.checkpoint.init_from):
         shape = shape_for(candidate) if candidate else None
@@ -36,12 +35,13 @@ def recipe_shape(recipe) -> dict:
 def _auto_config_shape(recipe) -> dict:
     from transformers import AutoConfig
 
+    from coconut_scale.config.model_spec import base_source
     from coconut_scale.model.loading import resolve_source
 
-    init_from = recipe.checkpoint.init_from
-    source = init_from or recipe.model.name_or_path
-    kwargs = {"gguf_file": recipe.model.gguf_file} if recipe.model.gguf_file and not init_from else {}
-    field = "checkpoint.init_from" if init_from else "model.name_or_path"
+    source = base_source(recipe)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    field = "checkpoint.init_from" if recipe.checkpoint.init_from else "model.name_or_path"
+    source = source.path
     try:
         config = AutoConfig.from_pretrained(resolve_source(source), **kwargs)
     except (OSError, ValueError, KeyError) as e:

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from coconut_scale.config.schedule import SCHEDULERS
 from coconut_scale.errors import UserError
+from coconut_scale.model.modes import MODES
 from coconut_scale.model.shapes import default_lora_targets
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # coconut_scale/, which holds ds_configs/
@@ -61,6 +62,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+BPE_PREFIX = "train-bpe"  # model.tokenizer: train-bpe[:N]
+DEFAULT_BPE_VOCAB = 512
+MIN_BPE_VOCAB = 257
+
+
 class ModelCfg(_Section):
     # Hub id or local directory. With from_config it is only a label (run names, logs).
     name_or_path: str = Field(min_length=1)
@@ -68,15 +74,30 @@ class ModelCfg(_Section):
     # Random-init model from these HF config kwargs (must include model_type); tiny test recipes, benchmarks.
     from_config: dict[str, Any] | None = None
     # Hub id or dir; default name_or_path. "train-bpe:N": a byte-level BPE of N tokens fit on data.train_file
-    # (models built with from_config, which have no tokenizer of their own).
+    # (models built with from_config, which have no tokenizer of their own); a bare "train-bpe" fits 512.
     tokenizer: str | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = True
     init_text: str = Field("<<", min_length=1)  # the new Coconut tokens start from this text's embedding
 
+    @property
+    def bpe_vocab_size(self) -> int | None:
+        """N of `tokenizer: train-bpe:N` (512 for a bare `train-bpe`); None for any other tokenizer."""
+        tok = self.tokenizer or ""
+        if tok != BPE_PREFIX and not tok.startswith(BPE_PREFIX + ":"):
+            return None
+        _, _, n = tok.partition(":")
+        return int(n) if n else DEFAULT_BPE_VOCAB
+
     @model_validator(mode="after")
     def _check(self):
+        tok = self.tokenizer or ""
+        if tok.startswith(BPE_PREFIX + ":"):
+            n = tok.partition(":")[2]
+            if not n.isdigit() or int(n) < MIN_BPE_VOCAB:
+                raise ValueError(f"model.tokenizer {tok!r}: N of train-bpe:N must be an integer >= {MIN_BPE_VOCAB} "
+                                 f"(the 256 bytes and the end-of-text token), got {n!r}")
         if self.from_config is not None:
             if not isinstance(self.from_config.get("model_type"), str):
                 raise ValueError(f"model.from_config needs a model_type string (e.g. llama), "
@@ -95,6 +116,39 @@ class LoraCfg(_Section):
     target_modules: list[str] | None = Field(None, min_length=1)  # None: default_lora_targets(model_type)
 
 
+class ProsQASyntheticCfg(_Section):
+    """`data.generate: {kind: prosqa_synthetic, ...}`: the built-in ProsQA-style generator (data/prosqa_synthetic.py;
+    the defaults below are its own). Both splits come from one seed, with no question shared."""
+
+    kind: Literal["prosqa_synthetic"]
+    n_train: PositiveInt = 2000
+    n_val: PositiveInt = 200
+    seed: NonNegativeInt = 0
+    n_concepts: PositiveInt = 10  # made-up concepts per problem
+    min_depth: PositiveInt = 2  # fewest proof steps
+    max_depth: PositiveInt = 4  # most proof steps
+    n_people: Annotated[int, Field(ge=2)] = 2  # the asked person and at least one who reaches the wrong option
+    extra_edges: float = Field(1.0, ge=0.0)  # distractor edges per concept
+    n_names: PositiveInt | None = None  # size of the concept-word pool (None: all of it)
+
+    @model_validator(mode="after")
+    def _depths(self):
+        if self.min_depth > self.max_depth:
+            raise ValueError(f"data.generate: min_depth {self.min_depth} > max_depth {self.max_depth}")
+        if self.n_concepts < 2 * self.max_depth:
+            raise ValueError(f"data.generate: n_concepts {self.n_concepts} cannot hold two proof chains of "
+                             f"max_depth {self.max_depth} (needs at least {2 * self.max_depth})")
+        return self
+
+    def generator_options(self) -> dict[str, Any]:
+        """The generator's keyword arguments (everything but the split sizes and the seed)."""
+        return self.model_dump(exclude={"kind", "n_train", "n_val", "seed"})
+
+
+# The generators `data.generate` can name, told apart by `kind` (one class per kind).
+GenerateCfg = Annotated[ProsQASyntheticCfg, Field(discriminator="kind")]
+
+
 class DataCfg(_Section):
     train_file: str
     val_file: str
@@ -102,16 +156,9 @@ class DataCfg(_Section):
     max_seq_len: PositiveInt = 512
     cache_dir: str | None = None
     eval_max_examples: PositiveInt | None = None
-    # e.g. {kind: prosqa_synthetic, n_train: 4000, n_val: 200, seed: 0}: the trainer writes the data files
-    # when they are missing, so check_files() does not require them.
-    generate: dict[str, Any] | None = None
-
-    @field_validator("generate")
-    @classmethod
-    def _kind(cls, v):
-        if v is not None and not isinstance(v.get("kind"), str):
-            raise ValueError(f"data.generate needs a 'kind' (e.g. prosqa_synthetic), got keys {sorted(v)}")
-        return v
+    # e.g. {kind: prosqa_synthetic, n_train: 4000, n_val: 200, seed: 0}: the trainer writes a data file that is
+    # missing (never one that exists), so check_files() does not require them.
+    generate: GenerateCfg | None = None
 
     def files(self) -> dict[str, str]:
         """The data files this recipe names, by field."""
@@ -144,7 +191,7 @@ class CoconutCfg(_Section):
     # coconut: latent curriculum. cot: stage 0 forever (language CoT SFT). no_cot: answer only.
     # no_thoughts: curriculum that removes steps but inserts no latents. pause_as_thought: the latents are
     # ordinary <|latent|> tokens with no hidden-state feedback (the paper's pause-token baseline).
-    mode: Literal["coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought"] = "coconut"
+    mode: Literal[MODES] = "coconut"
     c_thought: PositiveInt = 1  # latent thoughts that replace one language reasoning step
     epochs_per_stage: PositiveInt = 1
     max_latent_stage: NonNegativeInt = 1
@@ -346,13 +393,29 @@ def _yaml(text: str):
 
 
 def _unwrap(annotation) -> tuple[type | None, bool]:
-    """(BaseModel section class or None, whether it is a free-form mapping) for a field annotation."""
+    """(BaseModel section class or None, whether it is a free-form mapping) for a field annotation; sees through
+    Optional and Annotated (a tagged union of one section, e.g. data.generate)."""
     candidates = [annotation, *typing.get_args(annotation)]
+    candidates += [typing.get_args(c)[0] for c in candidates if typing.get_origin(c) is Annotated]
     for c in candidates:
         if isinstance(c, type) and issubclass(c, BaseModel):
             return c, False
     free = any(c is Any or c is dict or typing.get_origin(c) is dict for c in candidates)
     return None, free
+
+
+def _without_tags(loc: Sequence) -> list:
+    """An error location without the tag pydantic inserts after a tagged union's field
+    (data.generate.prosqa_synthetic.n_train -> data.generate.n_train)."""
+    cls: type[BaseModel] | None = Recipe
+    out = []
+    for part in loc:
+        fields = cls.model_fields if cls is not None else {}
+        if "kind" in fields and part in typing.get_args(fields["kind"].annotation):
+            continue  # the tag of the section's kind
+        out.append(part)
+        cls = _unwrap(fields[part].annotation)[0] if part in fields else None
+    return out
 
 
 def _unknown_key_message(known: Sequence[str], key: str, prefix: str) -> str:
@@ -420,10 +483,17 @@ def _fields_at(loc: Sequence) -> list[str] | None:
 
 
 def _describe(error: dict) -> str:
-    loc = ".".join(str(p) for p in error["loc"])
+    where = _without_tags(error["loc"])
+    loc = ".".join(str(p) for p in where)
     kind = error["type"]
+    if kind == "union_tag_not_found":
+        keys = sorted(error["input"]) if isinstance(error["input"], dict) else error["input"]
+        return f"{loc} needs a {error['ctx']['discriminator']}, got keys {keys}"
+    if kind == "union_tag_invalid":
+        ctx = error["ctx"]
+        return f"{loc}.{ctx['discriminator'].strip(chr(39))} = {ctx['tag']!r}: expected one of {ctx['expected_tags']}"
     if kind == "extra_forbidden":
-        *parent, key = error["loc"]
+        *parent, key = where
         prefix = "".join(f"{p}." for p in parent)
         known = _fields_at(parent)
         return f"unknown key '{loc}'" + (f"; {_unknown_key_message(known, str(key), prefix)}" if known else "")
@@ -445,7 +515,7 @@ def recipe_from_dict(data: dict, source: str = "<dict>", overrides: dict[str, st
         problems = []
         for error in exc.errors(include_url=False):
             line = _describe(error)
-            loc = ".".join(str(p) for p in error["loc"])
+            loc = ".".join(str(p) for p in _without_tags(error["loc"]))
             origin = [t for k, t in overrides.items()
                       if loc and (loc == k or loc.startswith(k + ".") or k.startswith(loc + "."))]
             if origin:

@@ -34,10 +34,8 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from coconut_scale.model.modes import MODES, STAGE0_MODES
 from coconut_scale.model.tokens import IGNORE_INDEX, LatentTokens
-
-MODES = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought")
-_STAGE0_MODES = ("cot", "no_cot")
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ class CurriculumConfig:
 
     @property
     def uses_markers(self) -> bool:
-        if self.mode in _STAGE0_MODES:
+        if self.mode in STAGE0_MODES:
             return False
         if self.mode == "no_thoughts":
             return self.no_thoughts_markers
@@ -115,14 +113,14 @@ def stage_for_epoch(epoch: int, cfg: CurriculumConfig) -> int:
     """Scheduled stage of a (0-based) epoch; cot and no_cot always train at stage 0."""
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    return 0 if cfg.mode in _STAGE0_MODES else epoch // cfg.epochs_per_stage
+    return 0 if cfg.mode in STAGE0_MODES else epoch // cfg.epochs_per_stage
 
 
 def sample_stage(n_steps: int, scheduled_stage: int, cfg: CurriculumConfig, rng: random.Random) -> int:
     """The stage one record trains at: with probability uniform_prob, uniform over 0..n_steps (that record's own
     step count, as officially), else the scheduled stage. Draws rng.random() for every record, like the
     official loop, so the stream of draws does not depend on which records hit."""
-    if cfg.mode in _STAGE0_MODES:
+    if cfg.mode in STAGE0_MODES:
         return 0
     if rng.random() < cfg.uniform_prob:
         return rng.choice(range(n_steps + 1))
@@ -146,7 +144,7 @@ def train_layout(n_steps: int, stage: int, cfg: CurriculumConfig) -> tuple[int, 
 
 def eval_latents(n_steps: int, stage: int, cfg: CurriculumConfig) -> int:
     """Latent tokens in an evaluation prompt at `stage`."""
-    if cfg.mode in _STAGE0_MODES:
+    if cfg.mode in STAGE0_MODES:
         return 0
     cap = cfg.max_latent_stage if cfg.pad_latent_to_max else min(cfg.max_latent_stage, n_steps)
     return min(cap, stage) * cfg.thoughts_per_step
@@ -169,7 +167,7 @@ def build_train_example(tok_rec: dict, stage: int, cfg: CurriculumConfig, tokens
     supervised token is the first remaining step (or "### " when all steps are gone). Note that with the
     usual shift-by-one loss, the model is still trained to predict that token *from* the end marker.
     """
-    if cfg.mode in _STAGE0_MODES:
+    if cfg.mode in STAGE0_MODES:
         stage = 0
     steps = tok_rec["steps_ids"]
     n_skip, n_latents = train_layout(len(steps), stage, cfg)
@@ -187,7 +185,7 @@ def build_train_example(tok_rec: dict, stage: int, cfg: CurriculumConfig, tokens
 def build_eval_example(tok_rec: dict, stage: int, cfg: CurriculumConfig, tokens: LatentTokens) -> dict:
     """The generation prompt: question, markers and the stage's latents, nothing else. The gold answer comes
     along (answer_ids: "### answer" + EOS; answer / steps text when the record has them) for scoring."""
-    if cfg.mode in _STAGE0_MODES:
+    if cfg.mode in STAGE0_MODES:
         stage = 0
     n_latents = eval_latents(len(tok_rec["steps_ids"]), stage, cfg)
     example = {

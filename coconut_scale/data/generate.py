@@ -1,63 +1,54 @@
-"""The recipe's `data.generate`: write a built-in data set's train/val files when they are missing.
+"""The recipe's `data.generate`: write a built-in data set's train/val file when it is missing.
 
     data:
       generate: {kind: prosqa_synthetic, n_train: 160, n_val: 60, seed: 0, n_concepts: 4, ...}
 
-Every other key is an option of that kind's generator (for prosqa_synthetic: data.prosqa_synthetic.generate).
-Both splits come from one call, so their questions are disjoint. No distributed code here: the trainer calls
-this on rank 0 and then waits at a barrier.
+The section is validated with the recipe (config/recipe.py `ProsQASyntheticCfg`: every key, before any process
+starts); here it is any object with `kind`, `n_train`, `n_val`, `seed` and `generator_options()`. A file that exists
+is never written: when only one split is missing, only that one is generated, with none of the existing file's
+questions, so a user's own training file stays as it is. Each split has its own derived seed
+(prosqa_synthetic.generate_splits), so a missing split regenerated beside the other generated one is the split
+a first run wrote. No distributed code here: the trainer calls this on rank 0 and then waits at a barrier.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Callable
 
-from coconut_scale.config.recipe import RecipeError
 from coconut_scale.data import prosqa_synthetic
-from coconut_scale.data.records import write_records
+from coconut_scale.data.records import load_records, write_records
+from coconut_scale.errors import UserError
 
-KINDS = ("prosqa_synthetic",)
-_SPLIT_KEYS = {"kind", "n_train", "n_val", "seed"}
-# Keys of prosqa_synthetic.generate that generate_missing sets itself.
-_NOT_OPTIONS = {"n", "seed", "exclude_questions"}
+SPLITS = ("train", "val")  # the order generate_splits derives their seeds in
 
 
-def generator_options() -> list[str]:
-    """The options data.generate may pass through to the generator."""
-    return [p for p in inspect.signature(prosqa_synthetic.generate).parameters if p not in _NOT_OPTIONS]
+class DataGenerationError(UserError):
+    """`data.generate` settings the generator refuses (its own checks), named with the kind."""
 
 
-def _count(generate_cfg: dict, key: str, default: int, minimum: int) -> int:
-    value = generate_cfg.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise RecipeError(f"data.generate.{key}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def generate_missing(generate_cfg: dict | None, train_file: str | Path, val_file: str | Path,
-                     log: Callable[[str], None] = print) -> bool:
-    """Write both splits when either file is missing; True when it wrote them. Nothing to do without a config."""
-    if not generate_cfg or (Path(train_file).exists() and Path(val_file).exists()):
-        return False
-    kind = generate_cfg.get("kind", "prosqa_synthetic")
-    if kind not in KINDS:
-        raise RecipeError(f"data.generate.kind={kind!r}: only {', '.join(KINDS)} can be generated")
-    allowed = generator_options()
-    unknown = sorted(set(generate_cfg) - _SPLIT_KEYS - set(allowed))
-    if unknown:
-        raise RecipeError(f"data.generate.{unknown[0]}: not an option of {kind} (options: "
-                          f"{', '.join(sorted(_SPLIT_KEYS | set(allowed)))})")
-    options = {k: v for k, v in generate_cfg.items() if k not in _SPLIT_KEYS}
-    sizes = {"train": _count(generate_cfg, "n_train", 2000, 1), "val": _count(generate_cfg, "n_val", 200, 1)}
-    seed = _count(generate_cfg, "seed", 0, 0)
+def generate_missing(cfg, train_file: str | Path, val_file: str | Path, log: Callable[[str], None] = print) -> list[str]:
+    """Write each split whose file is missing; returns the splits written (none without a config)."""
+    if cfg is None:
+        return []
+    paths = {"train": Path(train_file), "val": Path(val_file)}
+    missing = [split for split in SPLITS if not paths[split].exists()]
+    if not missing:
+        return []
+    if cfg.kind != "prosqa_synthetic":  # the recipe schema admits no other kind; a direct caller might
+        raise DataGenerationError(f"data.generate.kind={cfg.kind!r}: only prosqa_synthetic can be generated")
+    sizes = {"train": cfg.n_train, "val": cfg.n_val}
+    kept = [split for split in SPLITS if split not in missing]
+    exclude = {r["question"] for split in kept for r in load_records(paths[split])}
     try:
-        splits = prosqa_synthetic.generate_splits(sizes, seed=seed, **options)
+        splits = prosqa_synthetic.generate_splits(sizes, seed=cfg.seed, exclude_questions=exclude,
+                                                  only=missing, **cfg.generator_options())
     except (ValueError, RuntimeError) as e:  # the generator's own checks (depths, n_concepts, ...)
-        raise RecipeError(f"data.generate ({kind}): {e}") from None
-    for path, split in ((train_file, "train"), (val_file, "val")):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_records(splits[split], path)
-        log(f"generated {sizes[split]} ProsQA-style records -> {path}")
-    return True
+        raise DataGenerationError(f"data.generate ({cfg.kind}): {e}") from None
+    for split in missing:
+        paths[split].parent.mkdir(parents=True, exist_ok=True)
+        write_records(splits[split], paths[split])
+        beside = (f" (kept the existing {kept[0]} file {paths[kept[0]]}; no question of it is reused)"
+                  if kept else "")
+        log(f"generated {sizes[split]} ProsQA-style records -> {paths[split]}{beside}")
+    return missing

@@ -202,12 +202,17 @@ def generate(n: int, seed: int = 0, n_concepts: int = 10, min_depth: int = 2, ma
     return records
 
 
-def generate_splits(sizes: dict[str, int], seed: int = 0, **kwargs) -> dict[str, list[dict]]:
+def generate_splits(sizes: dict[str, int], seed: int = 0, exclude_questions: set[str] | None = None,
+                    only: list[str] | None = None, **kwargs) -> dict[str, list[dict]]:
     """Disjoint splits (no question shared), each from its own derived seed so one split's size does not change
-    another's contents."""
+    another's contents. `only`: generate just these splits, with `exclude_questions` holding the questions of the
+    ones that already exist; a split regenerated beside the other generated split is then the one a full call
+    writes (each split excludes the questions of the splits before it, which never held its own)."""
     out: dict[str, list[dict]] = {}
-    seen: set[str] = set()
+    seen: set[str] = set(exclude_questions or ())
     for k, (split, n) in enumerate(sizes.items()):
+        if only is not None and split not in only:
+            continue
         out[split] = generate(n, seed=seed * 1000 + k, exclude_questions=seen, **kwargs)
         seen.update(r["question"] for r in out[split])
     return out

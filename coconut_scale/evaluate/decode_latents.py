@@ -29,6 +29,8 @@ from coconut_scale.data.step_targets import STEP_SEPARATOR, StepPieces, step_tar
 from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
 from coconut_scale.evaluate.runtime import InputError, quiet_libraries, say
+from coconut_scale.model.export_meta import StepDecoderMeta
+from coconut_scale.model.step_supervision import StepSupervision
 
 
 def token_f1(gold: str, decoded: str) -> float:
@@ -45,8 +47,10 @@ def token_f1(gold: str, decoded: str) -> float:
 
 def decode_examples(model, tokenizer, examples, max_latent_stage: int, batch_size: int, max_new_tokens: int,
                     prompt: str | None) -> list[dict]:
-    """One row per (example, latent step): gold and decoded text, exact match, token F1."""
-    c = model.step_c_thought
+    """One row per (example, latent step): gold and decoded text, exact match, token F1. `model`: a Coconut with
+    its StepSupervision part (model.loading.attach_step_decoder)."""
+    part = model.part(StepSupervision.name)
+    c = part.c_thought
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
     separator = tokenizer.encode(STEP_SEPARATOR, add_special_tokens=False)
@@ -68,8 +72,8 @@ def decode_examples(model, tokenizer, examples, max_latent_stage: int, batch_siz
             for i, t in enumerate(texts):
                 prompts[i, width - len(t):] = torch.tensor(t, device=device)
             prompt_lengths = torch.tensor([len(t) for t in texts], device=device)
-        decoded = model.decode_steps(ids, filled, torch.tensor([r for r, _ in pairs], device=device), steps, eos,
-                                     max_new_tokens, prompts, prompt_lengths)
+        decoded = part.decode_steps(model, ids, filled, torch.tensor([r for r, _ in pairs], device=device), steps,
+                                    eos, max_new_tokens, prompts, prompt_lengths)
         for (r, k), tokens in zip(pairs, decoded):
             e = chunk[r]
             pieces = StepPieces(tuple(tuple(tokenizer.encode(s, add_special_tokens=False)) for s in e.get("steps", [])),
@@ -124,17 +128,14 @@ def main(argv=None) -> int:
     check_common_args(args)
     quiet_libraries()
     dist.init_for_inference()
-    # The decoder's config is checked before the base model is loaded: a missing decoder fails fast.
-    from coconut_scale.model.step_supervision import read_decoder_config
-
-    read_decoder_config(args.checkpoint)
+    StepDecoderMeta.read(args.checkpoint)  # checked before the base model loads: a missing decoder fails fast
     inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
     if max(ex["n_latents"] for ex in inputs.examples) == 0:
         raise InputError(f"stage {inputs.stage} prompts hold no latents; there is nothing to decode (--stage >= 1)")
-    model, step_cfg = attach_step_decoder(inputs.model, inputs.checkpoint, args.dtype)
+    model, step = attach_step_decoder(inputs.model, inputs.checkpoint, args.dtype)
     model.to(dist.device()).eval()
     rows = decode_examples(model, inputs.tokenizer, inputs.examples, inputs.curriculum.max_latent_stage,
-                           args.batch_size, args.max_new_tokens, step_cfg.get("prompt"))
+                           args.batch_size, args.max_new_tokens, step.prompt)
     summary = summarize(rows)
     out = Path(args.out) if args.out else default_out_dir(inputs.checkpoint, "decode-latents", inputs.stage)
     table = format_table(rows, summary)

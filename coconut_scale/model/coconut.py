@@ -22,6 +22,8 @@ How it is computed (no Python loop over rows or positions):
     the whole sequence, not once per pass (a one-column pass would pay a whole [V, h] weight gradient for one
     column). Training with labels never builds [B, T, V] logits: the loss comes from chunked_loss.py. Logits of
     every position are returned only when asked for (`return_logits=True`) or when there are no labels.
+  - Training methods beyond the latent loop are child modules (`MethodPart`, model/method_part.py): a part named
+    in `part_inputs` adds its loss terms to the output's `terms`, which the trainer weighs and adds to `loss`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import nn
 from coconut_scale.model.activation_checkpointing import decoder_layers
 from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS, chunked_shifted_cross_entropy
 from coconut_scale.model.kv_cache import PassCache
+from coconut_scale.model.method_part import MethodPart
 from coconut_scale.model.perturb import Perturbation
 from coconut_scale.model.tokens import IGNORE_INDEX
 
@@ -46,10 +49,11 @@ from coconut_scale.model.tokens import IGNORE_INDEX
 class CoconutOutput(NamedTuple):
     """A NamedTuple (as the official `Outputs`): DeepSpeed's ZeRO-3 hooks must find the tensors in it."""
 
-    loss: torch.Tensor | None
+    loss: torch.Tensor | None  # the language-model loss of the latent loop (None without labels)
     logits: torch.Tensor | None  # None when labels were given and return_logits was not asked for
     inputs_embeds: torch.Tensor | None = None
     num_passes: int = 1
+    terms: dict[str, torch.Tensor] | None = None  # the method parts' loss terms, by name (None: no part ran)
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,18 @@ class Coconut(nn.Module):
         self.num_layers = len(decoder_layers(base_causallm))
         refuse_logit_postprocessing(base_causallm.config)
 
+    # -- method parts --------------------------------------------------------------------------------
+    def add_part(self, part: MethodPart) -> MethodPart:
+        """Make `part` a child module named `part.name` (its parameters join the wrapper's)."""
+        if part.name in self._modules:
+            raise ValueError(f"this Coconut already has a child named {part.name!r}")
+        self.add_module(part.name, part)
+        return part
+
+    def part(self, name: str) -> MethodPart | None:
+        found = self._modules.get(name)
+        return found if isinstance(found, MethodPart) else None
+
     # -- helpers -------------------------------------------------------------------------------------
     def count_passes(self, input_ids: torch.Tensor, latent_columns: Sequence[int] | None = None) -> int:
         return count_passes(input_ids, self.latent_token_id, latent_columns) if self.feedback else 1
@@ -238,9 +254,24 @@ class Coconut(nn.Module):
         num_passes: int | None = None,
         latent_columns: Sequence[int] | None = None,
         return_logits: bool | None = None,
+        part_inputs: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> CoconutOutput:
         """`return_logits` defaults to `labels is None` (or `loss_chunks is None`): a training step then never
-        holds [B, T, V] logits."""
+        holds [B, T, V] logits. `part_inputs`: {part name: its batch tensors} for each method part to run."""
+        out = self._forward_core(input_ids, attention_mask, labels, position_ids, num_passes, latent_columns,
+                                 return_logits)
+        if not part_inputs:
+            return out
+        terms: dict[str, torch.Tensor] = {}
+        for name, inputs in part_inputs.items():
+            part = self.part(name)
+            if part is None:
+                raise ValueError(f"part_inputs names {name!r}, which is not a method part of this model")
+            terms.update(part.loss_terms(self, input_ids, inputs, out))
+        return out._replace(terms=terms)
+
+    def _forward_core(self, input_ids, attention_mask, labels, position_ids, num_passes, latent_columns,
+                      return_logits) -> CoconutOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:

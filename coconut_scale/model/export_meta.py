@@ -1,9 +1,13 @@
-"""`coconut_config.json`: what an HF export needs beside the weights to be evaluated as it was trained.
+"""The metadata files of an HF export, and their one owner: what an export needs beside the weights to be evaluated
+as it was trained.
 
-One owner for the format. Training's export and `save_exported` write an `ExportMeta`; eval, the analyses and
-`load_exported` read it back through `ExportMeta.read`, which checks every field and names the file and the
-field when one is wrong. The file is flat JSON: the known fields below, plus whatever metrics the trainer had
-at export time (epoch, accuracy, val_loss, ...), kept in `metrics`.
+`coconut_config.json` (`ExportMeta`): training's export and `save_exported` write it; eval, the analyses and
+`load_exported` read it back through `ExportMeta.read`, which checks every field and names the file and the field
+when one is wrong. The file is flat JSON: the known fields below, plus whatever metrics the trainer had at export
+time (epoch, accuracy, val_loss, ...), kept in `metrics`.
+
+`step_decoder/step_supervision.json` (`StepDecoderMeta`): how an exported SIM-CoT step decoder was trained, beside
+its weights in `step_decoder/` (written only when a recipe asks for the decoder).
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from coconut_scale.data.curriculum import MODES
 from coconut_scale.errors import UserError
+from coconut_scale.model.modes import MODES
 from coconut_scale.model.tokens import LatentTokens
 
 COCONUT_CONFIG = "coconut_config.json"
+STEP_DECODER_DIR = "step_decoder"  # <export>/step_decoder/: the decoder as a plain HF model + STEP_CONFIG
+STEP_CONFIG = "step_supervision.json"
 _TOKEN_FIELDS = ("start_id", "latent_id", "end_id", "eos_id", "pad_id")
 
 
@@ -80,3 +86,42 @@ class ExportMeta:
                    pad_latent_to_max=bool(raw.get("pad_latent_to_max", False)),
                    no_thoughts_markers=bool(raw.get("no_thoughts_markers", True)),
                    metrics={k: v for k, v in raw.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class StepDecoderMeta:
+    c_thought: int  # latents per decoded step
+    weight: float  # the step loss's weight in training
+    prompt: str | None  # the text before each step's thoughts ("{k}" = the 1-based step), None: none
+    shared: bool  # the base model decoded (no separate decoder weights in step_decoder/)
+
+    def write(self, export_dir: str | Path) -> Path:
+        from coconut_scale.atomic_files import write_json_atomic
+
+        return write_json_atomic(Path(export_dir) / STEP_DECODER_DIR / STEP_CONFIG, asdict(self))
+
+    @classmethod
+    def read(cls, export_dir: str | Path) -> "StepDecoderMeta":
+        path = Path(export_dir) / STEP_DECODER_DIR / STEP_CONFIG
+        if not path.is_file():
+            raise ExportFormatError(f"{path} not found: {export_dir} was exported without its step decoder "
+                                    f"(train with coconut.step_supervision.export_decoder: true)")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ExportFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(raw, dict):
+            raise ExportFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        c_thought = raw.get("c_thought")
+        if not isinstance(c_thought, int) or isinstance(c_thought, bool) or c_thought < 1:
+            raise ExportFormatError(f"{path}: field 'c_thought' must be an integer >= 1, got {c_thought!r}")
+        weight = raw.get("weight")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            raise ExportFormatError(f"{path}: field 'weight' must be a number, got {weight!r}")
+        prompt = raw.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ExportFormatError(f"{path}: field 'prompt' must be a string or null, got {prompt!r}")
+        shared = raw.get("shared")
+        if not isinstance(shared, bool):
+            raise ExportFormatError(f"{path}: field 'shared' must be true or false, got {shared!r}")
+        return cls(c_thought=c_thought, weight=float(weight), prompt=prompt, shared=shared)

@@ -1,23 +1,44 @@
-"""Load any HF causal LM + tokenizer (hub id, local directory, GGUF file, or a config dict) and wrap it.
+"""Load any HF causal LM + tokenizer (hub id, local directory, GGUF file, or a config dict), wrap it, and read and
+write HF exports.
 
-The training engine calls these inside its own ZeRO-3 context (HfDeepSpeedConfig kept alive before
-`from_pretrained`, a GatheredParameters `gather` for the embedding rows); nothing here imports DeepSpeed.
+The model builder (model/spec.py) calls these inside the engine's ZeRO-3 context (HfDeepSpeedConfig kept alive
+before `from_pretrained`, a GatheredParameters `gather` for the embedding rows); nothing here imports DeepSpeed.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 
 from coconut_scale.model import Coconut
-from coconut_scale.model.tokens import LatentTokens, add_latent_tokens, resize_and_init_embeddings
+from coconut_scale.model.export_meta import (COCONUT_CONFIG, STEP_DECODER_DIR, ExportFormatError, ExportMeta,
+                                             StepDecoderMeta)
+from coconut_scale.model.step_supervision import StepSupervision
+from coconut_scale.model.tokens import LATENT, LatentTokens, add_latent_tokens, resize_and_init_embeddings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COCONUT_CONFIG = "coconut_config.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from: a hub id, a local directory or `package:NAME` (`path`), a GGUF file inside
+    it (`gguf_file`), or random weights from HF config kwargs (`from_config`, with model_type; `path` is then only a
+    label)."""
+
+    path: str
+    gguf_file: str | None = None
+    from_config: Mapping[str, Any] | None = None
+
+
+def load_source(source: ModelSource, dtype: str = "fp32", attn_implementation: str = "sdpa",
+                vocab_size: int | None = None, seed: int = 0):
+    """The HF causal LM of `source` (`vocab_size` sizes a from_config model that does not set its own)."""
+    return load_causal_lm(source.path, dtype=dtype, attn_implementation=attn_implementation,
+                          gguf_file=source.gguf_file, from_config=source.from_config, vocab_size=vocab_size, seed=seed)
 
 
 def resolve_attn_implementation(requested: str) -> str:
@@ -132,72 +153,46 @@ def build_coconut(
     return Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
 
 
-def save_coconut_config(directory: str | Path, tokens: LatentTokens, c_thought: int, **extra) -> None:
-    """Written beside an HF export, so that eval knows the token ids and how many latents a stage has."""
-    payload = {"c_thought": c_thought, **tokens.to_dict(), **extra}
-    Path(directory, COCONUT_CONFIG).write_text(json.dumps(payload, indent=2, sort_keys=True))
-
-
-def load_coconut_config(directory: str | Path) -> dict:
-    path = Path(directory, COCONUT_CONFIG)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {directory} a coconut_scale HF export?")
-    return json.loads(path.read_text())
-
-
 def load_exported(directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
-    """(Coconut, tokenizer, coconut_config) from an HF-format export written by the trainer."""
+    """(Coconut, tokenizer, ExportMeta) from an HF-format export written by the trainer or `save_exported`."""
     from transformers import AutoTokenizer
 
-    cfg = load_coconut_config(directory)
+    meta = ExportMeta.read(directory)  # a missing or damaged coconut_config.json is named before any weight loads
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     base = load_causal_lm(str(directory), dtype=dtype, attn_implementation=attn_implementation)
     tokens = LatentTokens.from_tokenizer(tokenizer)
-    if tokens.latent_id != cfg["latent_id"]:
-        raise ValueError(f"{directory}: tokenizer latent id {tokens.latent_id} != coconut_config {cfg['latent_id']}")
+    if tokens.latent_id != meta.tokens.latent_id:
+        raise ExportFormatError(f"{directory}: the tokenizer's {LATENT} id {tokens.latent_id} differs from "
+                                f"latent_id {meta.tokens.latent_id} in its {COCONUT_CONFIG}")
     model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
-    return model, tokenizer, cfg
+    return model, tokenizer, meta
 
 
 def attach_step_decoder(model: Coconut, directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
-    """Reattach the step decoder an export holds in `<directory>/step_decoder/` (written with
-    `coconut.step_supervision.export_decoder`) to its loaded Coconut; returns (model, step_config)."""
-    from coconut_scale.model.step_supervision import EXPORT_DIR, add_step_decoder, read_decoder_config
-
-    step_cfg = read_decoder_config(directory)
-    decoder = None if step_cfg["shared"] else load_causal_lm(str(Path(directory) / EXPORT_DIR), dtype=dtype,
-                                                             attn_implementation=attn_implementation)
-    return add_step_decoder(model, decoder, step_cfg["c_thought"], step_cfg["weight"]), step_cfg
+    """Give a loaded Coconut the step decoder its export holds in `<directory>/step_decoder/` (a `StepSupervision`
+    part, as in training); returns (model, StepDecoderMeta)."""
+    step = StepDecoderMeta.read(directory)
+    decoder = None if step.shared else load_causal_lm(str(Path(directory) / STEP_DECODER_DIR), dtype=dtype,
+                                                      attn_implementation=attn_implementation)
+    model.add_part(StepSupervision(decoder, step.c_thought))
+    return model, step
 
 
 def load_exported_with_step_decoder(directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
-    """(StepSupervisedCoconut, tokenizer, coconut_config, step_config) from an export with its step decoder."""
-    model, tokenizer, cfg = load_exported(directory, dtype=dtype, attn_implementation=attn_implementation)
-    model, step_cfg = attach_step_decoder(model, directory, dtype, attn_implementation)
-    return model, tokenizer, cfg, step_cfg
+    """(Coconut with its StepSupervision part, tokenizer, ExportMeta, StepDecoderMeta) from an export with its
+    step decoder."""
+    model, tokenizer, meta = load_exported(directory, dtype=dtype, attn_implementation=attn_implementation)
+    model, step = attach_step_decoder(model, directory, dtype, attn_implementation)
+    return model, tokenizer, meta, step
 
 
-def save_exported(coconut: Coconut, tokenizer, out_dir: str | Path, meta: dict) -> Path:
-    """Write an in-memory Coconut model as an export directory that `load_exported` reads (no DeepSpeed).
+def save_exported(coconut: Coconut, tokenizer, out_dir: str | Path, meta: ExportMeta) -> Path:
+    """Write an in-memory Coconut model as an export directory that `load_exported` reads (no DeepSpeed): the same
+    layout as the trainer's exports, HF weights + tokenizer + coconut_config.json, written atomically."""
+    from coconut_scale.atomic_files import atomic_dir
 
-    The same layout as the trainer's exports: HF weights + tokenizer + coconut_config.json holding the token
-    ids and `meta` (c_thought, stage, max_latent_stage, mode, pad_latent_to_max, ...). Written into a temporary
-    sibling and renamed, so a reader never sees a half-written export.
-    """
-    import os
-    import shutil
-
-    if "c_thought" not in meta:
-        raise ValueError("save_exported: meta must give c_thought (latents per reasoning step)")
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    coconut.base_causallm.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    extra = {k: v for k, v in meta.items() if k != "c_thought"}
-    save_coconut_config(tmp, LatentTokens.from_tokenizer(tokenizer), meta["c_thought"], **extra)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-    return out_dir
+    with atomic_dir(out_dir) as tmp:
+        coconut.base_causallm.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        meta.write(tmp)
+    return Path(out_dir)

@@ -10,7 +10,7 @@ what a merged export can represent. A child *module* (not a bare parameter on th
 lm_head hook uses it too: ZeRO-3 gathers a module's parameters when that module is called, so calling the
 child from either hook makes `delta` present wherever it is used.
 
-Exports (`checkpoint.export_hf` with `to_base=merged_base_for_export(model)`) write
+Exports (train/export.py's `export_hf(..., lora=True)`, through `LoraExport`) write
     <export>/                        the adapter merged into the base: a plain HF model (load_exported)
     <export>/adapter/                adapter_config.json + adapter_model.safetensors (peft format),
                                      coconut_new_tokens.safetensors (the Coconut token rows), tokenizer
@@ -74,18 +74,43 @@ def _is_tied(base) -> bool:
     return out is not None and out.weight is base.get_input_embeddings().weight
 
 
-def apply_lora(model, cfg, tokenizer, dtype: torch.dtype | None = None) -> None:
+def lora_config(spec, model_type: str):
+    """peft's LoraConfig for `spec` (rank, alpha, dropout, target_modules: the model spec's LoraSpec), the one used
+    for every model LoRA wraps. No targets: default_lora_targets(model_type)."""
+    from peft import LoraConfig
+
+    targets = list(spec.target_modules) if spec.target_modules else default_lora_targets(model_type)
+    # GPT-2's Conv1D stores weights transposed; peft would flip the flag itself, with a warning per layer.
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                      fan_in_fan_out=model_type == "gpt2", bias="none", task_type="CAUSAL_LM")
+
+
+def wrap_with_lora(model, spec):
+    """A PeftModel over the plain HF `model`: adapters on spec's targets, everything else frozen."""
+    from peft import get_peft_model
+
+    config = lora_config(spec, model.config.model_type)
+    try:
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` alias; the alias warns, peft's to fix.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            # Adapters in the base's dtype: peft would upcast bf16 adapters to fp32, and DeepSpeed's bf16 engine
+            # flattens every trainable parameter into one buffer of one dtype (it keeps fp32 masters itself).
+            return get_peft_model(model, config, autocast_adapter_dtype=False)
+    except ValueError as e:  # peft's message lists what it could not find; say where the names came from
+        raise ValueError(f"lora.target_modules={list(config.target_modules)} (model_type "
+                         f"{model.config.model_type!r}): {e}") from e
+
+
+def apply_lora(model, spec, tokenizer, dtype: torch.dtype | None = None) -> None:
     """Wrap `model.base_causallm` (a Coconut wrapper's HF model) with LoRA adapters in place.
 
-    `cfg` is the recipe's `lora` section. `dtype` is the model's parameter dtype; the caller passes it when the
+    `spec` is a LoraSpec (model/spec.py). `dtype` is the model's parameter dtype; the caller passes it when the
     embedding is a partitioned placeholder (ZeRO-3) whose own dtype says nothing. Call after the new token rows
-    are initialised and before the engine is built (shared FACTS: LoRA ordering under ZeRO-3). Afterwards
-    exactly the adapters and `coconut_new_rows.delta` require grad.
+    are initialised and before the engine is built (under ZeRO-3 peft must wrap the partitioned model before
+    DeepSpeed builds its optimizer). Afterwards exactly the adapters and `coconut_new_rows.delta` require grad.
     """
-    from peft import LoraConfig, get_peft_model
-
     base = model.base_causallm
-    targets = list(cfg.target_modules) if cfg.target_modules else default_lora_targets(base.config.model_type)
     tokens = LatentTokens.from_tokenizer(tokenizer)  # fails clearly if the tokenizer lacks the Coconut tokens
     new_ids = [tokens.start_id, tokens.latent_id, tokens.end_id]
     embedding = base.get_input_embeddings()
@@ -96,18 +121,7 @@ def apply_lora(model, cfg, tokenizer, dtype: torch.dtype | None = None) -> None:
     if bad:
         raise ValueError(f"Coconut token ids {bad} are outside the embedding's {vocab} rows: resize the model first")
 
-    # GPT-2's Conv1D stores weights transposed; peft would flip the flag itself, with a warning per layer.
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                        fan_in_fan_out=base.config.model_type == "gpt2", bias="none", task_type="CAUSAL_LM")
-    try:
-        with warnings.catch_warnings():
-            # peft reads transformers' deprecated `is_gradient_checkpointing` alias; the alias warns, peft's to fix.
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            # Adapters in the base's dtype: peft would upcast bf16 adapters to fp32, and DeepSpeed's bf16 engine
-            # flattens every trainable parameter into one buffer of one dtype (it keeps fp32 masters itself).
-            peft_model = get_peft_model(base, config, autocast_adapter_dtype=False)
-    except ValueError as e:  # peft's message lists what it could not find; say where the names came from
-        raise ValueError(f"lora.target_modules={targets} (model_type {base.config.model_type!r}): {e}") from e
+    peft_model = wrap_with_lora(base, spec)
 
     dtype = dtype or embedding.weight.dtype
     tied = _is_tied(base)
@@ -153,15 +167,16 @@ def _strip(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
-def merge_lora_state(state: dict, layout: dict[str, tuple[float, bool]], rows: NewTokenRows,
-                     embedding_name: str, output_name: str | None) -> dict:
-    """A peft model's full state dict -> the plain HF model's, with adapters merged and new rows folded in.
+def merge_lora_state(state: dict, layout: dict[str, tuple[float, bool]], rows: NewTokenRows | None = None,
+                     embedding_name: str | None = None, output_name: str | None = None) -> dict:
+    """A peft model's full state dict -> the plain HF model's, with adapters merged and (with `rows`) the Coconut
+    token rows folded into the embedding; `rows` None: a model with no new rows (SIM-CoT's separate decoder).
 
     `state` keys are the peft model's (`base_model.model.` prefix, `.base_layer.`, `.lora_A.default.`).
     Merged weight = W + scaling * B @ A (transposed for fan_in_fan_out layers), computed in fp32.
     """
     merged, lora_a, lora_b, delta = {}, {}, {}, None
-    delta_key = f"{embedding_name}.{NEW_ROWS}.delta"
+    delta_key = f"{embedding_name}.{NEW_ROWS}.delta" if rows is not None else None
     for key, value in state.items():
         name = _strip(key)
         if f".lora_A.{ADAPTER}." in name:
@@ -178,7 +193,7 @@ def merge_lora_state(state: dict, layout: dict[str, tuple[float, bool]], rows: N
         raise ValueError(f"LoRA state and model disagree: state has A for {sorted(lora_a)[:4]}..., B for "
                          f"{sorted(lora_b)[:4]}..., the model has adapters on {sorted(layout)[:4]}... "
                          f"({len(lora_a)}, {len(lora_b)}, {len(layout)} modules)")
-    if delta is None:
+    if rows is not None and delta is None:
         raise ValueError(f"state has no {delta_key!r} (the Coconut token rows)")
     for module, (scaling, fan_in_fan_out) in layout.items():
         w = merged[module + ".weight"]
@@ -186,6 +201,8 @@ def merge_lora_state(state: dict, layout: dict[str, tuple[float, bool]], rows: N
         if fan_in_fan_out:
             update = update.T
         merged[module + ".weight"] = (w.float() + update).to(w.dtype)
+    if rows is None:
+        return merged
     emb_key = embedding_name + ".weight"
     emb = merged[emb_key].clone()
     emb[rows.token_ids] = (emb[rows.token_ids].float() + delta.float()).to(emb.dtype)
@@ -196,8 +213,8 @@ def merge_lora_state(state: dict, layout: dict[str, tuple[float, bool]], rows: N
 
 
 class LoraExport:
-    """The `to_base` hook of checkpoint.export_hf for a LoRA model: merges the adapter for the HF export,
-    and (`write_extras`) writes the unmerged adapter beside it."""
+    """A LoRA model's export (train/export.py): the adapter merged into the base for the HF export (`__call__`),
+    and the unmerged adapter beside it (`write_extras`)."""
 
     def __init__(self, model):
         self.peft_model = model.base_causallm
@@ -238,9 +255,12 @@ class LoraExport:
         return out
 
 
-def merged_base_for_export(model) -> LoraExport:
-    """The `to_base` hook of checkpoint.export_hf for a LoRA model (train.py's export())."""
-    return LoraExport(model)
+def merged_plain_model(peft_model, state: dict) -> tuple:
+    """(plain HF model, its state dict) of a peft model without Coconut rows, adapters merged; a model without
+    LoRA comes back as it is. `state` is its consolidated state dict (its own keys)."""
+    if not hasattr(peft_model, "get_base_model"):
+        return peft_model, state
+    return peft_model.get_base_model(), merge_lora_state(state, lora_layout(peft_model))
 
 
 def load_lora_adapter(base, adapter_dir: str | Path, is_trainable: bool = False):

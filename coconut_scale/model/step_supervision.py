@@ -19,8 +19,10 @@ All pairs go through the decoder in ONE call, whatever each row's step count. A 
 still calls the decoder and its head once, on a dummy input with zero weight: under ZeRO-3 every rank must run
 the same modules' hooks.
 
-The decoder is a submodule of the wrapper (`step_decoder`), so ZeRO-3 partitions it with the base model and
-every checkpoint carries it; with `decoder: shared` there is no submodule and the base model decodes.
+`StepSupervision` is the method part (model/method_part.py): a child module of the Coconut wrapper named
+`step_supervision`, holding the decoder as its child `decoder`, so ZeRO-3 partitions the decoder with the base
+model and every checkpoint carries it; with `decoder: shared` it holds none and the base model decodes. Its loss
+term is "step"; the trainer adds `weight * step` to the Coconut loss (train/losses.py).
 """
 
 from __future__ import annotations
@@ -31,23 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coconut_scale.model.coconut import Coconut
+from coconut_scale.model.method_part import MethodPart
 from coconut_scale.model.tokens import IGNORE_INDEX
 
-DECODER_NAME = "step_decoder"  # the submodule's name: state-dict keys start with "step_decoder."
-DECODER_PREFIX = DECODER_NAME + "."
 STEP_KEYS = ("step_targets", "step_lengths", "step_rows", "step_index", "step_prompts", "step_prompt_lengths")
-
-
-class StepSupervisedOutput(NamedTuple):
-    """CoconutOutput's fields, then the two parts of the loss (detached copies are what the trainer logs)."""
-
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None
-    inputs_embeds: torch.Tensor | None = None
-    num_passes: int = 1
-    coconut_loss: torch.Tensor | None = None
-    step_loss: torch.Tensor | None = None
 
 
 class DecoderInputs(NamedTuple):
@@ -113,61 +102,57 @@ def step_loss_from_hidden(hidden: torch.Tensor, head: nn.Module, inputs: Decoder
     return (pair_loss / rows_per_step[step_index]).sum() / rows_per_step.numel()
 
 
-class StepSupervisedCoconut(Coconut):
-    """A Coconut wrapper with a step decoder; see `add_step_decoder` and the module doc.
+class StepSupervision(MethodPart):
+    """SIM-CoT's step decoder as a method part of a Coconut wrapper (see the module doc)."""
 
-    Without step tensors in the call (validation loss, generation) it is exactly its Coconut.
-    """
+    name = "step_supervision"
+    terms = ("step",)
 
-    step_decoder: nn.Module | None
-    step_c_thought: int
-    step_loss_weight: float
+    def __init__(self, decoder: nn.Module | None, c_thought: int):
+        super().__init__()
+        if c_thought < 1:
+            raise ValueError(f"step supervision needs c_thought >= 1 latents per step, got {c_thought}")
+        self.decoder = decoder  # None: the base model decodes (decoder: shared)
+        self.c_thought = int(c_thought)
 
-    @property
-    def decoder(self) -> nn.Module:
-        return self.step_decoder if self.step_decoder is not None else self.base_causallm
+    def decoder_of(self, core) -> nn.Module:
+        return self.decoder if self.decoder is not None else core.base_causallm
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, num_passes=None,
-                latent_columns=None, return_logits=None, step_targets=None, step_lengths=None, step_rows=None,
-                step_index=None, step_prompts=None, step_prompt_lengths=None):
-        out = super().forward(input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
-                              num_passes=num_passes, latent_columns=latent_columns, return_logits=return_logits)
-        if step_targets is None:
-            return out
-        step_loss = self.step_loss(input_ids, out.inputs_embeds, step_targets, step_lengths, step_rows, step_index,
-                                   step_prompts, step_prompt_lengths)
-        loss = step_loss * self.step_loss_weight if out.loss is None else out.loss + self.step_loss_weight * step_loss
-        return StepSupervisedOutput(loss=loss, logits=out.logits, inputs_embeds=out.inputs_embeds,
-                                    num_passes=out.num_passes, coconut_loss=out.loss, step_loss=step_loss)
+    def loss_terms(self, core, input_ids, inputs: dict[str, torch.Tensor], out) -> dict[str, torch.Tensor]:
+        """The step decoder's loss for the flat (row, step) pairs of data/step_targets.py (`inputs` holds STEP_KEYS)."""
+        return {"step": self.step_loss(core, input_ids, out.inputs_embeds, inputs)}
 
-    def step_loss(self, input_ids, inputs_embeds, targets, lengths, rows, steps, prompts=None, prompt_lengths=None):
-        """The step decoder's loss (module doc) for the flat (row, step) pairs of data/step_targets.py."""
-        embed = self.base_causallm.get_input_embeddings()
-        decoder = self.decoder
+    def step_loss(self, core, input_ids, inputs_embeds, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        targets, lengths, rows, steps = (inputs[k] for k in ("step_targets", "step_lengths", "step_rows", "step_index"))
+        prompts, prompt_lengths = inputs.get("step_prompts"), inputs.get("step_prompt_lengths")
+        embed = core.base_causallm.get_input_embeddings()
+        decoder = self.decoder_of(core)
         weight = 1.0
         if targets.shape[0] == 0:
             # No pair on this rank: one dummy pair through the same module calls, with zero weight (ZeRO-3 needs
             # every rank to run the same hooks in the same order).
-            targets = torch.full((1, 1), self.eos_token_id, dtype=torch.long, device=input_ids.device)
+            targets = torch.full((1, 1), core.eos_token_id, dtype=torch.long, device=input_ids.device)
             lengths = rows = steps = torch.zeros(1, dtype=torch.long, device=input_ids.device)
             prompts = prompt_lengths = None
             weight = 0.0
-        thoughts = gather_thoughts(inputs_embeds, input_ids, self.latent_token_id, self.step_c_thought, rows, steps)
-        inputs = decoder_inputs(thoughts, embed, targets, lengths, prompts, prompt_lengths)
+        thoughts = gather_thoughts(inputs_embeds, input_ids, core.latent_token_id, self.c_thought, rows, steps)
+        dec_inputs = decoder_inputs(thoughts, embed, targets, lengths, prompts, prompt_lengths)
         # use_cache=False: a DynamicCache would be appended to again when checkpointing recomputes a layer.
-        out = decoder(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
-                      position_ids=inputs.position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        dec_out = decoder(inputs_embeds=dec_inputs.embeds, attention_mask=dec_inputs.attention_mask,
+                          position_ids=dec_inputs.position_ids, output_hidden_states=True, logits_to_keep=1,
+                          use_cache=False)
         # The zero-weighted last-position logits keep the decoder's own lm_head call in the graph (ZeRO-3 hooks).
-        loss = step_loss_from_hidden(out.hidden_states[-1], decoder.get_output_embeddings(), inputs, steps)
-        return loss * weight + out.logits.float().sum() * 0.0
+        loss = step_loss_from_hidden(dec_out.hidden_states[-1], decoder.get_output_embeddings(), dec_inputs, steps)
+        return loss * weight + dec_out.logits.float().sum() * 0.0
 
     @torch.no_grad()
-    def decode_steps(self, input_ids, inputs_embeds, rows, steps, eos_id: int, max_new_tokens: int = 32,
+    def decode_steps(self, core, input_ids, inputs_embeds, rows, steps, eos_id: int, max_new_tokens: int = 32,
                      prompts=None, prompt_lengths=None) -> list[list[int]]:
         """Greedy decoding of latent step `steps[i]` of row `rows[i]` (all pairs in one batch per new token);
         returns each pair's tokens up to (not including) its first EOS."""
-        embed = self.base_causallm.get_input_embeddings()
-        thoughts = gather_thoughts(inputs_embeds, input_ids, self.latent_token_id, self.step_c_thought, rows, steps)
+        embed = core.base_causallm.get_input_embeddings()
+        decoder = self.decoder_of(core)
+        thoughts = gather_thoughts(inputs_embeds, input_ids, core.latent_token_id, self.c_thought, rows, steps)
         n = thoughts.shape[0]
         generated = torch.zeros((n, 0), dtype=torch.long, device=thoughts.device)
         done = torch.zeros(n, dtype=torch.bool, device=thoughts.device)
@@ -175,11 +160,11 @@ class StepSupervisedCoconut(Coconut):
             # Lengths = tokens so far: the "EOS" slot of decoder_inputs is where the next token is predicted.
             lengths = torch.full((n,), generated.shape[1], dtype=torch.long, device=thoughts.device)
             padded = torch.cat([generated, torch.full((n, 1), eos_id, device=thoughts.device)], dim=1)
-            inputs = decoder_inputs(thoughts, embed, padded, lengths, prompts, prompt_lengths)
-            hidden = self.decoder(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
-                                  position_ids=inputs.position_ids, output_hidden_states=True,
-                                  logits_to_keep=1, use_cache=False).hidden_states[-1]
-            logits = self.decoder.get_output_embeddings()(hidden[:, inputs.first + generated.shape[1]])
+            dec_inputs = decoder_inputs(thoughts, embed, padded, lengths, prompts, prompt_lengths)
+            hidden = decoder(inputs_embeds=dec_inputs.embeds, attention_mask=dec_inputs.attention_mask,
+                             position_ids=dec_inputs.position_ids, output_hidden_states=True,
+                             logits_to_keep=1, use_cache=False).hidden_states[-1]
+            logits = decoder.get_output_embeddings()(hidden[:, dec_inputs.first + generated.shape[1]])
             token = torch.where(done, eos_id, logits.argmax(dim=-1))
             generated = torch.cat([generated, token[:, None]], dim=1)
             done |= token == eos_id
@@ -189,120 +174,3 @@ class StepSupervisedCoconut(Coconut):
         for row in generated.tolist():
             out.append(row[:row.index(eos_id)] if eos_id in row else row)
         return out
-
-
-def add_step_decoder(model: Coconut, decoder: nn.Module | None, c_thought: int, weight: float) -> StepSupervisedCoconut:
-    """Give a Coconut wrapper its step decoder, in place (`decoder=None`: the base model decodes).
-
-    The wrapper stays the same object, so whatever already holds it (LoRA, the engine, exports) sees one model
-    that has gained a submodule; its state-dict keys are those of the Coconut plus `step_decoder.*`.
-    """
-    if c_thought < 1:
-        raise ValueError(f"step supervision needs c_thought >= 1 latents per step, got {c_thought}")
-    model.__class__ = StepSupervisedCoconut
-    model.step_decoder = decoder
-    model.step_c_thought = int(c_thought)
-    model.step_loss_weight = float(weight)
-    return model
-
-
-def apply_decoder_lora(decoder: nn.Module, lora_cfg) -> nn.Module:
-    """LoRA adapters on a separate decoder copy (the recipe's `lora` section, same targets as the base), the rest
-    frozen. The decoder has no Coconut tokens, so none of the base's new-row machinery (model/lora.py) applies."""
-    from peft import LoraConfig, get_peft_model
-
-    from coconut_scale.model.shapes import default_lora_targets
-
-    model_type = decoder.config.model_type
-    targets = list(lora_cfg.target_modules) if lora_cfg.target_modules else default_lora_targets(model_type)
-    config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=targets, fan_in_fan_out=model_type == "gpt2", bias="none",
-                        task_type="CAUSAL_LM")
-    return get_peft_model(decoder, config, autocast_adapter_dtype=False)  # one dtype: see model/lora.py
-
-
-def load_step_decoder(recipe, vocab_size: int) -> nn.Module | None:
-    """The recipe's separate decoder (None for `decoder: shared`), loaded like the base model so that it is
-    partitioned the same way under ZeRO-3 (the caller keeps its HfDeepSpeedConfig alive). Not resized: it never
-    reads a Coconut token, and only its lm_head is used (inputs come from the base's embedding table)."""
-    from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
-    from coconut_scale.model.loading import load_causal_lm
-
-    kind = recipe.coconut.step_supervision.decoder
-    if kind == "shared":
-        return None
-    m = recipe.model
-    from_checkpoint = kind == "copy" and recipe.checkpoint.init_from
-    decoder = load_causal_lm(
-        recipe.checkpoint.init_from if from_checkpoint else m.name_or_path,
-        dtype=m.dtype, attn_implementation=m.attn_implementation,
-        gguf_file=None if from_checkpoint else m.gguf_file,
-        from_config=None if from_checkpoint else m.from_config,
-        vocab_size=vocab_size, seed=recipe.seed,
-    )
-    if m.gradient_checkpointing:
-        enable_latent_safe_checkpointing(decoder)
-    return decoder
-
-
-# -- exports: the decoder beside the model, and back -----------------------------------------------------------
-EXPORT_DIR = "step_decoder"  # <export>/step_decoder/: a plain HF model + STEP_CONFIG
-STEP_CONFIG = "step_supervision.json"
-
-
-def split_decoder_state(state: dict) -> tuple[dict, dict]:
-    """A wrapper state dict -> (the Coconut's own keys, the decoder's keys without the `step_decoder.` prefix)."""
-    own = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIX)}
-    decoder = {k[len(DECODER_PREFIX):]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
-    return own, decoder
-
-
-def _merged_decoder_state(decoder: nn.Module, state: dict) -> tuple[nn.Module, dict]:
-    """(plain HF model, its state) of a decoder: LoRA adapters merged (W + scaling * B @ A), peft names dropped."""
-    from coconut_scale.model.lora import ADAPTER, PEFT_PREFIX, lora_layout
-
-    if not hasattr(decoder, "get_base_model"):
-        return decoder, state
-    plain, lora_a, lora_b = {}, {}, {}
-    for key, value in state.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        if f".lora_A.{ADAPTER}." in name:
-            lora_a[name.split(".lora_A.")[0]] = value
-        elif f".lora_B.{ADAPTER}." in name:
-            lora_b[name.split(".lora_B.")[0]] = value
-        else:
-            plain[name.replace(".base_layer.", ".")] = value
-    for module, (scaling, fan_in_fan_out) in lora_layout(decoder).items():
-        update = (lora_b[module].float() @ lora_a[module].float()) * scaling
-        weight = plain[module + ".weight"]
-        plain[module + ".weight"] = (weight.float() + (update.T if fan_in_fan_out else update)).to(weight.dtype)
-    return decoder.get_base_model(), plain
-
-
-def write_decoder_export(model: "StepSupervisedCoconut", decoder_state: dict, directory, prompt: str | None) -> None:
-    """`<directory>/step_decoder/`: the decoder as a plain HF model (adapters merged) and how it was trained.
-    Rank 0, with the consolidated state. A shared decoder writes only the config (the export is the decoder)."""
-    import json
-    from pathlib import Path
-
-    out = Path(directory) / EXPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    shared = model.step_decoder is None
-    if not shared:
-        hf_model, state = _merged_decoder_state(model.step_decoder, decoder_state)
-        hf_model.save_pretrained(str(out), state_dict=state)
-    config = {"c_thought": model.step_c_thought, "weight": model.step_loss_weight, "prompt": prompt, "shared": shared}
-    (out / STEP_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-def read_decoder_config(export_dir) -> dict:
-    import json
-    from pathlib import Path
-
-    from coconut_scale.model.export_meta import ExportFormatError
-
-    path = Path(export_dir) / EXPORT_DIR / STEP_CONFIG
-    if not path.is_file():
-        raise ExportFormatError(f"{path} not found: {export_dir} was exported without its step decoder "
-                                f"(train with coconut.step_supervision.export_decoder: true)")
-    return json.loads(path.read_text())

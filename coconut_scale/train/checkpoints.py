@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from coconut_scale import distributed as dist
-from coconut_scale.atomic_files import write_json_atomic
+from coconut_scale.atomic_files import AtomicDir, atomic_dir, write_json_atomic
 from coconut_scale.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -44,15 +44,6 @@ DAMAGED_PREFIX = "damaged-"
 
 class CheckpointError(UserError):
     """A checkpoint on disk that is incomplete or damaged; the message names the file."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def rng_state() -> dict:
@@ -159,14 +150,15 @@ class CheckpointManager:
 
     def save(self, strategy, loop_state: dict, side_files: dict[str, str] | None = None) -> Path:
         """Collective: every rank must call it. Returns the final directory."""
-        name = f"step-{int(loop_state['global_step']):08d}"
-        final, tmp = self.root / name, self.root / f".tmp-{name}"
+        target = AtomicDir(self.root / f"step-{int(loop_state['global_step']):08d}")
+        final, tmp = target.final, target.tmp
         if dist.is_main():
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-step-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             if final.exists():  # same step saved twice (epoch end right after a periodic save)
                 shutil.rmtree(final)
+            target.begin()
         dist.barrier()
         strategy.save_checkpoint(tmp, DS_TAG)
         write_json_atomic(tmp / f"rng_rank{dist.rank()}.json", rng_state())
@@ -178,9 +170,7 @@ class CheckpointManager:
         dist.barrier()
         write_manifest(tmp)  # read back from disk: the new checkpoint is verified before an older one goes
         if dist.is_main():
-            _fsync_dir(tmp)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
+            target.commit()
             older = [p for p in self.complete() if p != final]
             for old in older[: max(len(older) - (self.keep_last - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -280,10 +270,9 @@ class CheckpointManager:
         """`step_dir/ds_universal`, written atomically (a crash leaves no half-converted copy that looks valid)."""
         from coconut_scale.train.strategy import convert_to_universal
 
-        final, tmp = step_dir / UNIVERSAL_TAG, step_dir / f".tmp-{UNIVERSAL_TAG}"
-        if final.is_dir():
-            return final
-        convert_to_universal(step_dir / DS_TAG, tmp, workers)
-        write_manifest(tmp)
-        os.rename(tmp, final)
+        final = step_dir / UNIVERSAL_TAG
+        if not final.is_dir():
+            with atomic_dir(final) as tmp:
+                convert_to_universal(step_dir / DS_TAG, tmp, workers)
+                write_manifest(tmp)
         return final

@@ -1,12 +1,15 @@
 """The one door to DeepSpeed: process group, engine, optimizer and LR schedule, checkpoints, 16-bit gathers.
 
-No other module imports deepspeed. The model wing takes a `gather` context for the new token rows and plain
-dtypes; the trainer, checkpoints and exports call the methods here.
+No other module imports deepspeed, and nothing here reads a recipe: OpenRLHF's `prepare` shape,
 
-Order matters under ZeRO-3 (shared FACTS): an `HfDeepSpeedConfig` must be alive *before*
-`from_pretrained`/`from_config`, so each rank materialises only its partition; the new token rows are
-written inside `GatheredParameters(modifier_rank=0)`; the *wrapper* (not the HF model) is the engine's module,
-so ZeRO-3 sees one forward per step and its prefetch trace stays valid across the latent passes.
+    strategy = DeepSpeedStrategy(ds_config)                  # ZeRO-3: HfDeepSpeedConfig alive from here on
+    model = build_training_model(spec, tokenizer, strategy.gather)   # model/spec.py, partitioned as it loads
+    strategy.prepare(model, recipe.optim, schedule_steps)    # AdamW, the LR schedule, deepspeed.initialize
+
+Order matters under ZeRO-3: an `HfDeepSpeedConfig` must be alive *before* `from_pretrained`/`from_config`, so each
+rank materialises only its partition; the new token rows are written inside `GatheredParameters(modifier_rank=0)`;
+the *wrapper* (not the HF model) is the engine's module, so ZeRO-3 sees one forward per step and its prefetch trace
+stays valid across the latent passes.
 
 The optimizer is AdamW (a client optimizer, fused on CUDA; DeepSpeed's CPUAdam when the config offloads it) and
 the LR schedule is transformers' `get_scheduler` with the recipe's name, handed to DeepSpeed so that its
@@ -23,13 +26,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ContextManager
 
 import torch
 
 from coconut_scale import distributed as dist
 from coconut_scale.config.ds_config import DeepSpeedConfigError
-from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
-from coconut_scale.model.loading import DTYPES, build_coconut, load_causal_lm
 
 
 def init_distributed() -> None:
@@ -76,88 +78,66 @@ def validate_ds_config(cfg: dict, source: str) -> None:
         raise DeepSpeedConfigError(f"DeepSpeed refuses the config {source}: {type(e).__name__}: {e}") from None
 
 
-def _zero3_gather(params):
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-
-
-def _numel(p: torch.nn.Parameter) -> int:
-    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 leaves a (0,) placeholder behind
-
-
-def _new_schedule(recipe, optimizer, schedule_steps: int):
+def _new_schedule(optim, optimizer, schedule_steps: int):
     from transformers import get_scheduler
 
-    return get_scheduler(recipe.optim.scheduler, optimizer, num_warmup_steps=recipe.optim.warmup_steps,
+    return get_scheduler(optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
                          num_training_steps=max(int(schedule_steps), 1))
 
 
 class DeepSpeedStrategy:
-    """A DeepSpeed engine around a Coconut wrapper, built from a recipe and a filled DeepSpeed config."""
+    """A DeepSpeed engine around a model, from a filled DeepSpeed config; `prepare` builds the engine."""
 
-    def __init__(self, recipe, ds_config: dict, tokenizer, schedule_steps: int, log=print):
-        import deepspeed
-
-        ds_config = copy.deepcopy(ds_config)
-        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    def __init__(self, ds_config: dict):
+        self.ds_config = copy.deepcopy(ds_config)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.hf_ds_config = None  # kept alive: transformers consults it while ZeRO-3 is active
         if self.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
-            self.hf_ds_config = HfDeepSpeedConfig(ds_config)
+            self.hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        self.engine = self.model = self.schedule = self.optim = None
+        self._fresh_schedule: dict | None = None
 
-        source = recipe.checkpoint.init_from or recipe.model.name_or_path
-        base = load_causal_lm(
-            source,
-            dtype=recipe.model.dtype,
-            attn_implementation=recipe.model.attn_implementation,
-            gguf_file=None if recipe.checkpoint.init_from else recipe.model.gguf_file,
-            from_config=None if recipe.checkpoint.init_from else recipe.model.from_config,
-            vocab_size=len(tokenizer),
-            seed=recipe.seed,
-        )
-        gather = _zero3_gather if self.zero_stage == 3 else (lambda params: contextlib.nullcontext())
-        model = build_coconut(base, tokenizer, init_text=recipe.model.init_text, gather=gather)
-        model.feedback = recipe.coconut.mode == "coconut"
-        if recipe.model.gradient_checkpointing:
-            enable_latent_safe_checkpointing(base)
-        step = recipe.coconut.step_supervision
-        if step.enabled:  # SIM-CoT's decoder: a submodule of the wrapper, so ZeRO-3 partitions it with the base
-            from coconut_scale.model.step_supervision import add_step_decoder, load_step_decoder
+    def gather(self, params) -> ContextManager:
+        """A context in which `params` are whole and writes by rank 0 persist (ZeRO-3); a no-op otherwise."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
 
-            add_step_decoder(model, load_step_decoder(recipe, len(tokenizer)), recipe.coconut.c_thought, step.weight)
-        self.lora = bool(recipe.lora.enabled)
-        if self.lora:
-            from coconut_scale.model.lora import apply_lora
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
-            apply_lora(model, recipe.lora, tokenizer, dtype=DTYPES[recipe.model.dtype])
-            if getattr(model, "step_decoder", None) is not None:
-                from coconut_scale.model.step_supervision import apply_decoder_lora
+    def prepare(self, model: torch.nn.Module, optim, schedule_steps: int):
+        """The engine over `model`: AdamW on its trainable parameters and the LR schedule of `optim` (the recipe's
+        optim section: lr, betas, eps, weight_decay, scheduler, warmup_steps) over `schedule_steps` steps."""
+        import deepspeed
 
-                model.step_decoder = apply_decoder_lora(model.step_decoder, recipe.lora)
-
-        params = [p for p in model.parameters() if p.requires_grad]
+        ds_config = copy.deepcopy(self.ds_config)
+        params = self.trainable_parameters(model)
         offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
         optimizer = None
         if offload in (None, "none"):  # an offloaded optimizer must be DeepSpeed's own (CPUAdam)
             ds_config.pop("optimizer", None)
             ds_config["zero_allow_untested_optimizer"] = True
-            o = recipe.optim
-            optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                          weight_decay=o.weight_decay, fused=torch.cuda.is_available() or None)
-        self.recipe, self.schedule_steps = recipe, schedule_steps
+            optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                          weight_decay=optim.weight_decay, fused=torch.cuda.is_available() or None)
+        self.optim = optim
         self.engine, _, _, self.schedule = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lambda opt: _new_schedule(recipe, opt, schedule_steps),
+            lr_scheduler=lambda opt: _new_schedule(optim, opt, schedule_steps),
         )
         self.model = model
         self._fresh_schedule = copy.deepcopy(self.schedule.state_dict())
-        n_total = sum(_numel(p) for p in model.parameters())
-        n_train = sum(_numel(p) for p in params)
-        log(f"model: {n_total / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable; ZeRO stage {self.zero_stage}; "
-            f"checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}; "
-            f"attention {base.config._attn_implementation}")
+        return self.engine
+
+    @staticmethod
+    def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    @staticmethod
+    def numel(p: torch.nn.Parameter) -> int:
+        """A parameter's size, also when ZeRO-3 left a (0,) placeholder in its place."""
+        return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
     # -- one optimizer step ---------------------------------------------------------------------------
     @property
@@ -203,12 +183,12 @@ class DeepSpeedStrategy:
         for group, lr in zip(opt.param_groups, self._fresh_schedule["_last_lr"]):
             group["lr"] = lr
 
-    def apply_recipe_optim(self) -> None:
-        """After a load: the recipe's optimizer settings replace the checkpoint's, the schedule keeping its position.
-        They are equal unless checkpoint.allow_changes let optim.* differ; without this a new optim.lr would be
-        ignored (the loaded schedule's base_lrs and the groups' initial_lr keep the old one). Same arithmetic as
-        the schedule's own step (base lr x factor), so an unchanged recipe resumes bit for bit."""
-        o = self.recipe.optim
+    def apply_optim_settings(self) -> None:
+        """After a load: the optimizer settings `prepare` was given replace the checkpoint's, the schedule keeping its
+        position. They are equal unless checkpoint.allow_changes let optim.* differ; without this a new optim.lr
+        would be ignored (the loaded schedule's base_lrs and the groups' initial_lr keep the old one). Same arithmetic
+        as the schedule's own step (base lr x factor), so an unchanged recipe resumes bit for bit."""
+        o = self.optim
         opt, schedule = self._optimizer(), self.schedule
         schedule.base_lrs = [o.lr] * len(opt.param_groups)
         for group, factor in zip(opt.param_groups, schedule.lr_lambdas):
@@ -241,11 +221,6 @@ class DeepSpeedStrategy:
             state = self.engine._zero3_consolidated_16bit_state_dict()
             return state if dist.is_main() else None
         return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()} if dist.is_main() else None
-
-
-def build_engine(recipe, ds_config: dict, tokenizer, schedule_steps: int, log=print) -> DeepSpeedStrategy:
-    """The strategy for a recipe; `.engine` is the DeepSpeedEngine, `.model` the Coconut wrapper."""
-    return DeepSpeedStrategy(recipe, ds_config, tokenizer, schedule_steps, log=log)
 
 
 def convert_to_universal(ds_dir: Path, out_dir: Path, workers: int = 2) -> None:

@@ -1,21 +1,25 @@
 """The Trainer: a recipe's whole curriculum, from data to checkpoints and HF exports.
 
     trainer = Trainer(recipe)
-    trainer.setup()        # process group, data, tokenizer, engine; resumes from the newest checkpoint
-    trainer.fit()          # for each epoch: train_epoch, evaluate, exports, save
+    try:
+        trainer.setup()    # the run (process group, lock, checkpoint to resume), its data, its engine, the resume
+        trainer.fit()      # for each epoch: train_epoch (train_step per optimizer step), evaluate, exports, save
+    finally:
+        trainer.close()    # wandb finished, the run lock released, whatever happened
 
 Every rank runs the same code. The loop keeps the number of base-model calls constant within a stage (ZeRO-3's
-collectives and its prefetch trace need that), reads nothing back from the device but the logged loss, and
-writes a stage's HF export before the checkpoint that moves past it, so a kill can never lose an export.
+collectives and its prefetch trace need that), reads nothing back from the device but one tensor per optimizer
+step (the non-finite guard) and the logged loss, and writes a stage's HF export before the checkpoint that moves
+past it, so a kill can never lose an export.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -26,22 +30,27 @@ from coconut_scale.atomic_files import write_jsonl_atomic
 from coconut_scale.config.batch_plan import BatchMathError, BatchPlan, format_batch_table, resolve_batch
 from coconut_scale.config.ds_config import build_ds_config, ds_config_path
 from coconut_scale.config.model_shape import hidden_size
+from coconut_scale.config.model_spec import loss_weights
 from coconut_scale.config.schedule import schedule_steps
 from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.data.curriculum import CurriculumConfig, build_eval_examples, build_stage_dataset, stage_for_epoch
 from coconut_scale.data.sampler import GlobalBatchSampler
 from coconut_scale.data.step_targets import StepTargetCollator
 from coconut_scale.data.tokenized import load_tokenized
-from coconut_scale.errors import UserError
 from coconut_scale.evaluate.generation import generate_and_score, validation_loss
-from coconut_scale.model.export_meta import ExportMeta
+from coconut_scale.model.export_meta import ExportMeta, StepDecoderMeta
+from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train.checkpoints import CheckpointManager
+from coconut_scale.train.engine import build_engine
 from coconut_scale.train.export import export_hf
+from coconut_scale.train.losses import logged_parts, training_loss
 from coconut_scale.train.nonfinite_guard import NonFiniteError, NonFiniteGuard
-from coconut_scale.train.recipe_guard import CHANGES_FILE, change_history, check_resume
+from coconut_scale.train.recipe_guard import CHANGES_FILE, RECIPE_FILE, change_history, check_resume
+from coconut_scale.train.run_data import prepare_data, recipe_tokenizer
 from coconut_scale.train.run_lock import RunLock, RunLockError
 from coconut_scale.train.run_log import RunLog, peak_memory_gb
+from coconut_scale.train.state import LogWindow, StepResult, TrainState
 from coconut_scale.train.strategy import DeepSpeedStrategy, init_distributed, validate_ds_config
 
 
@@ -51,98 +60,54 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-class LogWindow:
-    """What the loop accumulated since the last logged line, kept on the device: read back once per logged step."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum, self.n_losses = torch.zeros((), device=self.device), 0
-        self.part_sums, self.n_parts = torch.zeros(2, device=self.device), 0  # coconut loss, step loss
-        self.tokens, self.start = 0, time.perf_counter()
-
-    def add(self, losses: list[torch.Tensor], parts: list[torch.Tensor]) -> None:
-        for loss in losses:
-            self.loss_sum += loss
-        for pair in parts:
-            self.part_sums += pair
-        self.n_losses += len(losses)
-        self.n_parts += len(parts)
-
-
-@dataclass
-class TrainState:
-    """Where the loop is; saved as loop_state.json in every checkpoint (world-size free)."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps done in `epoch`
-    global_step: int = 0
-    best_accuracy: float = -1.0
-    stage: int | None = None  # stage of the last epoch trained (the optimizer reset looks at it)
-    skipped_steps: int = 0  # non-finite steps skipped so far (optim.skip_nonfinite_steps)
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        known = {f.name for f in fields(self)}
-        missing = known - set(state)
-        if missing:
-            raise UserError(f"loop state lacks {sorted(missing)}: not a checkpoint of this coconut_scale version")
-        for name in known:
-            setattr(self, name, state[name])
-
-
-def recipe_tokenizer(recipe):
-    """The recipe's tokenizer with the Coconut tokens (collective when it trains a BPE: rank 0 fits, all load)."""
-    from coconut_scale.model.loading import load_tokenizer
-
-    if recipe.checkpoint.init_from:
-        return load_tokenizer(recipe.checkpoint.init_from)
-    source = recipe.model.tokenizer or recipe.model.name_or_path
-    if not source.startswith("train-bpe"):
-        return load_tokenizer(source, recipe.model.gguf_file if not recipe.model.tokenizer else None)
-    # `train-bpe:N`: a byte-level BPE of N tokens fit on the training file (small from-scratch models).
-    from coconut_scale.data.bpe import bpe_corpus, train_bpe_tokenizer
-    from coconut_scale.data.records import load_records
-
-    target = Path(recipe.output_dir) / "tokenizer"
-    if dist.is_main() and not (target / "tokenizer.json").exists():
-        vocab = int(source.split(":")[1]) if ":" in source else 512
-        train_bpe_tokenizer(bpe_corpus(load_records(recipe.data.train_file)), vocab).save_pretrained(str(target))
-    dist.barrier()
-    return load_tokenizer(str(target))
-
-
-def prepare_data(recipe, log=print) -> None:
-    """Generate the recipe's data set when it asks for one and a file is missing (rank 0), then sync."""
-    from coconut_scale.data.generate import generate_missing
-
-    data = recipe.data
-    if data.generate and dist.is_main():
-        generate_missing(data.generate, data.train_file, data.val_file, log=log)
-    dist.barrier()
-
-
 class Trainer:
     def __init__(self, recipe):
         self.recipe = recipe
         self.out = Path(recipe.output_dir)
         self.cfg = CurriculumConfig.from_recipe(recipe.coconut)
         self.state = TrainState(epoch=recipe.checkpoint.resume_from_epoch)
+        self.loss_weights = loss_weights(recipe)  # of each method part's loss term (train/losses.py)
         self.last_checkpoint: Path | None = None
+        # The run (_setup_run)
+        self.plan: BatchPlan | None = None
+        self.ds_config: dict | None = None  # filled for this world size; validated before any process group
+        self.resolved_yaml = yaml.safe_dump(recipe.resolved_dict(), sort_keys=False)
+        self.lock: RunLock | None = None
+        self.ckpts: CheckpointManager | None = None
+        self.log: RunLog | None = None
+        self.recipe_changes: dict[str, list] = {}
+        self.side_files: dict[str, str] = {}  # written beside every checkpoint
+        # The data (_setup_data)
+        self.tokenizer = None
+        self.tokens: LatentTokens | None = None
+        self.train_recs: list[dict] = []
+        self.val_recs: list[dict] = []
+        self.sampler: GlobalBatchSampler | None = None
+        self.steps_per_epoch = 0
+        self.collate: LatentAlignedCollator | None = None
+        self.step_collate: StepTargetCollator | None = None  # SIM-CoT's per-step decoder targets
+        # The engine (_setup_engine)
+        self.strategy: DeepSpeedStrategy | None = None
+        self.model = None  # the Coconut wrapper the engine trains
+        self.guard: NonFiniteGuard | None = None
+        self.window: LogWindow | None = None  # the current epoch's accumulators since the last logged line
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
+        latest = self._setup_run()
+        self._setup_data()
+        universal = self._setup_engine(latest)
+        self._resume(latest, universal)
+        return self
+
+    def _setup_run(self) -> Path | None:
+        """Batch plan and DeepSpeed config (every recipe mistake fails here, before any process group), the
+        process group, the run lock, the checkpoint to resume from, the log. Returns that checkpoint."""
         recipe = self.recipe
         world = dist.env_world_size()
-        # Everything that can be wrong with the recipe fails here, before any process group or model exists.
         self.plan = resolve_batch(recipe.batch, world, recipe.data.max_seq_len)
-        self.hidden = hidden_size(recipe)
-        validate_ds_config(build_ds_config(recipe, self.plan, self.hidden),
-                           f"{ds_config_path(recipe)} (+ deepspeed.overrides)")
+        self.ds_config = build_ds_config(recipe, self.plan, hidden_size(recipe))
+        validate_ds_config(self.ds_config, f"{ds_config_path(recipe)} (+ deepspeed.overrides)")
 
         init_distributed()
         self._take_output_dir()
@@ -156,44 +121,10 @@ class Trainer:
         self.log.print(format_batch_table([self.plan]))
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
+            (self.out / RECIPE_FILE).write_text(self.resolved_yaml)
             for stale in (self.out / "hf").glob(".tmp-*"):  # an export a kill interrupted; it is redone
                 shutil.rmtree(stale, ignore_errors=True)
-        prepare_data(recipe, self.log.print)
-        self.tokenizer = recipe_tokenizer(recipe)
-        self.tokens = LatentTokens.from_tokenizer(self.tokenizer)
-        self._tokenize()
-
-        self.sampler = GlobalBatchSampler(len(self.train_recs), self.plan, dist.rank(), seed=recipe.seed)
-        self.steps_per_epoch = self.sampler.steps_per_epoch
-        n_schedule = schedule_steps(recipe, len(self.train_recs))  # refuses a data set with no full global batch
-        ds_config = build_ds_config(recipe, self.plan, self.hidden)
-        # A checkpoint from another GPU count loads only through its universal copy (coconut_scale.universal).
-        universal = latest is not None and self.ckpts.needs_universal(latest, world)
-        if universal:
-            ds_config["checkpoint"] = {"load_universal": True}
-        self.strategy = DeepSpeedStrategy(recipe, ds_config, self.tokenizer,
-                                          n_schedule, log=self.log.print)
-        self.model = self.strategy.model
-        self.guard = NonFiniteGuard(recipe, self.strategy, self.log)
-        self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
-        step = recipe.coconut.step_supervision
-        # SIM-CoT's per-step decoder targets, built once from the records' step texts (data/step_targets.py).
-        self.step_collate = (StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
-                             if step.enabled else None)
-        self.side_files = {"recipe.resolved.yaml": yaml.safe_dump(recipe.resolved_dict(), sort_keys=False),
-                           "batch_table.txt": format_batch_table(self._resolvable_plans()) + "\n"}
-        if latest is not None:
-            self.load(latest, universal)
-        history = change_history(latest, self.recipe_changes, self.state.global_step)
-        if history:  # beside every later checkpoint: the run's recipe changes so far
-            self.side_files[CHANGES_FILE] = json.dumps(history, indent=2) + "\n"
-        if self.recipe_changes:
-            self.log.log("recipe_change", global_step=self.state.global_step, checkpoint=str(latest),
-                         changes=self.recipe_changes)
-            self.log.print("recipe changed on resume (checkpoint.allow_changes): " + "; ".join(
-                f"{k}: {json.dumps(old)} -> {json.dumps(new)}" for k, (old, new) in self.recipe_changes.items()))
-        return self
+        return latest
 
     def _take_output_dir(self) -> None:
         """Rank 0 locks output_dir before anything is written there; a refusal stops every rank together."""
@@ -208,6 +139,21 @@ class Trainer:
         if refusal:
             raise RunLockError(refusal)
 
+    def _setup_data(self) -> None:
+        """Generated data, the tokenizer, tokenized records (through the cache), the sampler, the collators."""
+        recipe = self.recipe
+        prepare_data(recipe, self.log.print)
+        self.tokenizer = recipe_tokenizer(recipe)
+        self.tokens = LatentTokens.from_tokenizer(self.tokenizer)
+        self._tokenize()
+        self.sampler = GlobalBatchSampler(len(self.train_recs), self.plan, dist.rank(), seed=recipe.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
+        step = recipe.coconut.step_supervision
+        # SIM-CoT's per-step decoder targets, built once from the records' step texts (data/step_targets.py).
+        self.step_collate = (StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
+                             if step.enabled else None)
+
     def _tokenize(self) -> None:
         data, cfg = self.recipe.data, self.cfg
         cache_dir = data.cache_dir or str(self.out / "token_cache")
@@ -221,6 +167,36 @@ class Trainer:
         if data.eval_max_examples:
             self.val_recs = self.val_recs[: data.eval_max_examples]
 
+    def _setup_engine(self, latest: Path | None) -> bool:
+        """The engine over the recipe's training model (model/spec.py), built inside the strategy's ZeRO context.
+        Returns whether `latest` loads through its universal copy (written at another world size)."""
+        recipe = self.recipe
+        n_schedule = schedule_steps(recipe, len(self.train_recs))  # refuses a data set with no full global batch
+        ds_config = copy.deepcopy(self.ds_config)
+        # A checkpoint from another GPU count loads only through its universal copy (coconut_scale.universal).
+        universal = latest is not None and self.ckpts.needs_universal(latest, self.plan.world_size)
+        if universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+        self.strategy = build_engine(recipe, ds_config, self.tokenizer, n_schedule, log=self.log.print)
+        self.model = self.strategy.model
+        self.guard = NonFiniteGuard(recipe, self.strategy, self.log)
+        self.side_files = {RECIPE_FILE: self.resolved_yaml,
+                           "batch_table.txt": format_batch_table(self._resolvable_plans()) + "\n"}
+        return universal
+
+    def _resume(self, latest: Path | None, universal: bool) -> None:
+        """Weights, optimizer, schedule, RNG and loop state of `latest`, and the recipe changes it was resumed with."""
+        if latest is not None:
+            self.load(latest, universal)
+        history = change_history(latest, self.recipe_changes, self.state.global_step)
+        if history:  # beside every later checkpoint: the run's recipe changes so far
+            self.side_files[CHANGES_FILE] = json.dumps(history, indent=2) + "\n"
+        if self.recipe_changes:
+            self.log.log("recipe_change", global_step=self.state.global_step, checkpoint=str(latest),
+                         changes=self.recipe_changes)
+            self.log.print("recipe changed on resume (checkpoint.allow_changes): " + "; ".join(
+                f"{k}: {json.dumps(old)} -> {json.dumps(new)}" for k, (old, new) in self.recipe_changes.items()))
+
     def _resolvable_plans(self) -> list[BatchPlan]:
         """The running world size's plan plus every listed one that resolves. A world size this run does not use
         must not stop it (the check command reports those); it is left out of the saved table instead."""
@@ -231,6 +207,13 @@ class Trainer:
             except BatchMathError:
                 pass
         return [plans[ws] for ws in sorted(plans)]
+
+    def close(self) -> None:
+        """Finish wandb and release the run lock; safe to call after any failure, and more than once."""
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # -- the loop -------------------------------------------------------------------------------------
     def planned_passes(self, stage: int) -> int:
@@ -265,8 +248,6 @@ class Trainer:
                     self.export("best", stage, metrics)
             self.save()
         self.log.print(f"done: best accuracy {state.best_accuracy:.4f}; outputs in {self.out}")
-        self.log.close()
-        self.lock.release()
         return state
 
     def train_epoch(self, epoch: int, stage: int) -> None:
@@ -275,16 +256,10 @@ class Trainer:
         passes = self.planned_passes(stage)
         bar = self.log.progress(self.steps_per_epoch, f"epoch {epoch} stage {stage}", initial=state.step_in_epoch)
         micro_batches = self.sampler.micro_batches(epoch, state.step_in_epoch)
-        self.window = window = LogWindow(self.strategy.device)
+        self.window = window = LogWindow(self.strategy.device, 1 + len(self.loss_weights))
         for step in range(state.step_in_epoch, self.steps_per_epoch):
-            losses, parts = [], []
-            for _ in range(self.plan.grad_accum):
-                loss, part = self._micro_step([data[i] for i in next(micro_batches)], stage, passes)
-                losses.append(loss)
-                parts += [] if part is None else [part]
-            state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
-            if self.guard.check(losses, state, epoch, self.steps_per_epoch):  # the one host sync of a step
-                window.add(losses, parts)
+            batches = [[data[i] for i in next(micro_batches)] for _ in range(self.plan.grad_accum)]
+            self.train_step(batches, epoch, stage, passes)
             bar.update(1)
             # Nothing to log when every step since the last line was skipped (the same on every rank).
             if window.n_losses and (state.global_step % recipe.logging.log_every_steps == 0
@@ -295,7 +270,48 @@ class Trainer:
                 self.save()
         bar.close()
 
-    def _log_train(self, window: "LogWindow", epoch: int, stage: int, passes: int, bar) -> None:
+    def train_step(self, micro_batches: list[list[dict]], epoch: int, stage: int, passes: int) -> StepResult:
+        """One optimizer step: forward and backward of each micro-batch (DeepSpeed applies the update at the last),
+        the step counted in the loop state, then the non-finite guard (the step's one host sync); a step it lets
+        through joins the log window."""
+        state = self.state
+        result = StepResult(losses=[])
+        for features in micro_batches:
+            loss, parts = self._micro_step(features, stage, passes)
+            result.losses.append(loss)
+            if parts is not None:
+                result.parts.append(parts)
+        state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
+        result.applied = self.guard.check(result.losses, state, epoch, self.steps_per_epoch)
+        if result.applied:
+            self.window.add(result)
+        return result
+
+    def _micro_step(self, features: list[dict], stage: int, passes: int):
+        """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch.
+        Returns the detached loss and the detached [Coconut loss, *terms] when a method part ran."""
+        batch = self.collate(features)
+        part_inputs = None
+        if self.step_collate is not None and self.recipe.coconut.step_supervision.applies_to(stage):
+            part_inputs = {StepSupervision.name: self.step_collate(features)}  # the same on every rank
+        # From the features, not the batch: no tensor is read back (on a GPU each read stalls the stream).
+        self.window.tokens += sum(len(f["input_ids"]) for f in features)
+        columns = self.collate.latent_columns(features)  # the pass plan's input
+        needed = self.model.count_passes(batch["input_ids"], columns)
+        if needed > passes:
+            raise RuntimeError(f"a batch at stage {stage} needs {needed} passes, more than the {passes} planned")
+        device = self.strategy.device
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if part_inputs is not None:
+            part_inputs = {name: {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+                           for name, inputs in part_inputs.items()}
+        out = self.strategy.forward(**batch, num_passes=passes, latent_columns=columns, part_inputs=part_inputs)
+        loss = training_loss(out, self.loss_weights)
+        self.strategy.backward(loss)
+        self.strategy.step()
+        return loss.detach(), logged_parts(out)
+
+    def _log_train(self, window: LogWindow, epoch: int, stage: int, passes: int, bar) -> None:
         """One train record over the steps since the last one, averaged over ranks (a collective), then reset."""
         state = self.state
         elapsed = time.perf_counter() - window.start
@@ -308,32 +324,12 @@ class Trainer:
                       lr=self.strategy.lr(), grad_norm=self.strategy.grad_norm(), latent_passes=passes - 1,
                       tokens_per_s=tokens / max(elapsed, 1e-9), peak_mem_gb=peak_memory_gb())
         if window.n_parts:  # the same on every rank (the stage decides), so this reduction is collective
-            coconut_loss, step_loss = dist.all_reduce_sum((window.part_sums / window.n_parts).tolist())
-            record.update(coconut_loss=coconut_loss / dist.world_size(), step_loss=step_loss / dist.world_size())
+            means = dist.all_reduce_sum((window.part_sums / window.n_parts).tolist())
+            names = ["coconut", *self.loss_weights]
+            record.update({f"{name}_loss": value / dist.world_size() for name, value in zip(names, means)})
         self.log.log("train", **record)
         self.log.step_line(bar, record, self.steps_per_epoch * self.recipe.optim.epochs)
         window.reset()
-
-    def _micro_step(self, features: list[dict], stage: int, passes: int):
-        """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch.
-        Returns the detached loss and, with step supervision, the detached (coconut loss, step loss) pair."""
-        batch = self.collate(features)
-        if self.step_collate is not None and self.recipe.coconut.step_supervision.applies_to(stage):
-            batch.update(self.step_collate(features))  # the same on every rank: the stage decides
-        # From the features, not the batch: no tensor is read back (on a GPU each read stalls the stream).
-        self.window.tokens += sum(len(f["input_ids"]) for f in features)
-        columns = self.collate.latent_columns(features)  # the pass plan's input
-        needed = self.model.count_passes(batch["input_ids"], columns)
-        if needed > passes:
-            raise RuntimeError(f"a batch at stage {stage} needs {needed} passes, more than the {passes} planned")
-        batch = {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
-        out = self.strategy.forward(**batch, num_passes=passes, latent_columns=columns)
-        self.strategy.backward(out.loss)
-        self.strategy.step()
-        parts = None
-        if getattr(out, "step_loss", None) is not None:  # logged apart: coconut loss and step loss
-            parts = torch.stack([out.coconut_loss.detach(), out.step_loss.detach()])
-        return out.loss.detach(), parts
 
     def evaluate(self, epoch: int, stage: int) -> dict:
         """Validation loss and (if the recipe asks) generation accuracy at `stage`, over every rank's shard."""
@@ -363,7 +359,7 @@ class Trainer:
 
     def load(self, path: Path, universal: bool = False) -> None:
         self.state.load_state_dict(self.ckpts.load(self.strategy, path, universal=universal))
-        self.strategy.apply_recipe_optim()  # a new optim.lr (checkpoint.allow_changes) takes effect at once
+        self.strategy.apply_optim_settings()  # a new optim.lr (checkpoint.allow_changes) takes effect at once
         self.last_checkpoint = path
         self.log.print(f"resumed from {path}{' (universal copy)' if universal else ''} (epoch {self.state.epoch}, "
                        f"step {self.state.step_in_epoch} of {self.steps_per_epoch}, "
@@ -375,13 +371,12 @@ class Trainer:
                           max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
                           no_thoughts_markers=cfg.no_thoughts_markers,
                           metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        to_base = None
-        if self.strategy.lora:
-            from coconut_scale.model.lora import merged_base_for_export
-
-            to_base = merged_base_for_export(self.model)
         step = self.recipe.coconut.step_supervision
-        path = export_hf(self.strategy, self.tokenizer, self.out / "hf" / name, meta, to_base=to_base,
-                         export_step_decoder=step.enabled and step.export_decoder, step_prompt=step.prompt)
+        decoder = None
+        if step.enabled and step.export_decoder:
+            decoder = StepDecoderMeta(c_thought=cfg.c_thought, weight=step.weight, prompt=step.prompt,
+                                      shared=step.decoder == "shared")
+        path = export_hf(self.strategy, self.tokenizer, self.out / "hf" / name, meta, lora=self.recipe.lora.enabled,
+                         step_decoder=decoder)
         if path:
             self.log.print(f"exported HF model -> {path}")

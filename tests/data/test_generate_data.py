@@ -1,21 +1,32 @@
 """data/generate.py (the recipe's data.generate) and data/bpe.py (the train-bpe:N tokenizer)."""
 
+import inspect
+import json
+from pathlib import Path
+
 import pytest
 
-from coconut_scale.config.recipe import RecipeError
+from coconut_scale.config.recipe import ProsQASyntheticCfg, RecipeError, load_recipe
+from coconut_scale.data import prosqa_synthetic
 from coconut_scale.data.bpe import bpe_corpus, train_bpe_tokenizer
-from coconut_scale.data.generate import generate_missing
+from coconut_scale.data.generate import DataGenerationError, generate_missing
 from coconut_scale.data.prosqa_synthetic import generate_splits
 from coconut_scale.data.records import load_records
+
+REPO = Path(__file__).resolve().parents[2]
 
 DEMO = {"kind": "prosqa_synthetic", "n_train": 12, "n_val": 5, "seed": 3, "n_concepts": 4, "min_depth": 1,
         "max_depth": 2, "extra_edges": 0.0, "n_names": 24}
 
 
+def _cfg(**changes) -> ProsQASyntheticCfg:
+    return ProsQASyntheticCfg(**{**DEMO, **changes})
+
+
 def test_generate_missing_writes_disjoint_splits_once(tmp_path):
     train, val = tmp_path / "gen" / "train.json", tmp_path / "gen" / "val.json"
     logged = []
-    assert generate_missing(DEMO, train, val, log=logged.append) is True
+    assert generate_missing(_cfg(), train, val, log=logged.append) == ["train", "val"]
     tr, va = load_records(train), load_records(val)
     assert (len(tr), len(va)) == (12, 5)
     assert not {r["question"] for r in tr} & {r["question"] for r in va}
@@ -23,36 +34,67 @@ def test_generate_missing_writes_disjoint_splits_once(tmp_path):
     assert tr == generate_splits({"train": 12, "val": 5}, seed=3, **options)["train"]  # what the recipe asks for
     assert logged == [f"generated 12 ProsQA-style records -> {train}", f"generated 5 ProsQA-style records -> {val}"]
     before = train.read_text()
-    assert generate_missing({**DEMO, "seed": 4}, train, val, log=logged.append) is False  # both exist: kept
+    assert generate_missing(_cfg(seed=4), train, val, log=logged.append) == []  # both exist: kept
     assert train.read_text() == before and len(logged) == 2
 
 
-def test_generate_missing_regenerates_both_when_one_is_missing(tmp_path):
-    train, val = tmp_path / "train.json", tmp_path / "val.json"
-    generate_missing(DEMO, train, val, log=lambda _: None)
-    val.unlink()
-    train.write_text("[]")
-    assert generate_missing(DEMO, train, val, log=lambda _: None) is True
-    assert len(load_records(train)) == 12 and len(load_records(val)) == 5
+@pytest.mark.parametrize("lost", ["train", "val"])
+def test_only_the_missing_split_is_written_and_it_is_the_one_first_generated(tmp_path, lost):
+    paths = {"train": tmp_path / "train.json", "val": tmp_path / "val.json"}
+    generate_missing(_cfg(), paths["train"], paths["val"], log=lambda _: None)
+    first = {split: path.read_text() for split, path in paths.items()}
+    paths[lost].unlink()
+    kept = "val" if lost == "train" else "train"
+    paths[kept].write_text(first[kept])  # untouched from here on: compared byte for byte below
+    assert generate_missing(_cfg(), paths["train"], paths["val"], log=lambda _: None) == [lost]
+    assert {split: path.read_text() for split, path in paths.items()} == first
+
+
+def test_a_users_own_file_is_never_overwritten(tmp_path):
+    """A recipe with data.generate pointed at the user's training file (its val file missing) keeps the user's file
+    and generates a validation split that shares no question with it."""
+    mine = [{"question": q["question"], "steps": q["steps"], "answer": q["answer"]}
+            for q in generate_splits({"val": 5}, seed=3, **_cfg().generator_options())["val"]]
+    train, val = tmp_path / "my_train.json", tmp_path / "val.json"
+    train.write_text(json.dumps(mine))
+    before = train.read_bytes()
+    logged = []
+    assert generate_missing(_cfg(), train, val, log=logged.append) == ["val"]
+    assert train.read_bytes() == before
+    assert not {r["question"] for r in mine} & {r["question"] for r in load_records(val)}
+    assert logged == [f"generated 5 ProsQA-style records -> {val} (kept the existing train file {train}; no "
+                      f"question of it is reused)"]
 
 
 def test_nothing_to_generate_without_a_config(tmp_path):
-    assert generate_missing(None, tmp_path / "a.json", tmp_path / "b.json") is False
+    assert generate_missing(None, tmp_path / "a.json", tmp_path / "b.json") == []
     assert not (tmp_path / "a.json").exists()
 
 
-@pytest.mark.parametrize("cfg, msg", [
-    ({"kind": "gsm8k"}, "data.generate.kind='gsm8k': only prosqa_synthetic can be generated"),
-    ({**DEMO, "n_concpets": 4}, "data.generate.n_concpets: not an option of prosqa_synthetic"),
-    ({**DEMO, "n_train": 0}, "data.generate.n_train: expected an integer >= 1, got 0"),
-    ({**DEMO, "n_val": "5"}, "data.generate.n_val: expected an integer >= 1, got '5'"),
-    ({**DEMO, "seed": -1}, "data.generate.seed: expected an integer >= 0, got -1"),
-    ({**DEMO, "min_depth": 3, "max_depth": 2}, r"data.generate \(prosqa_synthetic\): need 1 <= min_depth <= max_depth"),
+@pytest.mark.parametrize("override, msg", [
+    ("data.generate={kind: gsm8k}", "data.generate.kind = 'gsm8k': expected one of 'prosqa_synthetic'"),
+    ("data.generate.n_concpets=4", "unknown key 'data.generate.n_concpets'.*did you mean 'data.generate.n_concepts'"),
+    ("data.generate.n_train=0", r"data.generate.n_train = 0: Input should be greater than 0"),
+    ("data.generate.n_val=five", r"data.generate.n_val = 'five': Input should be a valid integer"),
+    ("data.generate.seed=-1", r"data.generate.seed = -1"),
+    ("data.generate.min_depth=5", r"data.generate: min_depth 5 > max_depth 4"),
 ])
-def test_bad_generate_settings_name_the_key(tmp_path, cfg, msg):
+def test_bad_generate_settings_fail_with_the_recipe_naming_the_key(override, msg):
     with pytest.raises(RecipeError, match=msg):
-        generate_missing(cfg, tmp_path / "train.json", tmp_path / "val.json", log=lambda _: None)
+        load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [override])
+
+
+def test_the_generators_own_refusal_names_the_kind(tmp_path):
+    with pytest.raises(DataGenerationError, match=r"data.generate \(prosqa_synthetic\): n_concepts=4 exceeds the 3"):
+        generate_missing(_cfg(n_names=3), tmp_path / "train.json", tmp_path / "val.json", log=lambda _: None)
     assert not (tmp_path / "train.json").exists()
+
+
+def test_the_schema_defaults_are_the_generators_own():
+    defaults = {k: p.default for k, p in inspect.signature(prosqa_synthetic.generate).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    options = ProsQASyntheticCfg(kind="prosqa_synthetic").generator_options()
+    assert options == {k: defaults[k] for k in options}
 
 
 def test_bpe_corpus_is_the_training_layout():

@@ -19,7 +19,9 @@ import pytest
 from conftest import REPO
 from test_eval_cli import build_tiny_export
 
+from coconut_scale.model.export_meta import ExportMeta
 from coconut_scale.model.loading import build_coconut, save_exported
+from coconut_scale.model.tokens import LatentTokens
 
 DOC = REPO / "docs" / "evaluation.md"
 DEMO_RUN = Path("runs/demo_cpu")
@@ -75,8 +77,8 @@ def demo_dir(tmp_path_factory) -> Path:
     """A directory laid out like the demo's outputs, with tiny stand-ins."""
     root = tmp_path_factory.mktemp("demo_layout")
     tiny = build_tiny_export(root / DEMO_RUN)  # writes runs/demo_cpu/hf/stage2 and a data file beside it
-    save_exported(build_coconut(tiny.base, tiny.tokenizer), tiny.tokenizer, root / DEMO_RUN / "hf" / "stage0",
-                  {"c_thought": 1, "stage": 0, "max_latent_stage": 2, "mode": "coconut", "pad_latent_to_max": False})
+    meta = ExportMeta(c_thought=1, tokens=LatentTokens.from_tokenizer(tiny.tokenizer), stage=0, max_latent_stage=2)
+    save_exported(build_coconut(tiny.base, tiny.tokenizer), tiny.tokenizer, root / DEMO_RUN / "hf" / "stage0", meta)
     (root / DEMO_DATA).parent.mkdir(parents=True)
     shutil.copy(tiny.data, root / DEMO_DATA)
     lines = [_train_line(10, 0, 2.0), _train_line(20, 0, 1.5),

@@ -26,6 +26,7 @@ from coconut_scale.cli.eval import main as eval_main
 from coconut_scale import distributed as dist
 from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.evaluate.generation import extract_answer, extract_cot, validation_loss
+from coconut_scale.model.export_meta import ExportMeta
 from coconut_scale.model.loading import build_coconut, save_exported
 from coconut_scale.data.records import write_records
 from coconut_scale.model.reference import reference_generate
@@ -92,9 +93,8 @@ def build_tiny_export(root: Path) -> SimpleNamespace:
         direction = torch.randn(base.config.hidden_size, generator=torch.Generator().manual_seed(2))
         base.lm_head.weight[tokenizer.eos_token_id] = 0.2 * direction / direction.norm()
     base.eval()
-    export = save_exported(build_coconut(base, tokenizer), tokenizer, root / "hf" / "stage2",
-                           {"c_thought": 1, "stage": STAGE, "max_latent_stage": STAGE, "mode": "coconut",
-                            "pad_latent_to_max": False})
+    meta = ExportMeta(c_thought=1, tokens=LatentTokens.from_tokenizer(tokenizer), stage=STAGE, max_latent_stage=STAGE)
+    export = save_exported(build_coconut(base, tokenizer), tokenizer, root / "hf" / "stage2", meta)
     records = generate(N_RECORDS, seed=5, n_concepts=5, min_depth=1, max_depth=3, extra_edges=0.3)
     refs = reference_rows(base, tokenizer, records, STAGE)
     # The first records whose generated answer is non-empty (a record needs an answer) get it as their gold.

@@ -1,4 +1,4 @@
-"""One-process ZeRO-3 engine steps on a CUDA GPU, through coconut_scale.train.strategy.build_engine, with the
+"""One-process ZeRO-3 engine steps on a CUDA GPU, through coconut_scale.train.engine.build_engine, with the
 fused AdamW the strategy picks on CUDA: full fine-tuning and LoRA, bf16 (ds_configs/zero3_bf16.json)."""
 
 import pytest
@@ -11,7 +11,8 @@ from coconut_scale.config.model_shape import hidden_size
 from coconut_scale.config.recipe import load_recipe
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.testing import tiny_tokenizer
-from coconut_scale.train.strategy import build_engine, init_distributed
+from coconut_scale.train.engine import build_engine
+from coconut_scale.train.strategy import init_distributed
 
 pytestmark = pytest.mark.gpu
 

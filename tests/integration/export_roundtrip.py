@@ -15,7 +15,8 @@ from coconut_scale.train.export import export_hf
 from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.data.curriculum import build_stage_dataset
 from coconut_scale.config.ds_config import build_ds_config
-from coconut_scale.train.strategy import build_engine, init_distributed
+from coconut_scale.train.engine import build_engine
+from coconut_scale.train.strategy import init_distributed
 from coconut_scale.config.model_shape import hidden_size
 from coconut_scale.data.curriculum import CurriculumConfig
 from coconut_scale.model.export_meta import ExportMeta
@@ -23,7 +24,7 @@ from coconut_scale.model.loading import load_exported
 from coconut_scale.config.recipe import recipe_from_dict
 from coconut_scale.data.tokenized import load_tokenized
 from coconut_scale.model.tokens import LatentTokens
-from coconut_scale.train.trainer import recipe_tokenizer
+from coconut_scale.train.run_data import recipe_tokenizer
 
 
 def main(resolved_yaml: str, workdir: str) -> None:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from coconut_scale.model.loading import load_exported_with_step_decoder
+from coconut_scale.model.step_supervision import StepSupervision
 from conftest import train_losses as _train_losses
 from test_train_distributed import _run
 
@@ -62,9 +63,9 @@ def test_export_drops_the_decoder_writes_it_beside_and_the_loader_reattaches_it(
     assert d1.keys() == d2.keys()
     for key in d1:
         torch.testing.assert_close(d1[key], d2[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
-    model, _, cfg, step_cfg = load_exported_with_step_decoder(export)
-    assert step_cfg["c_thought"] == cfg["c_thought"] == 1 and not step_cfg["shared"]
-    loaded = model.step_decoder.state_dict()
+    model, _, meta, step = load_exported_with_step_decoder(export)
+    assert step.c_thought == meta.c_thought == 1 and not step.shared
+    loaded = model.part(StepSupervision.name).decoder.state_dict()
     for key, value in d1.items():
         torch.testing.assert_close(loaded[key], value)
 

@@ -448,8 +448,8 @@ def test_zero3_merged_export_reproduces_engine_logits(roundtrip):
     from coconut_scale.model.loading import load_exported
 
     arch, work, _, result = roundtrip
-    model, _, cfg = load_exported(work / "export")
-    assert cfg["latent_id"] == result["latent_id"]
+    model, _, meta = load_exported(work / "export")
+    assert meta.tokens.latent_id == result["latent_id"]
     batch, logits = _engine_logits(result)
     torch.testing.assert_close(_reload_logits(model.eval(), batch, result["num_passes"]), logits,
                                rtol=1e-5, atol=1e-5)
@@ -467,11 +467,11 @@ def _roundtrip_main(workdir: str, overrides: list[str]) -> None:
     from coconut_scale.data.collate import LatentAlignedCollator
     from coconut_scale.data.curriculum import build_stage_dataset
     from coconut_scale.config.ds_config import build_ds_config
-    from coconut_scale.train.strategy import build_engine, init_distributed
-    from coconut_scale.model.lora import merged_base_for_export
+    from coconut_scale.train.engine import build_engine
+    from coconut_scale.train.strategy import init_distributed
     from coconut_scale.config.recipe import load_recipe
     from coconut_scale.data.tokenized import load_tokenized
-    from coconut_scale.train.trainer import prepare_data, recipe_tokenizer
+    from coconut_scale.train.run_data import prepare_data, recipe_tokenizer
 
     recipe = load_recipe(LORA_RECIPE, overrides)
     init_distributed()
@@ -483,7 +483,7 @@ def _roundtrip_main(workdir: str, overrides: list[str]) -> None:
     ds_config = build_ds_config(recipe, plan, hidden_size(recipe))
     bundle = build_engine(recipe, ds_config, tokenizer, 10, log=lambda *_: None)
     engine, model = bundle.engine, bundle.model
-    assert bundle.lora and ds_config["zero_optimization"]["stage"] == 3
+    assert ds_config["zero_optimization"]["stage"] == 3
 
     cfg = CurriculumConfig.from_recipe(recipe.coconut)
     recs, _ = load_tokenized(recipe.data.train_file, tokenizer, recipe.data.max_seq_len, None, cfg.c_thought,
@@ -505,7 +505,7 @@ def _roundtrip_main(workdir: str, overrides: list[str]) -> None:
         engine.step()
     after = bundle.consolidated_state_dict()
     export_hf(bundle, tokenizer, Path(workdir) / "export", ExportMeta(c_thought=cfg.c_thought, tokens=tokens),
-              to_base=merged_base_for_export(model))
+              lora=True)
     engine.eval()
     check = collate([data[j] for j in range(4)])  # the same batch on every rank
     passes = dist.all_reduce_max(model.count_passes(check["input_ids"]))

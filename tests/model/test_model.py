@@ -111,7 +111,10 @@ def test_hf_checkpointing_with_carried_cache_is_wrong():
     base.train()
     try:
         bad = coconut(ids, mask, labels, pos).loss.detach()
-    except Exception:  # some versions raise instead of silently computing the wrong thing
+    except RuntimeError as e:
+        # The checkpointed layers dropped the carried cache (transformers 5.2x sets it to None): PassCache sees that
+        # no layer recorded its keys. Either this or a wrong loss; never the right one.
+        assert "recorded no keys in this pass" in str(e)
         return
     finally:
         base.gradient_checkpointing_disable()
@@ -170,24 +173,35 @@ def test_batched_generation_equals_single_rows(arch, spec):
         assert (tail == tokens.eos_id).all()
 
 
-def test_generation_stops_per_row_at_eos():
+@pytest.mark.parametrize("both_stop", [False, True])
+def test_generation_stops_per_row_at_eos(both_stop):
+    """A row that emits EOS gets only EOS after it while the other rows go on; once every row has, the loop stops
+    (asking `sync_finished` at every step). EOS is set to a token the free-running generation emits: one that only
+    row 0 emits, or one that both rows emit at different steps."""
     coconut, tokens = _wrap("llama", seed=3)
+    break_embedding_ties(coconut.base_causallm)
     coconut.eval()
-    # Make EOS the argmax everywhere for row 0 only by forcing the lm_head bias-free trick: huge EOS row.
-    base = coconut.base_causallm
     rows = _questions(tokens, [(4, 1), (6, 1)], seed=9)
     ids, mask, _ = left_pad_for_generation(rows, tokens.pad_id)
-    with torch.no_grad():
-        base.lm_head.weight[tokens.eos_id] = 0
-    calls = {"synced": []}
-
-    def sync(done):
-        calls["synced"].append(done)
-        return done
-
-    out = coconut.generate(ids, mask, max_new_tokens=7, sync_finished=sync)
-    assert out.shape[1] <= ids.shape[1] + 7
-    assert len(calls["synced"]) == out.shape[1] - ids.shape[1]
+    n_new = 12
+    coconut.eos_token_id = -1  # never stops: the free-running tokens
+    free = coconut.generate(ids, mask, max_new_tokens=n_new)[:, ids.shape[1]:].tolist()
+    shared = [t for t in free[0] if t in free[1] and free[0].index(t) != free[1].index(t)]
+    only_row0 = [t for t in free[0][1:] if t not in free[1]]
+    eos = (shared if both_stop else only_row0)[0]
+    stops = [row.index(eos) + 1 if eos in row else None for row in free]
+    assert (stops[1] is not None) == both_stop
+    coconut.eos_token_id = eos
+    synced = []
+    out = coconut.generate(ids, mask, max_new_tokens=n_new, sync_finished=lambda done: synced.append(done) or done)
+    new = out[:, ids.shape[1]:].tolist()
+    expected_len = max(stops) if both_stop else n_new
+    assert out.shape[1] == ids.shape[1] + expected_len
+    for row, stop, got in zip(free, stops, new):
+        stop = stop or n_new
+        assert got[:stop] == row[:stop] and all(t == eos for t in got[stop:])
+    # One sync per generated step; only the last can say "every row is done", and it does when both rows stopped.
+    assert synced == [False] * (expected_len - 1) + [both_stop]
 
 
 def test_feedback_off_is_plain_tokens():

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coconut_scale.config.recipe import LoraCfg
 from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.data.curriculum import CurriculumConfig, build_train_example
 from coconut_scale.data.step_targets import StepPieces, StepTargetCollator, step_targets
@@ -14,9 +13,12 @@ from coconut_scale.data.tokenized import tokenize_records
 from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
 from coconut_scale.model.coconut import Coconut
 from coconut_scale.model.reference import reference_filled_embeddings, reference_forward
-from coconut_scale.model.step_supervision import add_step_decoder, apply_decoder_lora
+from coconut_scale.model.lora import wrap_with_lora
+from coconut_scale.model.spec import LoraSpec
+from coconut_scale.model.step_supervision import STEP_KEYS, StepSupervision, decoder_inputs
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.testing import tiny_model
+from coconut_scale.train.losses import training_loss
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32; atol for gradient entries near 0 (summation order)
 
@@ -79,7 +81,20 @@ def _setup(arch, c_thought, decoder_kind, seed=0):
     tokens = LatentTokens.from_tokenizer(tok)
     model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
     decoder = tiny_model(arch, seed=seed + 7)[0] if decoder_kind == "copy" else None
-    return add_step_decoder(model, decoder, c_thought, weight=1.0), tok, tokens
+    model.add_part(StepSupervision(decoder, c_thought))
+    return model, tok, tokens
+
+
+def _part(model) -> StepSupervision:
+    return model.part(StepSupervision.name)
+
+
+def _forward(model, batch):
+    """The trainer's call: the core batch, the step tensors as the part's inputs; returns (output, total loss)."""
+    core = {k: v for k, v in batch.items() if k not in STEP_KEYS}
+    steps = {k: v for k, v in batch.items() if k in STEP_KEYS}
+    out = model(**core, part_inputs={StepSupervision.name: steps})
+    return out, training_loss(out, {"step": 1.0})
 
 
 def _batch(tok, tokens, cfg, stages, records=RECORDS, prompt=None):
@@ -144,18 +159,18 @@ def test_loss_and_every_gradient_equal_the_reference(arch, case, decoder_kind):
     cfg, stages = CASES[case]
     model, tok, tokens = _setup(arch, cfg.c_thought, decoder_kind)
     batch, per_row, _ = _batch(tok, tokens, cfg, stages)
-    out = model(**batch)
-    fast = _grads(model, out.loss)
+    out, loss = _forward(model, batch)
+    fast = _grads(model, loss)
 
     base = model.base_causallm
     args = (batch["input_ids"], batch["attention_mask"])
     ref_coconut, _ = reference_forward(base, *args, batch["labels"], batch["position_ids"], tokens.latent_id)
-    ref_step = reference_step_loss(base, model.decoder, *args, batch["position_ids"], tokens.latent_id,
-                                   cfg.c_thought, per_row, tokens.eos_id)
+    ref_step = reference_step_loss(base, _part(model).decoder_of(model), *args, batch["position_ids"],
+                                   tokens.latent_id, cfg.c_thought, per_row, tokens.eos_id)
     ref_loss = ref_coconut + 1.0 * ref_step
-    torch.testing.assert_close(out.step_loss, ref_step, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(out.coconut_loss, ref_coconut, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(out.loss, ref_loss, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out.terms["step"], ref_step, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out.loss, ref_coconut, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=ATOL)
     _assert_same(fast, _grads(model, ref_loss))
 
 
@@ -164,13 +179,13 @@ def test_step_prompt_matches_the_reference():
     model, tok, tokens = _setup("llama", cfg.c_thought, "copy")
     prompt = "Step {k} of the solution"
     batch, per_row, steps = _batch(tok, tokens, cfg, stages, prompt=prompt)
-    out = model(**batch)
-    ref = reference_step_loss(model.base_causallm, model.decoder, batch["input_ids"], batch["attention_mask"],
+    out, _ = _forward(model, batch)
+    ref = reference_step_loss(model.base_causallm, _part(model).decoder, batch["input_ids"], batch["attention_mask"],
                               batch["position_ids"], tokens.latent_id, cfg.c_thought, per_row, tokens.eos_id,
                               prompt_ids=steps.prompt_ids)
     assert steps.prompt_ids(0) != steps.prompt_ids(1)
-    torch.testing.assert_close(out.step_loss, ref, rtol=RTOL, atol=ATOL)
-    _assert_same(_grads(model, out.step_loss), _grads(model, ref))
+    torch.testing.assert_close(out.terms["step"], ref, rtol=RTOL, atol=ATOL)
+    _assert_same(_grads(model, out.terms["step"]), _grads(model, ref))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -178,13 +193,13 @@ def test_checkpointing_on_and_off_agree(arch):
     cfg, stages = CASES[1]
     model, tok, tokens = _setup(arch, cfg.c_thought, "copy")
     batch, _, _ = _batch(tok, tokens, cfg, stages)
-    plain = model(**batch)
-    plain_grads = _grads(model, plain.loss)
+    _, plain = _forward(model, batch)
+    plain_grads = _grads(model, plain)
     enable_latent_safe_checkpointing(model.base_causallm)
-    enable_latent_safe_checkpointing(model.step_decoder)
-    ckpt = model(**batch)
-    torch.testing.assert_close(ckpt.loss, plain.loss, rtol=RTOL, atol=ATOL)
-    _assert_same(_grads(model, ckpt.loss), plain_grads)
+    enable_latent_safe_checkpointing(_part(model).decoder)
+    _, ckpt = _forward(model, batch)
+    torch.testing.assert_close(ckpt, plain, rtol=RTOL, atol=ATOL)
+    _assert_same(_grads(model, ckpt), plain_grads)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -193,25 +208,26 @@ def test_lora_on_base_and_decoder_equals_the_reference(arch):
 
     cfg, stages = CASES[0]
     model, tok, tokens = _setup(arch, cfg.c_thought, "copy")
-    lora = LoraCfg(enabled=True, rank=4, alpha=8, dropout=0.0)
+    lora = LoraSpec(rank=4, alpha=8, dropout=0.0)
     apply_lora(model, lora, tok)
-    model.step_decoder = apply_decoder_lora(model.step_decoder, lora)
+    _part(model).decoder = wrap_with_lora(_part(model).decoder, lora)
     with torch.no_grad():  # adapters start at B = 0; move them so their gradients are not trivially related
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any(n.startswith("step_decoder.") and "lora_" in n for n in trainable)
-    assert not any(n.startswith("step_decoder.") and "lora_" not in n for n in trainable)
+    prefix = StepSupervision.name + ".decoder."
+    assert any(n.startswith(prefix) and "lora_" in n for n in trainable)
+    assert not any(n.startswith(prefix) and "lora_" not in n for n in trainable)
     batch, per_row, _ = _batch(tok, tokens, cfg, stages)
-    out = model(**batch)
+    _, loss = _forward(model, batch)
     base = model.base_causallm
     args = (batch["input_ids"], batch["attention_mask"])
     ref = reference_forward(base, *args, batch["labels"], batch["position_ids"], tokens.latent_id)[0] + \
-        reference_step_loss(base, model.decoder, *args, batch["position_ids"], tokens.latent_id, cfg.c_thought,
-                            per_row, tokens.eos_id)
-    torch.testing.assert_close(out.loss, ref, rtol=RTOL, atol=ATOL)
-    _assert_same(_grads(model, out.loss), _grads(model, ref))
+        reference_step_loss(base, _part(model).decoder, *args, batch["position_ids"], tokens.latent_id,
+                            cfg.c_thought, per_row, tokens.eos_id)
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
+    _assert_same(_grads(model, loss), _grads(model, ref))
 
 
 def test_a_batch_without_latents_still_runs_the_decoder_with_zero_loss():
@@ -220,11 +236,12 @@ def test_a_batch_without_latents_still_runs_the_decoder_with_zero_loss():
     batch, per_row, _ = _batch(tok, tokens, cfg, [0, 0, 0, 0])
     assert batch["step_targets"].shape[0] == 0 and per_row == [[], [], [], []]
     calls = []
-    model.step_decoder.register_forward_hook(lambda *a: calls.append(1))
-    out = model(**batch)
-    assert calls == [1] and float(out.step_loss.detach()) == 0.0
-    torch.testing.assert_close(out.loss, out.coconut_loss)
-    out.loss.backward()  # the decoder is in the graph (zero gradient), as ZeRO-3 needs on every rank
+    _part(model).decoder.register_forward_hook(lambda *a: calls.append(1))
+    out, loss = _forward(model, batch)
+    assert calls == [1] and float(out.terms["step"].detach()) == 0.0
+    torch.testing.assert_close(loss, out.loss)
+    loss.backward()  # the decoder is in the graph (zero gradient), as ZeRO-3 needs on every rank
+    assert all(p.grad is not None for p in _part(model).decoder.parameters())
 
 
 def test_without_step_tensors_it_is_plain_coconut():
@@ -232,22 +249,44 @@ def test_without_step_tensors_it_is_plain_coconut():
     model, tok, tokens = _setup("llama", 1, "copy")
     batch, _, _ = _batch(tok, tokens, cfg, stages)
     plain = {k: v for k, v in batch.items() if not k.startswith("step_")}
+    calls = []
+    _part(model).decoder.register_forward_hook(lambda *a: calls.append(1))
     out = model(**plain)
     ref, _ = reference_forward(model.base_causallm, plain["input_ids"], plain["attention_mask"], plain["labels"],
                                plain["position_ids"], tokens.latent_id)
     torch.testing.assert_close(out.loss, ref, rtol=RTOL, atol=ATOL)
+    assert out.terms is None and calls == []  # the part did not run
 
 
-def test_decode_steps_reads_back_what_the_decoder_was_trained_on():
-    """Teacher-forced argmax equals greedy decoding: decode_steps and the loss see the same layout."""
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decode_steps_reads_back_what_the_decoder_was_trained_on(arch):
+    """Teacher-forced argmax equals greedy decoding: fed its own greedy tokens in the loss's layout, the decoder's
+    argmax at each target position is the next decoded token, so decode_steps and the loss see the same layout."""
     cfg, stages = CASES[1]
-    model, tok, tokens = _setup("gpt2", cfg.c_thought, "copy")
+    model, tok, tokens = _setup(arch, cfg.c_thought, "copy")
+    part = _part(model)
     batch, _, _ = _batch(tok, tokens, cfg, stages)
+    n_new = 6
     with torch.no_grad():
         out = model(**{k: v for k, v in batch.items() if not k.startswith("step_")})
-        decoded = model.decode_steps(batch["input_ids"], out.inputs_embeds, batch["step_rows"], batch["step_index"],
-                                     tokens.eos_id, max_new_tokens=3)
-    assert len(decoded) == batch["step_rows"].shape[0] and all(len(d) <= 3 for d in decoded)
+        rows, steps = batch["step_rows"], batch["step_index"]
+        decoded = part.decode_steps(model, batch["input_ids"], out.inputs_embeds, rows, steps, tokens.eos_id,
+                                    max_new_tokens=n_new)
+        assert len(decoded) == rows.shape[0]
+        lengths = torch.tensor([len(d) for d in decoded])
+        targets = torch.full((len(decoded), n_new + 1), tokens.eos_id)
+        for i, d in enumerate(decoded):
+            targets[i, :len(d)] = torch.tensor(d, dtype=torch.long)
+        thoughts = torch.stack([out.inputs_embeds[r, (batch["input_ids"][r] == tokens.latent_id).nonzero()[
+            int(k) * cfg.c_thought:(int(k) + 1) * cfg.c_thought, 0]] for r, k in zip(rows.tolist(), steps.tolist())])
+        inputs = decoder_inputs(thoughts, model.base_causallm.get_input_embeddings(), targets, lengths)
+        logits = part.decoder(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                              position_ids=inputs.position_ids).logits
+    forced = logits[:, inputs.first:inputs.first + n_new + 1].argmax(dim=-1)
+    for i, d in enumerate(decoded):
+        assert forced[i, :len(d)].tolist() == d, (i, d, forced[i].tolist())
+        if len(d) < n_new:  # stopped at EOS: EOS is the argmax after its last token
+            assert int(forced[i, len(d)]) == tokens.eos_id
 
 
 # -- recipe, memory, export, analysis ---------------------------------------------------------------------------
@@ -278,18 +317,21 @@ def test_export_without_decoder_then_beside_it_and_decode_latents(tmp_path):
     import json
 
     from coconut_scale.evaluate.decode_latents import main as decode_main, token_f1
+    from coconut_scale.model.export_meta import ExportMeta, StepDecoderMeta
     from coconut_scale.model.loading import load_exported_with_step_decoder, save_exported
-    from coconut_scale.model.step_supervision import split_decoder_state, write_decoder_export
+    from coconut_scale.train.export import split_decoder_state, write_step_decoder
 
     model, tok, tokens = _setup("gpt2", 2, "copy")
     own, dec = split_decoder_state(model.state_dict())
-    assert dec and not any(k.startswith("step_decoder") for k in own)
-    export = save_exported(model, tok, tmp_path / "export", {"c_thought": 2, "stage": 3, "max_latent_stage": 3,
-                                                            "mode": "coconut", "pad_latent_to_max": False})
-    write_decoder_export(model, dec, export, prompt=None)
-    loaded, _, _, step_cfg = load_exported_with_step_decoder(export)
-    for k, v in model.step_decoder.state_dict().items():
-        torch.testing.assert_close(loaded.step_decoder.state_dict()[k], v)
+    assert dec and not any(k.startswith(StepSupervision.name) for k in own)
+    assert dec.keys() == _part(model).decoder.state_dict().keys()
+    meta = ExportMeta(c_thought=2, tokens=tokens, stage=3, max_latent_stage=3)
+    export = save_exported(model, tok, tmp_path / "export", meta)
+    write_step_decoder(model, dec, export, StepDecoderMeta(c_thought=2, weight=1.0, prompt=None, shared=False))
+    loaded, _, loaded_meta, step = load_exported_with_step_decoder(export)
+    assert loaded_meta == meta and step == StepDecoderMeta(c_thought=2, weight=1.0, prompt=None, shared=False)
+    for k, v in _part(model).decoder.state_dict().items():
+        torch.testing.assert_close(_part(loaded).decoder.state_dict()[k], v)
     data = tmp_path / "data.json"
     data.write_text(json.dumps(RECORDS))
     assert decode_main([str(export), str(data), "--max-new-tokens", "4", "--out", str(tmp_path / "out")]) == 0

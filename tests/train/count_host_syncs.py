@@ -30,8 +30,9 @@ def caller() -> str:
         return "?"
     path = Path(frame.f_code.co_filename)
     for root in ("coconut_scale", "transformers", "deepspeed", "peft", "accelerate"):
-        if root in path.parts:
-            return "/".join(path.parts[path.parts.index(root):]) + f":{frame.f_lineno}"
+        if root in path.parts:  # the innermost folder of that name: a checkout may itself be named coconut_scale
+            last = len(path.parts) - 1 - path.parts[::-1].index(root)
+            return "/".join(path.parts[last:]) + f":{frame.f_lineno}"
     return f"{path.name}:{frame.f_lineno}"
 
 

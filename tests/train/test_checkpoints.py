@@ -9,6 +9,7 @@ import torch
 
 from coconut_scale.errors import UserError
 from coconut_scale.train.checkpoints import CheckpointManager
+from coconut_scale.train.state import TrainState
 
 
 class FakeStrategy:
@@ -27,7 +28,8 @@ class FakeStrategy:
 
 
 def _state(step):
-    return {"epoch": 0, "step_in_epoch": step, "global_step": step, "best_accuracy": -1.0, "stage": 0}
+    """A loop state the trainer's TrainState itself writes (and would accept back)."""
+    return TrainState(step_in_epoch=step, global_step=step, stage=0).state_dict()
 
 
 def test_save_is_complete_and_latest_is_highest_and_old_ones_pruned(tmp_path):

@@ -15,7 +15,7 @@ def no_model_loading(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the recipe error was raised")
 
-    monkeypatch.setattr("coconut_scale.train.strategy.load_causal_lm", forbidden)
+    monkeypatch.setattr("coconut_scale.model.loading.load_causal_lm", forbidden)
     monkeypatch.setattr("coconut_scale.train.trainer.init_distributed", forbidden)
 
 
