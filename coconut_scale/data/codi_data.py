@@ -112,7 +112,7 @@ def answer_text(answer: str) -> str:
 
 def cot_text(steps: Sequence[str], include_last_cot: bool) -> str:
     # The released code splits the CoT string on single spaces and drops the last piece (train.py:270-272); for
-    # iCoT records (steps hold no space, data/converters/gsm_icot.py) that is exactly dropping the last step.
+    # iCoT records (steps hold no space, coconut_scale/data/converters/gsm_icot.py) that is exactly dropping the last step.
     kept = list(steps) if include_last_cot else list(steps)[:-1]
     return " ".join(kept)
 
@@ -149,7 +149,8 @@ def _answer_position(ids: list[int], prompt: list[int], tokenizer, options: Codi
     if len(found) != 1:
         if not found:
             raise CodiDataError(None, index, "answer", f"the {sequence} ids do not contain the ids of "
-                                f"{ANSWER_PROMPT!r} ({prompt}): the tokenizer merges it with what follows")
+                                f"{ANSWER_PROMPT!r} ({prompt}): the tokenizer merged it with a neighbour, or the "
+                                f"BOS rule cut its first token")
         raise CodiDataError(None, index, field_of(found[0]), f"{ANSWER_PROMPT!r} occurs {len(found)} times in the "
                             f"{sequence} ids (at tokens {found}); CODI needs exactly one, in the answer")
     position = found[0] + len(prompt)
@@ -164,7 +165,8 @@ def _answer_position(ids: list[int], prompt: list[int], tokenizer, options: Codi
     return position
 
 
-def _strip_first_token(cot_ids: list[list[int]], answer_ids: list[list[int]], bos_id: int | None, eos_id: int, options: CodiDataOptions) -> tuple[list[bool], list[bool]]:
+def _strip_first_token(cot_ids: list[list[int]], answer_ids: list[list[int]], bos_id: int | None, eos_id: int,
+                       options: CodiDataOptions) -> tuple[list[bool], list[bool]]:
     """Per row: drop the first token of the CoT piece? of the answer piece? (pieces as tokenized, before eos)."""
     rows = len(cot_ids)
     if bos_id is None or rows == 0:
