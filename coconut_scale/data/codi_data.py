@@ -112,7 +112,8 @@ def answer_text(answer: str) -> str:
 
 def cot_text(steps: Sequence[str], include_last_cot: bool) -> str:
     # The released code splits the CoT string on single spaces and drops the last piece (train.py:270-272); for
-    # iCoT records (steps hold no space, coconut_scale/data/converters/gsm_icot.py) that is exactly dropping the last step.
+    # iCoT records, whose steps hold no space (coconut_scale/data/converters/gsm_icot.py), that is exactly
+    # dropping the last step.
     kept = list(steps) if include_last_cot else list(steps)[:-1]
     return " ".join(kept)
 
