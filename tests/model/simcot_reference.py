@@ -65,7 +65,8 @@ def pad_steps(steps: list[list[list[int]]], pad_id: int) -> list[list[list[int]]
 
 
 def dedup_trailing_pads(rows: list[list[int]], pad_id: int) -> list[list[int]]:
-    """All rows cut to row 0's length, less the trailing columns that are pad in every row but one."""
+    """Every row cut to row 0's length, then one column less while the second-to-last is pad in every row
+    (so exactly one trailing all-pad column stays)."""
     if not rows:
         return []
     length = len(rows[0])
@@ -93,7 +94,7 @@ def step_decoder_loss(decoder, codi_embedding, latents: list[list[torch.Tensor]]
                 continue
             tokens = torch.tensor(ids, device=latents[r][k].device)
             embeds = torch.cat([latents[r][k], codi_embedding(tokens)[None]], dim=1)
-            logits = decoder(inputs_embeds=embeds, position_ids=torch.arange(embeds.shape[1])[None]).logits[0]
+            logits = decoder(inputs_embeds=embeds, position_ids=torch.arange(embeds.shape[1], device=embeds.device)[None]).logits[0]
             # Position t predicts ids[t]: the latent predicts the first step token, the last one predicts eos.
             ce_sum = ce_sum + F.cross_entropy(logits[:-1].float(), tokens, reduction="sum")
             count += len(ids)
