@@ -1,6 +1,7 @@
 """Check recipes without a GPU: schema, data files, LR schedule, batch table, filled DeepSpeed config, memory per GPU.
 
     coconut-scale check recipes/*.yaml [--world-sizes 1 8 16 32 64] [--gpu-memory-gb 80] [--set KEY=VALUE ...]
+    coconut-scale check --measure recipes/X.yaml [--world-sizes ...]   (also executes the step on fake tensors)
     python -m coconut_scale.check ...   (the same)
 
 Exit code 1 when any recipe fails validation, a batch plan or DeepSpeed config cannot be built, or the
@@ -10,9 +11,13 @@ override that names no recipe key, a data file with a bad record.
 
 The training file's records are counted for the LR schedule's length (config/schedule.py); records longer
 than data.max_seq_len are only dropped at training time, so the trainer may count a few steps fewer.
-The memory model is in coconut_scale/config/memory.py (estimates, +-20%: they bound what the recipe needs,
-they do not replace a first real step). Models unknown to coconut_scale/model/shapes.py are sized from their
-config through AutoConfig, which needs the hub cache or a download.
+The memory model is in coconut_scale/config/memory.py. `--measure` executes the recipe's exact training model
+at its real shape on fake tensors (no memory, no GPU: coconut_scale/config/measured_memory.py) and prints, per
+world size, the measured peak by component beside the estimate, DeepSpeed's model-state estimate and the FLOPs
+and predicted step time; it fails when the measured peak plus the allowance for what fake tensors cannot see does
+not fit, or when the estimate is outside its tolerance of the measurement (docs/memory.md). Models unknown to
+coconut_scale/model/shapes.py are sized from their config through AutoConfig, which needs the hub cache or a
+download.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import sys
 from pathlib import Path
 
+from coconut_scale.cli.check_measure import measure_and_report
 from coconut_scale.config.batch_plan import BatchMathError, batch_table, format_batch_table
 from coconut_scale.config.ds_config import DeepSpeedConfigError, build_ds_config, ds_config_path
 from coconut_scale.config.memory import GPU_COMPONENTS, estimate_memory, suggestions, trainable_params
@@ -151,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="GPU memory (default: the recipe's gpu_memory_gb)")
     parser.add_argument("--require-data", action="store_true", help="fail when a data file is missing")
     parser.add_argument("--no-ds-config", action="store_true", help="do not print the filled DeepSpeed configs")
+    parser.add_argument("--measure", action="store_true",
+                        help="also execute each recipe's training step, optimizer step and a generation batch on fake "
+                             "tensors at its real shape (minutes per recipe) and compare the estimate with it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as for coconut_scale.train (repeatable), e.g. --set lora.enabled=true")
     args = parser.parse_args(argv)
@@ -163,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.recipes:
         problems = check_recipe(path, args.world_sizes, args.gpu_memory_gb, args.require_data, not args.no_ds_config,
                                 args.overrides)
+        if args.measure and not problems:
+            recipe = load_recipe(path, args.overrides)
+            limit = args.gpu_memory_gb if args.gpu_memory_gb is not None else recipe.gpu_memory_gb
+            problems = measure_and_report(recipe, args.world_sizes, limit)
         if problems:
             failed.append(path)
         print()

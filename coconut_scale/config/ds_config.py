@@ -201,4 +201,5 @@ def zero_settings(cfg: dict) -> dict:
         "max_live_parameters": int(zero.get("stage3_max_live_parameters", 1e9)),
         "reduce_bucket_size": int(zero.get("reduce_bucket_size", 5e8)),
         "prefetch_bucket_size": int(zero.get("stage3_prefetch_bucket_size", 5e7)),
+        "sub_group_size": int(zero.get("sub_group_size", 1e9)),  # ZeRO-3 steps the optimizer this many at a time
     }

@@ -14,6 +14,7 @@ The batches are what the trainer's collators make of synthetic tokenized records
                  (the replaced steps are STEP_TOKENS long each; the one step left in text fills the row)
     evaluation   question <start> <latent> * ... <end>, left-padded, then eval.max_new_tokens generated: the
                  question is as long as max_seq_len leaves
+    (in both, the last row's question is one token shorter, so the batch is padded as real batches are)
     SIM-CoT      the step targets of data/step_targets.py for those rows (the replaced steps, the last joined)
 
 A tokenizer stand-in (`ShapeOnlyTokenizer`) gives the vocabulary size and the Coconut token ids; nothing here reads
@@ -171,6 +172,8 @@ def training_batch(recipe, micro_batch: int) -> dict:
     cfg = CurriculumConfig.from_recipe(recipe.coconut)
     stage = largest_stage(recipe)
     records = [_fitted_record(recipe, tokens, cfg, stage, i) for i in range(micro_batch)]
+    if micro_batch > 1:  # one row a token shorter: real batches are padded (and need an attention mask)
+        records[-1]["question_ids"] = records[-1]["question_ids"][1:]
     features = [build_train_example(r, stage, cfg, tokens) for r in records]
     collate = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)
     part_inputs = None
@@ -198,7 +201,10 @@ def generation_batch(recipe) -> dict:
     question = max(recipe.data.max_seq_len - new - (len(probe["input_ids"]) - 1), 1)
     rec = _record(question, [STEP_TOKENS] * cfg.max_latent_stage, tokens, 0)
     prompt = build_eval_example(rec, stage, cfg, tokens)["input_ids"]
-    ids, mask, pos = left_pad_for_generation([prompt] * recipe.batch.eval_batch_size, tokens.pad_id)
+    prompts = [prompt] * recipe.batch.eval_batch_size
+    if len(prompts) > 1:  # one prompt a token shorter: real batches are padded (and need an attention mask)
+        prompts[-1] = prompt[1:]
+    ids, mask, pos = left_pad_for_generation(prompts, tokens.pad_id)
     columns = [i for i, t in enumerate(prompt) if t == tokens.latent_id] if cfg.latent_feedback else []
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "latent_columns": columns,
             "num_passes": len(columns) + 1, "max_new_tokens": new}

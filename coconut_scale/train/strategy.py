@@ -78,6 +78,25 @@ def validate_ds_config(cfg: dict, source: str) -> None:
         raise DeepSpeedConfigError(f"DeepSpeed refuses the config {source}: {type(e).__name__}: {e}") from None
 
 
+def deepspeed_model_state_estimate(total_params: float, largest_layer_params: int, world_size: int,
+                                   stage: int) -> float | None:
+    """DeepSpeed's own estimate of the model states per GPU in bytes, without offload: the functions behind its
+    `estimate_zero3_model_states_mem_needs_all_live` / `estimate_zero2_model_states_mem_needs_all_live` (which count
+    a live model's parameters through data_ptr(), none on fake tensors, hence the counts here). They assume every
+    parameter trains in 16 bits with fp32 master weights and Adam (ZeRO-3: 18 bytes per parameter / GPUs + the
+    largest layer in fp32; ZeRO-1/2: 2 bytes + 18 / GPUs). ZeRO-0 is the ZeRO-2 formula on one GPU (nothing
+    sharded)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    total = int(total_params)
+    if stage == 3:
+        return float(estimate_zero3_model_states_mem_needs(total, int(largest_layer_params), num_gpus_per_node=world_size,
+                                                           cpu_offload=False, cpu_offload_params=False)[1])
+    gpus = world_size if stage in (1, 2) else 1
+    return float(estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus, cpu_offload=False)[1])
+
+
 def _new_schedule(optim, optimizer, schedule_steps: int):
     from transformers import get_scheduler
 
