@@ -25,4 +25,12 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         if was_enabled:
+            if gc.get_freeze_count() == 0:
+                # What the block built is all in the youngest generation, and the first collection after it
+                # would walk all of it (1-2 s after reading a GSM8K-Aug cache) to free nothing. Freezing and
+                # unfreezing moves it to the oldest generation without a walk, so only the next full collection,
+                # which would walk it anyway, sees it. Skipped when the caller keeps frozen objects of its own
+                # (unfreezing would release them).
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
