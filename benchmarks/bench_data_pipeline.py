@@ -44,6 +44,7 @@ from offline_gpt2_tokenizer import write_gpt2_tokenizer_dir  # noqa: E402
 DEFAULT_DATA = REPO / "data" / "generated" / "gsm_aug_sized_train.json"
 OFFICIAL_FILES = ("dataset.py", "utils.py", "args/gsm_coconut.yaml")
 WORK_SUBDIRS = ("token_cache", "tokenizer", "official", "hf_home")
+HARNESS_PARTS = ("records", "tokenize_first", "tokenize_cached", "stages")  # "stages": stages, collate, sampler
 GB = 1e9  # sizes are reported in GB; the parts report MiB (ru_maxrss is in KiB)
 TARGETS = {"tokenize_first": 120.0, "tokenize_cached": 10.0, "stage": 20.0, "peak_rss_gb": 4.0}
 
@@ -220,14 +221,19 @@ class Bench:
     def clear_cache(self) -> None:
         shutil.rmtree(self.cache_dir, ignore_errors=True)
 
-    def run_harness(self) -> dict:
+    def run_harness(self) -> dict | None:
         a = self.args
-        self.measure("records", "harness", self.harness_cmd("records"), self.harness_env(), a.repeats)
-        self.measure("tokenize_first", "harness", self.harness_cmd("tokenize"), self.harness_env(), a.repeats,
-                     before=self.clear_cache, target=TARGETS["tokenize_first"])
+        wanted = set(a.only or HARNESS_PARTS)
+        if "records" in wanted:
+            self.measure("records", "harness", self.harness_cmd("records"), self.harness_env(), a.repeats)
+        if "tokenize_first" in wanted or not any(self.cache_dir.glob("*.json")):
+            self.measure("tokenize_first", "harness", self.harness_cmd("tokenize"), self.harness_env(), a.repeats,
+                         before=self.clear_cache, target=TARGETS["tokenize_first"])
         cached = self.measure("tokenize_cached", "harness", self.harness_cmd("tokenize"), self.harness_env(),
-                              a.repeats, target=TARGETS["tokenize_cached"])
+                              a.repeats if "tokenize_cached" in wanted else 1, target=TARGETS["tokenize_cached"])
         n_train = cached["runs"][-1]["kept"]
+        if "stages" not in wanted:
+            return None
         for stage in a.stages:
             self.measure(f"stage{stage}", "harness", self.harness_cmd("stage", "--stage", str(stage)),
                          self.harness_env(), a.stage_repeats, target=TARGETS["stage"])
@@ -360,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="repeat a run during which other processes used more of the CPU than this")
     parser.add_argument("--retries", type=int, default=1, help="extra runs allowed per kept run")
     parser.add_argument("--skip-harness", action="store_true", help="only the official parts")
+    parser.add_argument("--only", nargs="+", choices=HARNESS_PARTS,
+                        help="harness parts to measure (tokenize_cached always runs once: the sampler needs its count)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "data_pipeline.json")
     args = parser.parse_args(argv)
     args.stages = args.stages if args.stages is not None else curriculum_stages()
