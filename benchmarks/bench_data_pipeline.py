@@ -318,7 +318,8 @@ def verdicts(rows: list[dict], sampler: dict | None) -> list[dict]:
                     "met": peak < TARGETS["peak_rss_gb"]})
     if sampler:
         for key in ("disjoint", "covering", "resumed_equal_in_process", "resumed_equal_in_fresh_process"):
-            out.append({"target": f"64 ranks: {key.replace('_', ' ')}", "value": sampler[key], "met": bool(sampler[key])})
+            out.append({"target": f"64 ranks: {key.replace('_', ' ')}", "value": sampler[key],
+                        "met": bool(sampler[key])})
     return out
 
 
@@ -326,7 +327,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| part | pipeline | median s | runs s | peak RSS GB | tree PSS GB | target | load before -> max during "
              "| others' CPU |", "|---|---|---:|---|---:|---:|---|---|---|"]
     for r in rows:
-        target = "" if r["target_s"] is None else f"< {r['target_s']:g} s: {'met' if r['median_s'] < r['target_s'] else 'MISSED'}"
+        target = ""
+        if r["target_s"] is not None:
+            target = f"< {r['target_s']:g} s: {'met' if r['median_s'] < r['target_s'] else 'MISSED'}"
         loads = ", ".join(f"{x['load_before']:.1f}->{x['load_during_max']:.1f}" for x in r["runs"])
         others = ", ".join(f"{x['others_cpu_share']:.0%}" for x in r["runs"])
         lines.append(f"| {r['part']} | {r['pipeline']} | {r['median_s']:.2f} | "

@@ -90,7 +90,8 @@ def part_tokenize(args, recipe, tokenizer) -> dict:
     files = sorted(cache.glob("*.json"))
     return {"wall_s": wall, "cache": "empty" if was_empty else "present", "kept": len(kept), "dropped": dropped,
             "tokens": sum(len(r["question_ids"]) + sum(map(len, r["steps_ids"])) + len(r["answer_ids"]) for r in kept),
-            "cache_mb": round(sum(f.stat().st_size for f in files) / 1e6, 1), "token_ids_digest": token_ids_digest(kept)}
+            "cache_mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
+            "token_ids_digest": token_ids_digest(kept)}
 
 
 def part_stage(args, recipe, tokenizer) -> dict:

@@ -135,7 +135,7 @@ def build_lines(n: int, seed: int, source: Path | None) -> tuple[list[str], str]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", help="records JSON to write (keep it under a git-ignored folder, e.g. data/generated/)")
+    parser.add_argument("output", help="records JSON to write (under a git-ignored folder, e.g. data/generated/)")
     parser.add_argument("--n", type=int, default=GSM8K_AUG_TRAIN_SIZE, help="problems (default: GSM8K-Aug's 385620)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--source", type=Path, default=None,

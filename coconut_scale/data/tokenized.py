@@ -55,7 +55,7 @@ def _direct_backend(tokenizer):
             return None
     if backend.truncation is not None or backend.padding is not None:
         return None
-    if backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+    if getattr(backend, "encode_special_tokens", False) != bool(getattr(tokenizer, "split_special_tokens", False)):
         return None
     return backend
 
