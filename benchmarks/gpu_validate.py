@@ -155,27 +155,18 @@ def _gib(n_bytes: float) -> float:
 def gsm_like_batch(tokens, batch: int, seq: int, latents: int = 6, seed: int = 0) -> dict:
     """Stage-3 rows: question | <start> | 6 latents | <end> | remaining steps and answer (labelled), `seq` wide.
 
-    Question lengths vary by up to 7 tokens; each row is as long as the aligned layout allows, so the batch is
-    exactly `seq` columns after LatentAlignedCollator left-pads the rows to align their first latent.
+    Question lengths vary by up to 7 tokens; every row's answer is as long as the aligned layout allows, so the
+    batch is exactly `seq` columns after the collator left-pads the rows to align their first latent.
     """
-    torch = _torch()
-    from coconut_scale.data.collate import LatentAlignedCollator
+    from coconut_scale.testing import latent_batch
 
-    g = torch.Generator().manual_seed(seed)
     base_q = max(2, seq // 4)
-    features = []
-    for r in range(batch):
-        q = base_q - r % min(8, base_q - 1)
-        length = seq - (base_q - q)
-        tail = length - q - latents - 2
-        if tail < 2:
-            raise ValueError(f"seq {seq} too short for a question, {latents} latents and an answer")
-        ids = torch.randint(0, tokens.start_id, (length,), generator=g).tolist()
-        ids[q:q + latents + 2] = [tokens.start_id, *[tokens.latent_id] * latents, tokens.end_id]
-        ids[-1] = tokens.eos_id
-        labels = [-100] * (q + latents + 2) + ids[q + latents + 2:]
-        features.append({"input_ids": ids, "labels": labels})
-    return LatentAlignedCollator(tokens.pad_id, tokens.latent_id)(features)
+    answer_len = seq - base_q - latents - 3  # the columns after <end>, less the EOS
+    if answer_len < 1:
+        raise ValueError(f"seq {seq} too short for a question, {latents} latents and an answer")
+    questions = [base_q - r % min(8, base_q - 1) for r in range(batch)]
+    return latent_batch(tokens, [latents] * batch, questions, answer_len=answer_len, seed=seed,
+                        vocab=range(tokens.start_id)).as_dict()
 
 
 def to_device(batch: dict, device) -> dict:

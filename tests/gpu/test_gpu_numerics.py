@@ -10,14 +10,13 @@ import copy
 
 import pytest
 import torch
-from conftest import break_embedding_ties, latent_batch
 
 from coconut_scale.data.collate import left_pad_for_generation
 from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
 from coconut_scale.model.coconut import Coconut
 from coconut_scale.model.reference import reference_forward
 from coconut_scale.model.tokens import LatentTokens
-from coconut_scale.testing import tiny_model
+from coconut_scale.testing import break_embedding_ties, latent_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
 
