@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from coconut_scale.cli.main import COMMANDS, main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def coconut_scale(*args, cwd=REPO, **env):

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 RECIPE = "recipes/tiny_cpu.yaml"
 SCRIPTS = ["single_node.sh", "per_node_no_ssh.sh", "multi_node_pdsh.sh", "write_deepspeed_env.sh", "slurm.sbatch"]

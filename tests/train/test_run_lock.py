@@ -7,11 +7,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from child_process import subprocess_env
 from coconut_scale.train.run_lock import LOCK_FILE, RunLock, RunLockError
+
+REPO = Path(__file__).resolve().parents[2]
 
 HOLD = ("import sys, time; from coconut_scale.train.run_lock import RunLock; "
         "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")

@@ -1,11 +1,13 @@
 """Bad recipes fail in coconut_scale.train before any process group or model exists, naming the problem."""
 
 import re
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from coconut_scale.cli import train
+
+REPO = Path(__file__).resolve().parents[2]
 
 RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")
 
