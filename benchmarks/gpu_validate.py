@@ -24,6 +24,10 @@ On CUDA each stage runs in its own process (an OOM, a hang or a crash costs that
 is enforced by killing it); in the smoke run on the CPU they run in this process, except `environment`, which
 keeps the subprocess path exercised.
 
+A stage is one function decorated `@stage(limit_s=...)`: it takes a StageContext and returns its figures (a
+JSON-able dict) with a one-line "headline" for the summary table and, optionally, a "markdown" section for
+results.md; the registry `STAGES` keeps the stages in the order they are defined, which is the order they run.
+
 MFU counts the FLOPs the step must do: the forward of every pass (the passes together cover the sequence
 once), input gradients through every layer, weight gradients of trainable weights only (LoRA: the adapters),
 attention's backward at twice its forward; the checkpointing recompute is not counted. The peak is the bf16
@@ -43,7 +47,9 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -52,14 +58,46 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STAGES = ("environment", "gpu_tests", "llama8b_lora", "gpt2_fast_vs_reference", "memory_estimate", "profile")
-# Seconds each stage may take on one H200 (child killed beyond it); the sum stays under --budget-s so a whole
-# run plus the machine's start fits twice in 15 minutes only when stages are rerun selectively (--stages).
-STAGE_LIMIT_S = {"environment": 40, "gpu_tests": 120, "llama8b_lora": 150, "gpt2_fast_vs_reference": 60,
-                 "memory_estimate": 150, "profile": 80}
 TARGETS = {"micro_batch": 8, "mfu": 0.45, "estimate_error": 0.15, "latent_share": 0.25}
 GPU_CAP_GIB = 80.0
 LOG_NAME, JSON_NAME, MD_NAME = "gpu_validate.log", "results.json", "results.md"
+
+
+# --- the stage registry -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage is given: the run's kind and shapes, the figures of the stages before it, its deadline."""
+
+    smoke: bool
+    w: dict  # workloads(smoke)
+    previous: dict  # stage name -> that stage's result, for the stages already run (or kept from results.json)
+    deadline: float  # time.time() by which the stage must be done (an isolated child is killed then)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: `run(ctx)` returns its figures with "headline" (and "markdown", if any); "status" defaults to
+    "ok". `limit_s`: the seconds it may take on one H200, its child process killed beyond them. The limits sum
+    to more than the default --budget-s: the budget, not the limits, bounds a whole run."""
+
+    name: str
+    limit_s: float
+    run: Callable[[StageContext], dict]
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(limit_s: float):
+    """Register the decorated `stage_<name>` function as stage `<name>`, run after the stages defined before it."""
+
+    def register(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
+        name = fn.__name__.removeprefix("stage_")
+        STAGES[name] = Stage(name, limit_s, fn)
+        return fn
+
+    return register
 
 
 # --- shapes of the workloads ---------------------------------------------------------------------------------
@@ -368,7 +406,8 @@ def timed_steps(bundle, batch: dict, latent_id: int, steps: int, label_passes: b
 
 # --- stages ------------------------------------------------------------------------------------------------------
 
-def stage_environment(ctx) -> dict:
+@stage(limit_s=40)
+def stage_environment(ctx: StageContext) -> dict:
     torch = _torch()
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
            **{name: _version(name) for name in ("transformers", "deepspeed", "peft", "pydantic", "liger-kernel",
@@ -379,28 +418,33 @@ def stage_environment(ctx) -> dict:
                    multiprocessors=props.multi_processor_count)
     else:
         out["gpu"] = None
-    out["matmul_n"] = ctx["w"]["matmul_n"]
-    out["bf16_matmul_tflops"] = matmul_tflops(ctx["w"]["matmul_n"])
+    out["matmul_n"] = ctx.w["matmul_n"]
+    out["bf16_matmul_tflops"] = matmul_tflops(ctx.w["matmul_n"])
+    out["headline"] = (f"{out.get('gpu') or 'CPU'}; torch {out['torch']} (CUDA {out['cuda']}), transformers "
+                       f"{out['transformers']}, deepspeed {out['deepspeed']}; bf16 matmul "
+                       f"{out['bf16_matmul_tflops']:.1f} TFLOP/s")
     return out
 
 
-def stage_gpu_tests(ctx) -> dict:
+@stage(limit_s=120)
+def stage_gpu_tests(ctx: StageContext) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(REPO / "tests" / "gpu")]
-    if ctx["smoke"]:
+    if ctx.smoke:
         cmd.append("--collect-only")
-    limit = max(10, ctx["deadline"] - time.time() - 5)
+    limit = max(10, ctx.deadline - time.time() - 5)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
     print(proc.stdout[-6000:], proc.stderr[-3000:], flush=True)
     summary = next((line for line in reversed(proc.stdout.strip().splitlines()) if line.strip()), "")
     ok = proc.returncode == 0
     failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return {"returncode": proc.returncode, "summary": summary, "failed": failed, "collect_only": ctx["smoke"],
-            "status": "ok" if ok else "failed"}
+    return {"returncode": proc.returncode, "summary": summary, "failed": failed, "collect_only": ctx.smoke,
+            "status": "ok" if ok else "failed", "headline": summary}
 
 
-def stage_llama8b_lora(ctx) -> dict:
+@stage(limit_s=150)
+def stage_llama8b_lora(ctx: StageContext) -> dict:
     torch = _torch()
-    w, smoke = ctx["w"], ctx["smoke"]
+    w, smoke = ctx.w, ctx.smoke
     cuda = on_cuda()
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -414,10 +458,10 @@ def stage_llama8b_lora(ctx) -> dict:
     if cuda:
         free, total = torch.cuda.mem_get_info()
         context_bytes = max(0, total - free - torch.cuda.memory_reserved())  # CUDA context, NCCL, cuBLAS
-    peak_tflops = ctx["previous"].get("environment", {}).get("bf16_matmul_tflops") or matmul_tflops(w["matmul_n"])
+    peak_tflops = ctx.previous.get("environment", {}).get("bf16_matmul_tflops") or matmul_tflops(w["matmul_n"])
     device = bundle.engine.device
     for micro in w["micro_sweep"]:
-        if time.time() > ctx["deadline"] - 20:
+        if time.time() > ctx.deadline - 20:
             out["sweep_stopped"] = f"time budget reached before micro batch {micro}"
             break
         entry = {"micro_batch": micro}
@@ -446,10 +490,25 @@ def stage_llama8b_lora(ctx) -> dict:
                    latent_share=best["latent_share"], peak_gib=best.get("measured_gib"))
     out["context_gib"] = _gib(context_bytes)
     release(bundle)
+    out["headline"] = (f"largest micro batch {out.get('best_micro_batch')}: {_fmt(out.get('tokens_per_s'), '{:.0f}')} "
+                       f"tokens/s, MFU {_fmt(out.get('mfu'), '{:.1%}')}, latent passes "
+                       f"{_fmt(out.get('latent_share'), '{:.1%}')} of the step, peak {_fmt(out.get('peak_gib'), '{:.1f}')} GiB")
+    out["markdown"] = sweep_table(out["sweep"]) if out["sweep"] else None
     return out
 
 
-def stage_gpt2_fast_vs_reference(ctx) -> dict:
+def sweep_table(sweep: list[dict]) -> str:
+    lines = ["Micro-batch sweep (llama8b_lora):", "",
+             "| micro | tokens/s | step ms | MFU | latent share | peak GiB | note |", "|---|---|---|---|---|---|---|"]
+    for e in sweep:
+        lines.append(f"| {e['micro_batch']} | {_fmt(e.get('tokens_per_s'), '{:.0f}')} | {_fmt(e.get('step_ms'), '{:.0f}')} "
+                     f"| {_fmt(e.get('mfu'), '{:.1%}')} | {_fmt(e.get('latent_share'), '{:.1%}')} "
+                     f"| {_fmt(e.get('measured_gib'), '{:.1f}')} | {_last_line(e.get('error'))} |")
+    return "\n".join(lines)
+
+
+@stage(limit_s=60)
+def stage_gpt2_fast_vs_reference(ctx: StageContext) -> dict:
     """Plain PyTorch (the comparison is of the two implementations, not of DeepSpeed): bf16 on CUDA, fused AdamW."""
     torch = _torch()
     from transformers import AutoModelForCausalLM
@@ -460,7 +519,7 @@ def stage_gpt2_fast_vs_reference(ctx) -> dict:
     from coconut_scale.model.tokens import LatentTokens
     from coconut_scale.testing import tiny_tokenizer
 
-    w, cuda = ctx["w"], on_cuda()
+    w, cuda = ctx.w, on_cuda()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     tokens = LatentTokens.from_tokenizer(tiny_tokenizer())
     torch.manual_seed(0)
@@ -515,6 +574,9 @@ def stage_gpt2_fast_vs_reference(ctx) -> dict:
     out["generate_reference_tokens_per_s"] = rows.shape[0] * new / (clock.ms(start, end) / 1e3)
     out["generate_speedup"] = out["generate_batched_tokens_per_s"] / out["generate_reference_tokens_per_s"]
     out.update(gen_batch=w["gen_batch"], gen_reference_rows=w["gen_ref_rows"], gen_new_tokens=new)
+    out["headline"] = (f"train {out['train_fast_tokens_per_s']:.0f} vs {out['train_reference_tokens_per_s']:.0f} "
+                       f"tokens/s ({out['train_speedup']:.2f}x); generate {out['generate_batched_tokens_per_s']:.0f} vs "
+                       f"{out['generate_reference_tokens_per_s']:.0f} tokens/s ({out['generate_speedup']:.1f}x)")
     return out
 
 
@@ -534,12 +596,13 @@ def _compare(estimate_gib: float, measured_gib: float | None) -> dict:
             "within": abs(error) <= TARGETS["estimate_error"]}
 
 
-def stage_memory_estimate(ctx) -> dict:
+@stage(limit_s=150)
+def stage_memory_estimate(ctx: StageContext) -> dict:
     torch = _torch()
-    w, smoke, cuda = ctx["w"], ctx["smoke"], on_cuda()
+    w, smoke, cuda = ctx.w, ctx.smoke, on_cuda()
     estimate = _estimator()
     out = {}
-    llama = ctx["previous"].get("llama8b_lora", {})
+    llama = ctx.previous.get("llama8b_lora", {})
     micro = llama.get("best_micro_batch")
     if micro:
         recipe = _llama_lora_recipe(w, micro, smoke)
@@ -566,6 +629,10 @@ def stage_memory_estimate(ctx) -> dict:
     out["qwen3_4b_full"] = {"micro_batch": qwen_micro, "build_s": time.time() - t0, "step_ms": t["step_ms"],
                             **_compare(est, measured)}
     release(bundle)
+    out["headline"] = "; ".join(
+        f"{key}: estimate {_fmt(out[key].get('estimate_gib'), '{:.1f}')} vs measured "
+        f"{_fmt(out[key].get('measured_gib'), '{:.1f}')} GiB ({_fmt(out[key].get('error'), '{:+.0%}')})"
+        for key in ("llama8b_lora", "qwen3_4b_full"))
     return out
 
 
@@ -586,15 +653,16 @@ def missed_targets(previous: dict) -> list[str]:
     return misses
 
 
-def stage_profile(ctx) -> dict:
+@stage(limit_s=80)
+def stage_profile(ctx: StageContext) -> dict:
     torch = _torch()
     from torch.profiler import ProfilerActivity, profile
 
-    w, smoke, cuda = ctx["w"], ctx["smoke"], on_cuda()
-    misses = missed_targets(ctx["previous"])
+    w, smoke, cuda = ctx.w, ctx.smoke, on_cuda()
+    misses = missed_targets(ctx.previous)
     if not misses and not smoke:
-        return {"status": "skipped", "reason": "every target met"}
-    micro = ctx["previous"].get("llama8b_lora", {}).get("best_micro_batch") or w["micro_sweep"][0]
+        return {"status": "skipped", "reason": "every target met", "headline": "every target met"}
+    micro = ctx.previous.get("llama8b_lora", {}).get("best_micro_batch") or w["micro_sweep"][0]
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_CAP_GIB * 2**30 / total))
@@ -611,13 +679,12 @@ def stage_profile(ctx) -> dict:
     passes = [f"| {i} | {a}-{b} | {'latent' if i in t['latent_passes'] else 'full'} | {f:.2f} | {bw:.2f} |"
               for i, ((a, b), f, bw) in enumerate(zip(t["pass_ranges"], t["pass_forward_ms"], t["pass_backward_ms"]))]
     release(bundle)
+    pass_table = "\n".join(["| pass | columns | kind | forward ms | backward ms |", "|---|---|---|---|---|", *passes])
     return {"misses": misses, "micro_batch": micro, "step_ms": t["step_ms"], "latent_share": t["latent_share"],
-            "kernel_table": kernels,
-            "pass_table": "\n".join(["| pass | columns | kind | forward ms | backward ms |", "|---|---|---|---|---|",
-                                     *passes])}
-
-
-STAGE_FUNCS = {name: globals()[f"stage_{name}"] for name in STAGES}
+            "kernel_table": kernels, "pass_table": pass_table,
+            "headline": "misses: " + "; ".join(misses) if misses else "",
+            "markdown": "\n".join(["Profile of one 8B step (top kernels):", "", "```", kernels.rstrip(), "```", "",
+                                   pass_table])}
 
 
 # --- running stages ----------------------------------------------------------------------------------------------
@@ -625,12 +692,13 @@ STAGE_FUNCS = {name: globals()[f"stage_{name}"] for name in STAGES}
 def run_stage_here(name: str, smoke: bool, previous: dict, deadline: float) -> dict:
     """One stage in this process: its figures, or status "error" with the traceback; always timed."""
     t0 = time.time()
-    ctx = {"smoke": smoke, "w": workloads(smoke), "previous": previous, "deadline": deadline}
+    ctx = StageContext(smoke=smoke, w=workloads(smoke), previous=previous, deadline=deadline)
     try:
-        result = STAGE_FUNCS[name](ctx)
+        result = STAGES[name].run(ctx)
         result.setdefault("status", "ok")
     except Exception:  # noqa: BLE001 - a stage may fail; the others still run
-        result = {"status": "error", "traceback": traceback.format_exc()}
+        trace = traceback.format_exc()
+        result = {"status": "error", "traceback": trace, "headline": _last_line(trace)}
     result["seconds"] = time.time() - t0
     return result
 
@@ -653,7 +721,7 @@ def run_stage_isolated(name: str, smoke: bool, previous: dict, limit_s: float, l
         log.write(output)
         if result_file.is_file():
             return json.loads(result_file.read_text())
-    return {"status": "error", "reason": why, "output_tail": output[-3000:], "seconds": time.time() - t0}
+    return {"status": "error", "reason": why, "headline": why, "output_tail": output[-3000:], "seconds": time.time() - t0}
 
 
 # --- report ------------------------------------------------------------------------------------------------------
@@ -667,56 +735,16 @@ def _last_line(text: str | None) -> str:
     return lines[-1] if lines else ""
 
 
-def headline(name: str, r: dict) -> str:
-    """The figures of one stage in a few words."""
-    if r.get("status") != "ok":
-        return r.get("reason") or _last_line(r.get("traceback"))
-    if name == "environment":
-        return (f"{r.get('gpu') or 'CPU'}; torch {r['torch']} (CUDA {r['cuda']}), transformers {r['transformers']}, "
-                f"deepspeed {r['deepspeed']}; bf16 matmul {r['bf16_matmul_tflops']:.1f} TFLOP/s")
-    if name == "gpu_tests":
-        return r["summary"]
-    if name == "llama8b_lora":
-        return (f"largest micro batch {r.get('best_micro_batch')}: {_fmt(r.get('tokens_per_s'), '{:.0f}')} tokens/s, "
-                f"MFU {_fmt(r.get('mfu'), '{:.1%}')}, latent passes {_fmt(r.get('latent_share'), '{:.1%}')} of the step, "
-                f"peak {_fmt(r.get('peak_gib'), '{:.1f}')} GiB")
-    if name == "gpt2_fast_vs_reference":
-        return (f"train {r['train_fast_tokens_per_s']:.0f} vs {r['train_reference_tokens_per_s']:.0f} tokens/s "
-                f"({r['train_speedup']:.2f}x); generate {r['generate_batched_tokens_per_s']:.0f} vs "
-                f"{r['generate_reference_tokens_per_s']:.0f} tokens/s ({r['generate_speedup']:.1f}x)")
-    if name == "memory_estimate":
-        parts = []
-        for key in ("llama8b_lora", "qwen3_4b_full"):
-            c = r.get(key, {})
-            parts.append(f"{key}: estimate {_fmt(c.get('estimate_gib'), '{:.1f}')} vs measured "
-                         f"{_fmt(c.get('measured_gib'), '{:.1f}')} GiB ({_fmt(c.get('error'), '{:+.0%}')})")
-        return "; ".join(parts)
-    if name == "profile":
-        return "misses: " + "; ".join(r.get("misses", [])) if r.get("misses") else r.get("reason", "")
-    return ""
-
-
 def render_markdown(results: dict) -> str:
     lines = [f"# GPU validation ({'smoke, CPU' if results['smoke'] else 'GPU'}), {results['started']}", "",
              f"Command: `{results['command']}`; total {results['seconds']:.0f} s.", "",
              "| stage | status | seconds | figures |", "|---|---|---|---|"]
-    for name in STAGES:
-        r = results["stages"].get(name)
-        if r is None:
-            continue
-        lines.append(f"| {name} | {r.get('status')} | {r.get('seconds', 0):.1f} | {headline(name, r).replace('|', '/')} |")
-    llama = results["stages"].get("llama8b_lora", {})
-    if llama.get("sweep"):
-        lines += ["", "Micro-batch sweep (llama8b_lora):", "",
-                  "| micro | tokens/s | step ms | MFU | latent share | peak GiB | note |", "|---|---|---|---|---|---|---|"]
-        for e in llama["sweep"]:
-            lines.append(f"| {e['micro_batch']} | {_fmt(e.get('tokens_per_s'), '{:.0f}')} | {_fmt(e.get('step_ms'), '{:.0f}')} "
-                         f"| {_fmt(e.get('mfu'), '{:.1%}')} | {_fmt(e.get('latent_share'), '{:.1%}')} "
-                         f"| {_fmt(e.get('measured_gib'), '{:.1f}')} | {_last_line(e.get('error'))} |")
-    prof = results["stages"].get("profile", {})
-    if prof.get("kernel_table"):
-        lines += ["", "Profile of one 8B step (top kernels):", "", "```", prof["kernel_table"].rstrip(), "```", "",
-                  prof["pass_table"]]
+    ran = [(name, results["stages"][name]) for name in STAGES if name in results["stages"]]
+    for name, r in ran:
+        lines.append(f"| {name} | {r.get('status')} | {r.get('seconds', 0):.1f} | {r.get('headline', '').replace('|', '/')} |")
+    for _, r in ran:
+        if r.get("markdown"):
+            lines += ["", r["markdown"]]
     lines += ["", f"Targets: micro batch >= {TARGETS['micro_batch']} within {GPU_CAP_GIB:g} GiB, MFU >= "
               f"{TARGETS['mfu']:.0%}, estimate within {TARGETS['estimate_error']:.0%}, latent passes < "
               f"{TARGETS['latent_share']:.0%} of the step. Missed: "
@@ -759,9 +787,10 @@ def main(argv=None) -> int:
         for name in args.stages:
             remaining = args.budget_s - (time.time() - t0)
             if remaining < 5:
-                results["stages"][name] = {"status": "skipped", "reason": f"the {args.budget_s:.0f} s budget is spent"}
+                why = f"the {args.budget_s:.0f} s budget is spent"
+                results["stages"][name] = {"status": "skipped", "reason": why, "headline": why}
                 continue
-            limit = min(STAGE_LIMIT_S[name], remaining) if not args.smoke else remaining
+            limit = min(STAGES[name].limit_s, remaining) if not args.smoke else remaining
             print(f"== {name} (limit {limit:.0f} s)", flush=True)
             log.write(f"\n== {name}\n")
             if isolate or (args.smoke and name == "environment"):
@@ -772,7 +801,7 @@ def main(argv=None) -> int:
                     result = run_stage_here(name, args.smoke, results["stages"], time.time() + limit)
                 log.write(buffer.getvalue())
             results["stages"][name] = result
-            print(f"   {result.get('status')} in {result.get('seconds', 0):.1f} s: {headline(name, result)}", flush=True)
+            print(f"   {result.get('status')} in {result.get('seconds', 0):.1f} s: {result.get('headline', '')}", flush=True)
             log.flush()
             results["seconds"] = time.time() - t0
             write_json_atomic(args.out / JSON_NAME, results)  # a killed run still leaves what it measured
