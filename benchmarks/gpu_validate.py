@@ -155,7 +155,8 @@ class Clock:
 
 
 def matmul_tflops(n: int, iters: int = 10) -> float:
-    """bf16 n x n x n matrix products on random data (zeros run faster, ../.library/device/METHOD.md)."""
+    """bf16 n x n x n matrix products on random data (a GPU multiplies zeros faster: their rate would overstate
+    the peak)."""
     torch = _torch()
     device = "cuda" if on_cuda() else "cpu"
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -257,7 +258,8 @@ def _ds_json(smoke: bool) -> str:
 
 
 def _smoke_overrides(smoke: bool) -> list[str]:
-    # Tiny shapes partition nothing unless the persistence threshold is 0 (../shared/FACTS.md).
+    # Partition every parameter, as recipes/tiny_cpu.yaml does: ZeRO-3 keeps those under
+    # stage3_param_persistence_threshold (10 x hidden, config/ds_config.py) whole on every rank.
     return ["model.dtype=fp32", "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}",
             "lora.rank=4"] if smoke else []
 
@@ -556,7 +558,9 @@ def stage_gpt2_fast_vs_reference(ctx: StageContext) -> dict:
     model.eos_token_id = -1  # never stop early: both sides generate exactly gen_new tokens per row
     prompts = gsm_like_batch(tokens, w["gen_batch"], max(24, w["seq"] // 4))["input_ids"]
     end_col = int((prompts[0] == tokens.end_id).nonzero()[0])
-    prompts = prompts[:, : end_col + 1].to(device)  # question | <start> | latents | <end>, aligned: no padding
+    # question | <start> | latents | <end>, the <end> in one column; the shorter questions' left padding is
+    # generated over without a mask (a throughput figure: both sides see the same prompts)
+    prompts = prompts[:, : end_col + 1].to(device)
     new = w["gen_new"]
     model.generate(prompts[:2], max_new_tokens=2)
     clock.sync()

@@ -2,7 +2,7 @@
 
 Marked `gpu`: tests/conftest.py skips them without CUDA. Tiny random models (coconut_scale.testing), so the whole
 file takes seconds; benchmarks/gpu_validate.py runs it on the GPU machine. bf16 tolerances follow the rule of
-thumb for bf16 operands (relative errors between 1e-3 and 1e-2, ../.library/device/METHOD.md), loosened for the
+thumb for bf16 operands (an 8-bit mantissa: relative errors between 1e-3 and 1e-2), loosened for the
 accumulation through two layers and seven passes.
 """
 

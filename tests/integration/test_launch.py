@@ -2,7 +2,7 @@
 over loopback with --no_ssh) and in dry-run mode with fake pdsh/ssh/srun/scontrol where it cannot.
 
 The full launch tests (`test_two_nodes_*`, `test_single_node_script_*`) train the tiny recipe to completion
-and check what a finished 2-rank run leaves behind. tests/test_train_distributed.py already runs the bare
+and check what a finished 2-rank run leaves behind. tests/integration/test_train_distributed.py already runs the bare
 `deepspeed --num_gpus 2 --module coconut_scale.train` command (and compares it with a single process), so
 here the same launch goes through launch/single_node.sh.
 """
