@@ -184,6 +184,7 @@ def _rank_main(rank, world, port, path, cache, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes in a gloo group
 def test_rank0_tokenizes_others_read(tmp_path):
     path = _write(tmp_path, synthetic_records())
     with socket.socket() as s:

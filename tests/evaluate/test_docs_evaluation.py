@@ -101,6 +101,7 @@ def expected_out_dir(argv: list[str]) -> Path:
     return export.parent.parent / "eval" / export.name / f"{tool}-stage{stage}"
 
 
+@pytest.mark.slow  # each command is a child process that loads the export and runs its tool (7-16 s)
 @pytest.mark.parametrize("command", COMMANDS)
 def test_documented_command_runs(demo_dir, command):
     argv = shlex.split(command, comments=True)

@@ -69,6 +69,7 @@ def test_eval_matches_hand_computation(tiny, tmp_path, stage):
         assert report["accuracy"] == pytest.approx(N_PLANTED / n)  # planted answers, and no others, match
 
 
+@pytest.mark.slow  # two ranks under torchrun
 def test_two_ranks_with_uneven_shards_match_one(tiny, tmp_path):
     # 7 examples over 2 ranks at batch size 1: shards of 4 and 3, so rank 1 runs a filler batch at the end.
     common = [str(tiny.export), str(tiny.data), "--batch-size", "1", "--max-new-tokens", str(MAX_NEW),

@@ -449,6 +449,7 @@ with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w") as 
 """
 
 
+@pytest.mark.slow  # DeepSpeed's node launcher starts two ranks
 def test_pdsh_launch_secrets_reach_the_training_processes_on_the_node(tmp_path):
     """The other half: on a node (a fresh login environment), the ranks DeepSpeed's node launcher starts see
     WANDB_API_KEY and HF_TOKEN (from the secrets file) and the plain variables (from the exports)."""
