@@ -1,6 +1,6 @@
 """The Coconut curriculum: which tokens a record becomes at each stage, for training and for evaluation.
 
-Pure functions over tokenized records (see tokenize_records.py), reproducing the official code
+Pure functions over tokenized records (data/tokenized.py), reproducing the official code
 (facebookresearch/coconut, dataset.py: get_cot_latent_dataset / get_question_latent_dataset; run.py):
 
 Training at stage s (after the optional uniform re-draw of s):

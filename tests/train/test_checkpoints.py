@@ -1,5 +1,6 @@
 """CheckpointManager, directly, with a stand-in strategy (no DeepSpeed): layout, atomicity, pruning, RNG, errors."""
 
+import hashlib
 import json
 import random
 
@@ -103,7 +104,10 @@ def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
     files = json.loads((newer / "manifest.json").read_text())["files"]
     on_disk = {p.relative_to(newer).as_posix() for p in newer.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(files) == on_disk and {"ds/shard.txt", "loop_state.json", "rng_rank0.json"} <= on_disk
-    assert files["ds/shard.txt"]["size"] == len("weights") and len(files["ds/shard.txt"]["sha256"]) == 64
+    for name, entry in files.items():  # each file's own size and digest, as read back from disk
+        data = (newer / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    assert files["ds/shard.txt"]["size"] == len("weights")
 
 
 def _truncate(path):
