@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m coconut_scale.train recipes/llama8b_gsm.yaml
     coconut-scale train recipes/demo_cpu.yaml          (= python -m coconut_scale.train ...)
 
-Re-running the same command after a crash resumes from the newest complete checkpoint.
+Re-running the same command after a crash resumes from the newest complete checkpoint. A signal of
+checkpoint.on_signal (SIGTERM, SIGUSR1) stops the run at the next optimizer step with a checkpoint and exit code 75.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from coconut_scale.train.preemption import PREEMPTED_EXIT, Preempted
     from coconut_scale.train.trainer import Trainer
 
     # torch.distributed deprecation notices fire on every ZeRO collective; they drown the training log.
@@ -38,6 +40,11 @@ def main(argv=None) -> int:
     trainer = Trainer(recipe)
     try:
         trainer.setup().fit()
+    except Preempted as stopped:  # checkpoint.on_signal: saved at a step boundary, every rank exits alike
+        if dist.is_main():
+            print(stopped.line(), file=sys.stderr, flush=True)
+        dist.finish()
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         where = trainer.last_checkpoint or "none yet (the run starts from scratch when re-run)"
         print(f"\ninterrupted at epoch {trainer.state.epoch}, step {trainer.state.step_in_epoch}; last checkpoint: "
