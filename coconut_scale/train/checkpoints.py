@@ -182,31 +182,23 @@ class CheckpointManager:
 
     def _together(self, write, target: AtomicDir, previous: Path | None, path: Path) -> None:
         """Collective: run `write` (None: nothing on this rank; never a collective itself), then agree across ranks
-        on whether a write failed. When one did, every rank stops with the same line (a StorageError when the
-        filesystem refused it) after rank 0 removed the partial directory."""
+        on whether a write failed (storage.agree): then every rank stops with the same line, after rank 0 removed
+        the partial directory."""
         error = None
         try:
             if write is not None:
                 write()
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
             error = e
-        cause = storage.cause_of(error, getattr(error, "filename", None) or path) if error is not None else None
-        message = None
-        if error is not None:
-            where = getattr(error, "filename", None) or path
-            message = (storage.describe(cause, "checkpoint save", where) if cause is not None else
-                       f"checkpoint save failed on rank {dist.rank()}: {type(error).__name__}: {error}")
-        messages = [m for m in dist.gather_objects(message) if m]
-        if not messages:
-            return
-        if dist.is_main():
-            target.abort()
-        dist.barrier()
-        kept = f"the previous checkpoint {previous} is untouched" if previous else "there is no earlier checkpoint"
-        text = f"{messages[0]}; the partial {target.tmp.name} was removed and {kept}"
-        if error is not None and cause is None:
-            raise CheckpointError(text) from error  # not the filesystem: keep the cause's traceback
-        raise storage.StorageError(text)
+
+        def clean_up() -> str:
+            if dist.is_main():
+                target.abort()
+            dist.barrier()
+            kept = f"the previous checkpoint {previous} is untouched" if previous else "there is no earlier checkpoint"
+            return f"the partial {target.tmp.name} was removed and {kept}"
+
+        storage.agree(error, "checkpoint save", path, clean_up)
 
     def _warn_when_short_of_space(self, previous: Path | None, log) -> None:
         """A line when the filesystem has less free space than the last checkpoint took (or, for the first one,

@@ -111,3 +111,28 @@ def remove_leftovers(directories: list[Path], log) -> list[Path]:
             p.unlink(missing_ok=True)
     log(f"removed {len(found)} leftover(s) of an interrupted run: " + ", ".join(sizes))
     return found
+
+
+def agree(error: BaseException | None, what: str, path: str | Path, clean_up) -> None:
+    """Collective: every rank tells whether its part of a write failed (`error`, raised while writing `path`); when
+    one did, every rank stops with the same line after `clean_up()` (called on every rank; it returns what was
+    removed and kept, e.g. "the partial .tmp-step-5 was removed and step-3 is untouched"). A StorageError when the
+    filesystem refused the write; otherwise the failing rank re-raises its own error (a bug keeps its traceback)."""
+    from coconut_scale import distributed as dist
+
+    cause = cause_of(error, getattr(error, "filename", None) or path) if error is not None else None
+    report = None
+    if error is not None:
+        where = getattr(error, "filename", None) or path
+        report = ((describe(cause, what, where), True) if cause is not None else
+                  (f"{what} failed on rank {dist.rank()}: {type(error).__name__}: {error}", False))
+    reports = [r for r in dist.gather_objects(report) if r]
+    if not reports:
+        return
+    (message, named), = reports[:1]
+    text = f"{message}; {clean_up()}"
+    if named:
+        raise StorageError(text)
+    if error is not None and cause is None:
+        raise error
+    raise RuntimeError(text)

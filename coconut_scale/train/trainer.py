@@ -38,6 +38,7 @@ from coconut_scale.data.step_targets import StepTargetCollator
 from coconut_scale.data.tokenized import cache_file, load_tokenized
 from coconut_scale.evaluate.generation import generate_and_score, validation_loss
 from coconut_scale.model.export_meta import ExportMeta, StepDecoderMeta
+from coconut_scale.model.loading import verify_export
 from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train import storage
@@ -156,6 +157,8 @@ class Trainer:
         latest = self.ckpts.resume_point(log=_say) if recipe.checkpoint.auto_resume else None
         # Before anything is written or loaded: another recipe stops the run here, naming every key it changes.
         self.recipe_changes = check_resume(recipe, latest) if latest is not None else {}
+        if recipe.checkpoint.init_from:  # the export it starts from, against its manifest
+            self._agree(lambda: verify_export(recipe.checkpoint.init_from, log=_say) if dist.is_main() else None)
         self.log = RunLog(self.out, recipe.logging.wandb_project, recipe.logging.wandb_run_name, recipe.resolved_dict())
         self.log.print(f"coconut_scale: {recipe.name} | world size {world} | output {self.out}")
         self.log.print(format_batch_table([self.plan]))
