@@ -40,6 +40,14 @@ def existing_parent(path: str | Path) -> Path:
     return path
 
 
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the filesystem that holds `path` (the place the user must free)."""
+    path = existing_parent(path)
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
 def free_bytes(path: str | Path) -> int | None:
     """Free bytes (for this user) on the filesystem that holds `path`, or its nearest existing parent."""
     try:
@@ -86,19 +94,25 @@ def cause_of(error: BaseException, path: str | Path) -> OSError | None:
     return None
 
 
+def written_file(error: BaseException | None, default: str | Path) -> str | Path:
+    """The file a failed write was writing: a copy's destination (filename2), else the error's file, else
+    `default`."""
+    return getattr(error, "filename2", None) or getattr(error, "filename", None) or default
+
+
 def describe(cause: OSError, what: str, path: str | Path) -> str:
-    """`<what> failed: ENOSPC (No space left on device) writing <file>; <free> free on the filesystem of <path>`."""
+    """`<what> failed: ENOSPC (No space left on device) writing <file>; <free> free on <mount point>`."""
     name = errno.errorcode.get(cause.errno, f"errno {cause.errno}")
-    target = cause.filename or path
+    target = written_file(cause, path)
     return (f"{what} failed: {name} ({os.strerror(cause.errno)}) writing {target}; "
-            f"{human_bytes(free_bytes(path))} free on the filesystem of {existing_parent(path)}")
+            f"{human_bytes(free_bytes(path))} free on {mount_point(path)}")
 
 
 def remove_leftovers(directories: list[Path], log) -> list[Path]:
-    """Remove what interrupted writes left in `directories` (`.tmp-*` names: partial checkpoints, exports, probe
-    files), saying so in one line. Only the holder of the run lock may call it: a live run's `.tmp-` is its save
+    """Remove what interrupted writes left in `directories` (`.tmp-*`: partial checkpoints, exports, a setup;
+    `.*.tmp`: atomic_files' temporary files), saying so in one line. Only the holder of the run lock may call it: a live run's `.tmp-` is its save
     in progress."""
-    found = [p for d in directories if d.is_dir() for p in sorted(d.glob(".tmp-*"))]
+    found = [p for d in directories if d.is_dir() for p in sorted({*d.glob(".tmp-*"), *d.glob(".*.tmp")})]
     if not found:
         return []
     sizes = []
@@ -120,10 +134,10 @@ def agree(error: BaseException | None, what: str, path: str | Path, clean_up) ->
     filesystem refused the write; otherwise the failing rank re-raises its own error (a bug keeps its traceback)."""
     from coconut_scale import distributed as dist
 
-    cause = cause_of(error, getattr(error, "filename", None) or path) if error is not None else None
+    where = written_file(error, path)
+    cause = cause_of(error, where) if error is not None else None
     report = None
     if error is not None:
-        where = getattr(error, "filename", None) or path
         report = ((describe(cause, what, where), True) if cause is not None else
                   (f"{what} failed on rank {dist.rank()}: {type(error).__name__}: {error}", False))
     reports = [r for r in dist.gather_objects(report) if r]

@@ -212,20 +212,23 @@ class DeepSpeedStrategy:
         fails must go on through them (the caller then stops every rank together) instead of raising alone and
         leaving the others waiting."""
         failures: list[tuple[str, BaseException]] = []
-        writer = self.engine.checkpoint_engine
-        write = writer.save
 
-        def save(state_dict, path):
-            try:
-                write(state_dict, path)
-            except Exception as e:  # noqa: BLE001 - a full disk reaches us as torch.save's RuntimeError
-                failures.append((str(path), e))
+        def noting(write, where):
+            def guarded(*args, **kwargs):
+                try:
+                    write(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - a full disk reaches us as torch.save's RuntimeError
+                    failures.append((where(*args, **kwargs), e))
+            return guarded
 
-        writer.save = save
+        # Its writes: each shard (checkpoint_engine.save) and the recovery script rank 0 copies beside them.
+        writer, engine = self.engine.checkpoint_engine, self.engine
+        writer.save = noting(writer.save, lambda state_dict=None, path=None: str(path))
+        engine._copy_recovery_script = noting(engine._copy_recovery_script, lambda save_path: str(save_path))
         try:
-            self.engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+            engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
         finally:
-            del writer.save  # the class's own method again
+            del writer.save, engine._copy_recovery_script  # the classes' own methods again
         return failures
 
     def load_checkpoint(self, directory: Path, tag: str) -> None:
