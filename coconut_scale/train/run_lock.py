@@ -52,6 +52,7 @@ class RunLock:
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / LOCK_FILE
         self._fd: int | None = None
+        self.created = False
 
     def _holder(self, fd: int) -> dict:
         try:
@@ -63,6 +64,7 @@ class RunLock:
     def acquire(self, log=print) -> None:
         """Take the lock or raise RunLockError naming its holder. Call before writing anything in output_dir."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()  # a refused run removes only a lock file it created
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -71,7 +73,7 @@ class RunLock:
                 break
             if self._still_the_file(fd):
                 break
-            os.close(fd)  # a holder removed the file while we waited (a refused run): lock the new one
+            os.close(fd)  # its holder removed the file between our open and our flock (a refused run): again
         self._take(fd, log)
 
     def _still_the_file(self, fd: int) -> bool:

@@ -51,13 +51,13 @@ class StagedSetup:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def roll_back(self, lock) -> None:
-        """Rank 0: remove what setup wrote, release the lock removing its file, and output_dir when this run
-        created it and nothing else is left there."""
+        """Rank 0: remove what setup wrote, release the lock (removing its file when this run created it), and
+        output_dir when this run created it and nothing else is left there."""
         if not dist.is_main():
             return
         shutil.rmtree(self.root, ignore_errors=True)
         if lock is not None:
-            lock.release(remove=True)
+            lock.release(remove=lock.created)
         if not self.existed:
             try:
                 self.out.rmdir()
