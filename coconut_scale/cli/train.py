@@ -11,12 +11,26 @@ checkpoint.on_signal (SIGTERM, SIGUSR1) stops the run at the next optimizer step
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 
 from coconut_scale import distributed as dist
 from coconut_scale.config.recipe import check_files, load_recipe
-from coconut_scale.errors import run_cli
+from coconut_scale.errors import one_line, run_cli
+
+
+COLLECTIVE_FAILED_EXIT = 1
+_COLLECTIVE_ERRORS = re.compile(r"gloo|nccl|Timed out waiting|Connection (reset|closed) by peer|DistBackendError", re.I)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that failed because a peer rank is gone or stuck (gloo's timeout or reset, NCCL's errors)."""
+    import torch.distributed as torch_dist
+
+    if dist.world_size() <= 1:
+        return False
+    return isinstance(error, getattr(torch_dist, "DistError", ())) or bool(_COLLECTIVE_ERRORS.search(str(error)))
 
 
 def parse_args(argv=None):
@@ -45,6 +59,13 @@ def main(argv=None) -> int:
             print(stopped.line(), file=sys.stderr, flush=True)
         dist.finish()
         return PREEMPTED_EXIT
+    except RuntimeError as e:
+        if not is_collective_failure(e):
+            raise
+        print(f"error: rank {dist.rank()}: a collective failed ({one_line(str(e).splitlines()[0])[:300]}): another "
+              f"rank died or hung, see its own error; a collective waits at most distributed.timeout_s = "
+              f"{recipe.distributed.timeout_s:g} s", file=sys.stderr, flush=True)
+        return COLLECTIVE_FAILED_EXIT
     except KeyboardInterrupt:
         where = trainer.last_checkpoint or "none yet (the run starts from scratch when re-run)"
         print(f"\ninterrupted at epoch {trainer.state.epoch}, step {trainer.state.step_in_epoch}; last checkpoint: "

@@ -4,8 +4,11 @@ one (exported weights and every logged loss), in one process and on two ranks un
 forwards the SIGTERM to its workers)."""
 
 import json
+import os
 import re
 import signal
+import socket
+import subprocess
 import time
 
 import pytest
@@ -60,3 +63,28 @@ def test_a_sigterm_saves_at_the_next_step_and_the_resume_is_bit_identical(launch
     print(f"{launcher}: stopped at step {step}, {took:.1f} s after the signal")
     assert fr.losses(out) == fr.losses(clean)
     assert fr.export_bytes(out) == fr.export_bytes(clean)
+
+
+def test_sigusr1_to_every_process_of_a_per_node_launch_exits_75_through_the_launchers(tmp_path, data):
+    """What SLURM's --signal=USR1@T does: the signal reaches the deepspeed launcher processes too, which ignore it
+    (launch/per_node_no_ssh.sh), while the rank saves; the rank's exit code 75 comes back through them."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=1\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(fr.REPO / "launch" / "per_node_no_ssh.sh"), str(hostfile), str(fr.RECIPE),
+                                 *fr.overrides(out, data)], cwd=fr.REPO, stdout=fh, stderr=fh,
+                                start_new_session=True,
+                                env=fr.env(NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    try:
+        fr.wait_for_step(proc, out, 2)
+        os.killpg(proc.pid, signal.SIGUSR1)
+        proc.wait(timeout=GRACE_S)
+    finally:
+        fr.stop_group(proc)
+    text = log.read_text()
+    assert proc.returncode == 75, text[-3000:]
+    assert [f[0] for f in STOPPED.findall(text)] == ["SIGUSR1"], text[-3000:]
