@@ -144,7 +144,7 @@ class CheckpointManager:
         ones are pruned only after the new one is complete and verified)."""
         target = AtomicDir(self.root / f"step-{int(loop_state['global_step']):08d}")
         final, tmp = target.final, target.tmp
-        previous = self.latest() if dist.is_main() else None
+        previous = dist.gather_objects(self.latest() if dist.is_main() else None)[0]  # rank 0's, for the messages
 
         def begin():
             self.root.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,9 @@ from coconut_scale.model.shapes import param_count
 
 WRITE_GBPS_PER_NODE = 2.0
 GPUS_PER_NODE = 8
-# Streamed digests of a page-cached file, GB/s on one core (benchmarks/bench_digest.py, 2 shared cores at load ~7).
-DIGEST_GBPS = {"sha256": 1.2, "xxh3_128": 9.0}
+# Digests of a page-cached file, GB/s on one core (benchmarks/bench_digest.py; 2 cores shared, load 4-13: sha256
+# 0.7-1.6, xxh3_128 7-16). The lower figures of a quiet core: hashing is not made to look cheaper than it is.
+DIGEST_GBPS = {"sha256": 1.4, "xxh3_128": 7.0}
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -43,6 +44,7 @@ def _zero_stage(recipe) -> int:
 
 
 def save_seconds(recipe, world_size: int, shape: dict | None = None, digest: str = "xxh3_128") -> dict:
+    # The manifest's digest is xxh3_128 over 256 MiB pieces (file_manifest.DIGEST): one core's speed is assumed.
     """{"bytes", "write_s", "hash_s", "total_s"} of one save at `world_size` ranks (GPUS_PER_NODE per node)."""
     total = checkpoint_bytes(recipe, shape)
     nodes = max(1, math.ceil(world_size / GPUS_PER_NODE))
@@ -60,6 +62,8 @@ def save_line(recipe, world_size: int) -> str:
         cost = save_seconds(recipe, world_size)
     except (ValueError, KeyError):  # a model whose shape is unknown here: nothing to estimate
         return "checkpoint: size unknown (model shape unknown); time a save and give preemption more grace than that"
-    return (f"checkpoint: ~{human_bytes(cost['bytes'])} per save, ~{cost['total_s']:.0f} s at "
-            f"{WRITE_GBPS_PER_NODE:g} GB/s per node; a preemption signal ({', '.join(recipe.checkpoint.on_signal)}) "
-            f"needs at least that much grace before SIGKILL")
+    signals = ", ".join(recipe.checkpoint.on_signal)
+    grace = (f"a preemption signal ({signals}) needs at least that much grace before SIGKILL" if signals else
+             "checkpoint.on_signal is empty: a preemption signal ends the run without a checkpoint")
+    return (f"checkpoint: ~{human_bytes(cost['bytes'])} per save, ~{cost['total_s']:.1f} s at "
+            f"{WRITE_GBPS_PER_NODE:g} GB/s per node; {grace}")

@@ -106,8 +106,8 @@ def test_manifest_lists_every_file_with_size_and_digest_and_the_version(tmp_path
     files = manifest["files"]
     on_disk = {p.relative_to(newer).as_posix() for p in newer.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(files) == on_disk and {"ds/shard.txt", "loop_state.json", "rng_rank0.json"} <= on_disk
-    assert manifest["digest"] == "xxh3_128" and manifest["coconut_scale"] == coconut_scale_version()
-    assert files["ds/shard.txt"]["size"] == len("weights") and len(files["ds/shard.txt"]["xxh3_128"]) == 32
+    assert manifest["digest"] == "xxh3_128-256MiB" and manifest["coconut_scale"] == coconut_scale_version()
+    assert files["ds/shard.txt"]["size"] == len("weights") and len(files["ds/shard.txt"]["xxh3_128-256MiB"]) == 32
 
 
 def test_a_sha256_manifest_of_an_earlier_version_still_verifies(tmp_path):
@@ -132,7 +132,7 @@ def _flip(path):
 
 @pytest.mark.parametrize("damage, file, says", [
     (_truncate, "ds/shard.txt", "has 3 bytes, its manifest says 7"),
-    (_flip, "ds/shard.txt", "does not match the xxh3_128 digest"),
+    (_flip, "ds/shard.txt", "does not match the xxh3_128-256MiB digest"),
     (lambda p: p.unlink(), "rng_rank0.json", "is missing"),
     (lambda p: p.write_text("{not json"), "manifest.json", "cannot be read"),
     (lambda p: p.unlink(), "manifest.json", "is missing"),

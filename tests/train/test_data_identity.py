@@ -48,7 +48,7 @@ def test_an_unchanged_file_passes_and_every_field_is_recorded(tmp_path, files):
     assert check_data(recipe, ckpt, data_identity(recipe)) == {}
     saved = json.loads((ckpt / DATA_FILE).read_text())["train_file"]
     assert saved["records"] == 10 and saved["size"] == (tmp_path / "train.json").stat().st_size
-    assert len(saved["xxh3_128"]) == 32
+    assert len(saved["xxh3_128-256MiB"]) == 32
 
 
 @pytest.mark.parametrize("edit, old_new", [
