@@ -40,6 +40,7 @@ def _preempt_then_resume(launcher, tmp_path, data, signal_to_send=signal.SIGTERM
     text = log.read_text()
     found = STOPPED.findall(text)
     assert len(found) == 1, text[-4000:]
+    print(next(line for line in text.splitlines() if line.startswith("stopped by")))
     name, step, checkpoint = found[0]
     assert name == signal_to_send.name and 2 <= int(step) < fr.EPOCHS * fr.N_TRAIN // fr.GLOBAL_BATCH
     assert checkpoint.endswith(f"step-{int(step):08d}") and (out / "checkpoints" / f"step-{int(step):08d}").is_dir()
