@@ -114,6 +114,23 @@ def all_done(local_done: bool) -> bool:
     return all_reduce_max(0 if local_done else 1) == 0
 
 
+def refuse_together(check) -> None:
+    """Collective: run `check` (rank 0 does the work, the others pass a no-op); a UserError it raises on rank 0 stops
+    every rank with the same message, so no rank is left waiting in a collective the others never reach."""
+    from coconut_scale.errors import UserError
+
+    refusal = None
+    try:
+        check()
+    except UserError as e:
+        refusal = e
+    message = gather_objects(None if refusal is None else str(refusal))[0]
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        raise UserError(message)
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (on every rank)."""
     if not dist.is_initialized() or world_size() == 1:

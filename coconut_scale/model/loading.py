@@ -221,7 +221,8 @@ def attach_step_decoder(model: Coconut, directory: str | Path, dtype: str = "fp3
     part, as in training); returns (model, StepDecoderMeta)."""
     step = StepDecoderMeta.read(directory)
     decoder = None if step.shared else load_verified(
-        Path(directory) / STEP_DECODER_DIR, lambda d: load_causal_lm(d, dtype=dtype, attn_implementation=attn_implementation))
+        Path(directory) / STEP_DECODER_DIR,
+        lambda d: load_causal_lm(d, dtype=dtype, attn_implementation=attn_implementation))
     model.add_part(StepSupervision(decoder, step.c_thought))
     return model, step
 

@@ -61,9 +61,9 @@ def export_hf(strategy, tokenizer, out_dir: str | Path, meta: ExportMeta, lora: 
         except Exception as e:  # noqa: BLE001 - the other ranks wait below: they must hear of it
             error = e
     dist.barrier()
+    kept = f"the previous {out_dir} is untouched" if out_dir.exists() else f"{out_dir} was not written"
     storage.agree(error, "export", out_dir.with_name(f".tmp-{out_dir.name}"),
-                  lambda: f"the partial .tmp-{out_dir.name} was removed and "
-                          + (f"the previous {out_dir} is untouched" if out_dir.exists() else f"{out_dir} was not written"))
+                  lambda: f"the partial .tmp-{out_dir.name} was removed and {kept}")
     return out_dir if dist.is_main() else None
 
 

@@ -110,8 +110,8 @@ def describe(cause: OSError, what: str, path: str | Path) -> str:
 
 def remove_leftovers(directories: list[Path], log) -> list[Path]:
     """Remove what interrupted writes left in `directories` (`.tmp-*`: partial checkpoints, exports, a setup;
-    `.*.tmp`: atomic_files' temporary files), saying so in one line. Only the holder of the run lock may call it: a live run's `.tmp-` is its save
-    in progress."""
+    `.*.tmp`: atomic_files' temporary files), saying so in one line. Only the holder of the run lock may call it:
+    a live run's `.tmp-` is its save in progress."""
     found = [p for d in directories if d.is_dir() for p in sorted({*d.glob(".tmp-*"), *d.glob(".*.tmp")})]
     if not found:
         return []

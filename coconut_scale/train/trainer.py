@@ -158,7 +158,8 @@ class Trainer:
         # Before anything is written or loaded: another recipe stops the run here, naming every key it changes.
         self.recipe_changes = check_resume(recipe, latest) if latest is not None else {}
         if recipe.checkpoint.init_from:  # the export it starts from, against its manifest
-            self._agree(lambda: verify_export(recipe.checkpoint.init_from, log=_say) if dist.is_main() else None)
+            dist.refuse_together(lambda: verify_export(recipe.checkpoint.init_from, log=_say)
+                                 if dist.is_main() else None)
         self.log = RunLog(self.out, recipe.logging.wandb_project, recipe.logging.wandb_run_name, recipe.resolved_dict())
         self.log.print(f"coconut_scale: {recipe.name} | world size {world} | output {self.out}")
         self.log.print(format_batch_table([self.plan]))
@@ -185,13 +186,13 @@ class Trainer:
         prepare_data(recipe, self.log.print)
         self._check_data(latest)
         self.tokenizer = recipe_tokenizer(recipe, self.staged.path("tokenizer"))
-        if recipe.model.bpe_vocab_size is not None:  # staged or not, it is the run's tokenizer/ (the cache key names it)
+        if recipe.model.bpe_vocab_size is not None:  # staged or not, the run's tokenizer/ (the cache key names it)
             self.tokenizer.name_or_path = str(self.out / "tokenizer")
         self.tokens = LatentTokens.from_tokenizer(self.tokenizer)
         self._tokenize()
         if dist.is_main():
             self.identity.update(token_identity(recipe, self.tokenizer))
-        self._agree(lambda: check_tokenizer(latest, self.identity, recipe) if dist.is_main() else None)
+        dist.refuse_together(lambda: check_tokenizer(latest, self.identity, recipe) if dist.is_main() else None)
         self.sampler = GlobalBatchSampler(len(self.train_recs), self.plan, dist.rank(), seed=recipe.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
@@ -210,24 +211,8 @@ class Trainer:
             if latest is not None:
                 accepted.update(check_data(self.recipe, latest, self.identity))
 
-        self._agree(check if dist.is_main() else lambda: None)
+        dist.refuse_together(check if dist.is_main() else lambda: None)
         self.recipe_changes.update(dist.gather_objects(accepted)[0])
-
-    @staticmethod
-    def _agree(fn) -> None:
-        """Collective: run `fn`; a UserError it raises on rank 0 stops every rank with the same message."""
-        from coconut_scale.errors import UserError
-
-        refusal = None
-        try:
-            fn()
-        except UserError as e:
-            refusal = e
-        message = dist.gather_objects(None if refusal is None else (type(refusal).__name__, str(refusal)))[0]
-        if refusal is not None:
-            raise refusal
-        if message is not None:
-            raise UserError(message[1])
 
     def _tokenize(self) -> None:
         data, cfg = self.recipe.data, self.cfg

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 def small_disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -60,8 +61,8 @@ def test_a_full_disk_stops_the_run_naming_the_file_and_keeps_the_last_checkpoint
     print(errors)
     assert proc.returncode == 2 and len(errors) == 1, text[-4000:]
     assert re.search(rf"error: checkpoint save failed: ENOSPC \(No space left on device\) writing {out}/checkpoints/"
-                     rf"\.tmp-step-\d+/\S+; [\d.]+ \w*B? ?\w* free on {small_disk}; the partial \.tmp-step-\d+ was removed "
-                     rf"and the previous checkpoint {first} is untouched", errors[0]), errors[0]
+                     rf"\.tmp-step-\d+/\S+; [\d.]+ \w*B? ?\w* free on {small_disk}; the partial \.tmp-step-\d+ was "
+                     rf"removed and the previous checkpoint {first} is untouched", errors[0]), errors[0]
     assert "Traceback" not in text
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()} == kept
