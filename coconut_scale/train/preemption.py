@@ -12,6 +12,7 @@ launch/slurm.sbatch requeues.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import torch
@@ -51,6 +52,10 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopSignals":
+        """Handlers for `names`; none outside the main thread, where Python allows no handler (a trainer driven
+        from another thread then ends on these signals as before)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for name in self.names:
             number = getattr(signal, name)
             self._previous[number] = signal.signal(number, self._note)

@@ -73,3 +73,18 @@ def test_a_torn_safetensors_without_a_manifest_is_named_not_a_traceback(export, 
     print(lines.out.strip(), err[-1], sep="\n")
     assert "has no manifest.json" in lines.out
     assert len(err) == 1 and str(weights) in err[0] and "cannot be read" in err[0]
+
+
+@pytest.mark.parametrize("tool", ["noise_sweep", "ablations", "probing"])
+def test_every_analysis_refuses_a_damaged_export_in_one_line(export, tmp_path, capsys, tool):
+    """decode_latents opens exports through the same load_inputs (after checking they hold a step decoder)."""
+    import importlib
+
+    out, data = export
+    copy = _copy(out, tmp_path)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    main = importlib.import_module(f"coconut_scale.evaluate.{tool}").main
+    assert run_cli(main, [str(copy), str(data), "--out", str(tmp_path / tool)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{weights} has " in err[0] and "its manifest says" in err[0], err
