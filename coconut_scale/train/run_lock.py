@@ -2,9 +2,9 @@
 
 The lock is `flock` (released by the kernel when its holder dies, kill -9 included); the file records the holder
 (host, pid, start time), so a second run stops at once naming it. flock excludes runs on other nodes only where the
-shared filesystem makes it cluster-wide (NFSv4, GPFS, Lustre mounted with `flock`, CephFS); where locks are
-node-local (Lustre's `localflock`, some FUSE mounts) two nodes can both take it: give every run its own output_dir
-there. A file that still names a holder while nobody
+shared filesystem makes it cluster-wide (NFS, Lustre mounted with `flock`, CephFS); where locks are node-local
+(Lustre's `localflock`, BeeGFS without global locks, some FUSE mounts) two nodes can both take it: give every run
+its own output_dir there (README, "One run per output_dir"). A file that still names a holder while nobody
 holds the lock is what a killed run leaves behind: it is taken over, with a line saying so. On a filesystem
 without flock (some Lustre and NFS mounts refuse it) the recorded pid decides: a live one, or one on another
 host that cannot be checked from here, refuses; a dead pid on this host is stale and taken over.

@@ -81,12 +81,12 @@ def test_allow_changes_accepts_it_as_a_recorded_change(tmp_path, files):
 @pytest.mark.slow
 def test_a_resume_on_extended_data_is_refused_before_anything_is_written_then_accepted(tmp_path):
     out, data = tmp_path / "run", tmp_path / "data"
-    extra = {"checkpoint.save_every_steps": 3}
+    extra = {"checkpoint.save_every_steps": 3, "optim.epochs": 1}
     first = fr.run("python", out, data, **extra)
     assert first.returncode == 0, first.stderr[-3000:]
-    # As if killed after the mid-epoch-1 checkpoint (6 steps per epoch: step-9 of 12).
-    shutil.rmtree(out / "checkpoints" / "step-00000012")
-    shutil.rmtree(out / "hf" / "stage1")
+    # As if killed after the mid-epoch checkpoint (6 steps per epoch: step-3 of 6).
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    shutil.rmtree(out / "hf")
     train = data / "train.json"
     records = json.loads(train.read_text())
     train.write_text(json.dumps(records + records[:8]))
@@ -110,7 +110,7 @@ def test_a_resume_on_extended_data_is_refused_before_anything_is_written_then_ac
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     change = [r for r in rows if r["kind"] == "recipe_change"]
     assert len(change) == 1 and list(change[0]["changes"]) == ["data.train_file"]
-    assert change[0]["global_step"] == 9
+    assert change[0]["global_step"] == 3
     newest = sorted((out / "checkpoints").glob("step-*"))[-1]
     history = json.loads((newest / "recipe_changes.json").read_text())
     assert f"{fr.N_TRAIN + 8} records" in history[0]["changes"]["data.train_file"][1]
