@@ -67,7 +67,10 @@ def main(argv=None) -> int:
               f"{recipe.distributed.timeout_s:g} s", file=sys.stderr, flush=True)
         return COLLECTIVE_FAILED_EXIT
     except KeyboardInterrupt:
-        where = trainer.last_checkpoint or "none yet (the run starts from scratch when re-run)"
+        # What is on disk, not what the loop last noted: Ctrl-C may land between a checkpoint's rename into place
+        # and the loop's record of it.
+        on_disk = trainer.ckpts.latest() if trainer.ckpts is not None else None
+        where = on_disk or trainer.last_checkpoint or "none yet (the run starts from scratch when re-run)"
         print(f"\ninterrupted at epoch {trainer.state.epoch}, step {trainer.state.step_in_epoch}; last checkpoint: "
               f"{where}. Re-run the same command to resume.", file=sys.stderr, flush=True)
         return 130
