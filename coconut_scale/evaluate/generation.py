@@ -20,6 +20,7 @@ import torch
 from coconut_scale import distributed as dist
 from coconut_scale.data.collate import left_pad_for_generation
 from coconut_scale.data.sampler import local_batch_count, shard_batches
+from coconut_scale.model.coconut import latent_columns
 from coconut_scale.model.tokens import IGNORE_INDEX
 
 
@@ -81,10 +82,12 @@ def generate_and_score(
         if batch_hook is not None:
             batch_hook(batch, is_filler)
         ids, mask, pos = left_pad_for_generation([ex["input_ids"] for ex in batch], tokenizer.pad_token_id)
+        columns = latent_columns(ids, model.latent_token_id)  # from the host copy: no read-back from the device
+        passes = dist.all_reduce_max(model.count_passes(ids, columns))
         ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-        passes = dist.all_reduce_max(model.count_passes(ids))
         out = model.generate(
-            ids, mask, max_new_tokens=max_new_tokens, position_ids=pos, num_passes=passes, sync_finished=dist.all_done
+            ids, mask, max_new_tokens=max_new_tokens, position_ids=pos, num_passes=passes, sync_finished=dist.all_done,
+            latent_columns=columns,
         )
         continuation = [] if is_filler else out[:, ids.shape[1] :].tolist()  # a filler's outputs are discarded
         for ex, gen in zip(batch, continuation):
@@ -145,8 +148,9 @@ def validation_loss(model, examples: Sequence[dict], batch_size: int, collate, d
             batch["labels"].fill_(IGNORE_INDEX)
         passes = num_passes_fn(batch["input_ids"]) if num_passes_fn else None
         n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # on the CPU copy: no device read-back
+        columns = collate.latent_columns(rows)  # the pass plan's input, from the features (as in training)
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch, num_passes=passes)
+        out = model(**batch, num_passes=passes, latent_columns=columns)
         total += float(out.loss) * n
         count += n
     if was_training:

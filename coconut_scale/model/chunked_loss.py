@@ -38,6 +38,12 @@ def _chunk_nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) 
     return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _chunk_weighted_nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                            weights: torch.Tensor) -> torch.Tensor:
+    nll = F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (nll * weights).sum()
+
+
 def _fusable(head: nn.Module) -> bool:
     """A head whose weight can be used directly: a plain Linear, unhooked (LoRA's tied-head hook, ZeRO-3's
     gathering), with a weight ZeRO-3 has not partitioned (such a weight is empty outside its module's forward)."""
@@ -128,3 +134,17 @@ def chunked_shifted_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, he
         # num_chunks times.
         total = total + checkpoint(_chunk_nll_sum, head, h, y, use_reentrant=False)
     return total / count
+
+
+def chunked_weighted_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, head: nn.Module,
+                                   num_chunks: int = DEFAULT_LOSS_CHUNKS) -> torch.Tensor:
+    """sum_i weights[i] * CE(head(hidden[i]), labels[i]) over the i whose label is not -100; `hidden` [N, h],
+    `labels` and `weights` [N] (no shift). The head is always called as a module, in `num_chunks` checkpointed
+    calls (every rank the same number), so one chunk's logits exist at a time and backward recomputes them."""
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, y, w in zip(hidden.tensor_split(num_chunks), labels.tensor_split(num_chunks),
+                       weights.tensor_split(num_chunks)):
+        total = total + checkpoint(_chunk_weighted_nll_sum, head, h, y, w, use_reentrant=False)
+    return total

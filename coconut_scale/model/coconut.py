@@ -37,6 +37,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from coconut_scale.model.activation_checkpointing import decoder_layers
 from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS, chunked_shifted_cross_entropy
@@ -77,8 +78,16 @@ def cache_kwarg(model: nn.Module) -> str:
     return _cache_kwarg_of(type(base))
 
 
+def holds_data(t: torch.Tensor) -> bool:
+    """Whether `t` has values to read: not a meta tensor, not a fake one (shapes only: FakeTensorMode)."""
+    return not (t.is_meta or is_fake(t))
+
+
 def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list[int]:
     """Sorted columns that hold a latent in at least one row (one device sync)."""
+    if not holds_data(input_ids):
+        raise ValueError("input_ids has shapes but no values (a meta or fake tensor): pass latent_columns=, as the "
+                         "collator knows them (LatentAlignedCollator.latent_columns), or compute them on a host copy")
     return torch.nonzero((input_ids == latent_id).any(dim=0)).flatten().tolist()
 
 
@@ -203,8 +212,9 @@ class Coconut(nn.Module):
     def _plan(self, input_ids: torch.Tensor, num_passes: int | None, columns: Sequence[int] | None) -> PassPlan:
         if self.feedback:
             return plan_passes(input_ids, self.latent_token_id, num_passes, columns)
-        # No feedback: latents are plain tokens; still honour num_passes so ranks stay in step.
-        return plan_passes(torch.zeros_like(input_ids[:1]), -1, num_passes)
+        # No feedback: latents are plain tokens (no column is a latent one); still honour num_passes so ranks stay
+        # in step.
+        return plan_passes(input_ids, self.latent_token_id, num_passes, columns=())
 
     def _fill(self, chunk: torch.Tensor, ids_col: torch.Tensor, ordinal_col: torch.Tensor, prev_hidden: torch.Tensor,
               row_keys: list[int] | None = None):
@@ -305,17 +315,20 @@ class Coconut(nn.Module):
         num_passes: int | None = None,
         sync_finished: Callable[[bool], bool] | None = None,
         latent_columns: Sequence[int] | None = None,
+        stop_at_eos: bool = True,
     ) -> torch.Tensor:
         """Greedy decoding for a left-padded batch; returns [input_ids | new tokens], EOS-padded after each row's EOS.
 
         `sync_finished(local_done) -> global_done`: under data parallelism the trainer passes an all-reduce, so
         a rank whose rows are all done keeps stepping (its rows emit EOS) until every rank is done.
+        `stop_at_eos=False` always writes `max_new_tokens` (rows past their EOS keep writing EOS) and never reads a
+        token back on the host: fixed-length benchmarks, and batches of fake tensors (check --measure).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
-        if input_ids.shape[1] and (attention_mask[:, -1] == 0).any():
+        if input_ids.shape[1] and holds_data(attention_mask) and (attention_mask[:, -1] == 0).any():
             raise ValueError("generate() needs left padding: every row's last column must be a real token")
         plan = self._plan(input_ids, num_passes, latent_columns)
         hiddens, _, cache = self._run_passes(input_ids, attention_mask, position_ids, plan)
@@ -330,9 +343,12 @@ class Coconut(nn.Module):
             token = torch.where(finished, torch.full_like(token, self.eos_token_id), token)
             new_tokens.append(token)
             finished |= token == self.eos_token_id
-            local_done = bool(finished.all())
-            done = sync_finished(local_done) if sync_finished is not None else local_done
-            if done or step == max_new_tokens - 1:
+            if stop_at_eos:
+                local_done = bool(finished.all())
+                done = sync_finished(local_done) if sync_finished is not None else local_done
+                if done:
+                    break
+            if step == max_new_tokens - 1:
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             out = self.base_causallm(

@@ -4,8 +4,8 @@ Why not HF's DynamicCache: it appends in place. With checkpointing, each decoder
 backward, and that re-run appends the same keys a second time (wrong attention, silently wrong gradients).
 
 `PassCache` is immutable from the model's point of view: `update()` returns past + new without storing
-anything but a record of `new`. After a pass, the caller builds the next pass's cache with `extended()`,
-from those records. Re-running a layer during backward therefore sees exactly the cache it saw in forward.
+anything but a record of `new` (the first call's: the forward's, never a recompute's). After a pass, the caller
+builds the next pass's cache with `extended()`, from those records. Re-running a layer during backward therefore sees exactly the cache it saw in forward.
 
 The past is kept as a list of chunks (one per pass) rather than concatenated after each pass: the
 concatenation happens inside the layer, where checkpointing frees it, so the persistent memory is a single
@@ -31,8 +31,12 @@ class _PassLayer(DynamicLayer):
             self.dtype, self.device = keys[0].dtype, keys[0].device
 
     def update(self, key_states, value_states, *args, **kwargs):
-        # Recorded, not stored: a recompute during backward overwrites the record with an equal tensor.
-        self.new_keys, self.new_values = key_states, value_states
+        # Recorded, not stored. Only the first call records: that is the forward pass, whose keys the next pass's
+        # cache is built from. A checkpointing recompute during backward calls again with equal tensors; recording
+        # those would keep the recompute's saved tensors (through their autograd graph) alive in every layer until
+        # the whole pass's backward ends, instead of only while that layer's backward runs.
+        if self.new_keys is None:
+            self.new_keys, self.new_values = key_states, value_states
         if not self.key_chunks:
             return key_states, value_states
         keys = torch.cat([*self.key_chunks, key_states], dim=-2)

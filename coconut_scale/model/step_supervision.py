@@ -30,9 +30,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS, chunked_weighted_cross_entropy
 from coconut_scale.model.method_part import MethodPart
 from coconut_scale.model.tokens import IGNORE_INDEX
 
@@ -89,17 +89,25 @@ def decoder_inputs(thoughts: torch.Tensor, embed: nn.Module, targets: torch.Tens
     return DecoderInputs(embeds, attention, positions, p + c - 1, labels)
 
 
-def step_loss_from_hidden(hidden: torch.Tensor, head: nn.Module, inputs: DecoderInputs, step_index: torch.Tensor
-                          ) -> torch.Tensor:
-    """SIM-CoT's reduction (module doc) of the CE of `head(hidden)` on the pairs' labels."""
-    lt = inputs.labels.shape[1]
+def step_loss_from_hidden(hidden: torch.Tensor, head: nn.Module, inputs: DecoderInputs, step_index: torch.Tensor,
+                          num_chunks: int = DEFAULT_LOSS_CHUNKS) -> torch.Tensor:
+    """SIM-CoT's reduction (module doc) of the CE of `head(hidden)` on the pairs' labels.
+
+    Every shape here is known from the input shapes alone: the count of pairs per step is an index_add over N slots
+    (step k < K <= N) and the labelled tokens are weighted, not selected, so nothing needs a host sync and the step
+    runs on fake or meta tensors and under torch.compile. The head's logits exist one token chunk at a time
+    (chunked_loss.py), as for the Coconut loss.
+    """
+    labels = inputs.labels
+    n, lt = labels.shape
     predicting = hidden[:, inputs.first:inputs.first + lt]  # position j predicts target token j
-    keep = inputs.labels != IGNORE_INDEX
-    token_loss = F.cross_entropy(head(predicting[keep]).float(), inputs.labels[keep], reduction="none")
-    pair_of_token = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
-    pair_loss = torch.zeros(keep.shape[0], device=hidden.device).index_add(0, pair_of_token, token_loss)
-    rows_per_step = torch.bincount(step_index)
-    return (pair_loss / rows_per_step[step_index]).sum() / rows_per_step.numel()
+    ones = torch.ones(n, dtype=torch.float32, device=hidden.device)
+    pairs_per_step = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, step_index, ones)
+    steps = (pairs_per_step > 0).sum()
+    pair_weight = 1.0 / (pairs_per_step[step_index] * steps)  # 1 / (rows that have the pair's step * K)
+    token_weight = pair_weight[:, None].expand(n, lt)
+    return chunked_weighted_cross_entropy(predicting.reshape(n * lt, -1), labels.reshape(-1),
+                                          token_weight.reshape(-1), head, num_chunks)
 
 
 class StepSupervision(MethodPart):

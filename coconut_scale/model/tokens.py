@@ -90,7 +90,9 @@ def resize_and_init_embeddings(
     in_emb = model.get_input_embeddings().weight
     out_layer = model.get_output_embeddings()
     targets = [in_emb]
-    if out_layer is not None and out_layer.weight is not in_emb and out_layer.weight.data_ptr() != in_emb.data_ptr():
+    # Tied means the same Parameter object (how transformers ties). Storage addresses cannot tell: a ZeRO-3
+    # placeholder, a meta or a fake tensor has none (0 for all of them, so an untied head would look tied).
+    if out_layer is not None and out_layer.weight is not in_emb:
         targets.append(out_layer.weight)
     with gather(targets), torch.no_grad():
         for weight in targets:

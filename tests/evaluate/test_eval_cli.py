@@ -157,3 +157,28 @@ def test_validation_loss_shards_and_fillers_count_zero_tokens(tiny, monkeypatch)
                            num_passes_fn=lambda ids: calls.append(ids[0].tolist()) or None)
     assert len(calls) == 4 and calls[-1] == collate([examples[0]])["input_ids"][0].tolist()
     assert loss == pytest.approx(_token_weighted_loss(coconut, [examples[i] for i in (1, 3, 5)], collate), rel=1e-5)
+
+
+@torch.no_grad()
+def test_evaluation_plans_its_passes_from_the_host_copy(tiny, monkeypatch):
+    """Generation and the validation loss hand the model its latent columns (from the CPU batch or the features),
+    so the model never reads them back from the device: the model's own reader is made to fail here."""
+    import coconut_scale.model.coconut as coconut_module
+    from coconut_scale.evaluate.generation import generate_and_score
+
+    coconut = build_coconut(tiny.base, tiny.tokenizer).eval()
+    tokens = LatentTokens.from_tokenizer(tiny.tokenizer)
+    collate = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)
+    tokenized = tokenize_records(tiny.records, tiny.tokenizer)[:4]
+    examples = build_stage_dataset(tokenized, STAGE, curriculum(), tokens)
+    prompts = build_eval_examples(tokenized, STAGE, curriculum(), tokens)
+    assert any(ex["n_latents"] for ex in prompts)
+    want_loss = validation_loss(coconut, examples, 2, collate, "cpu")
+    want = generate_and_score(coconut, prompts, tiny.tokenizer, 2, 6, "cpu")["rows"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model read the latent columns back from the batch")
+
+    monkeypatch.setattr(coconut_module, "latent_columns", refuse)
+    assert validation_loss(coconut, examples, 2, collate, "cpu") == pytest.approx(want_loss)
+    assert generate_and_score(coconut, prompts, tiny.tokenizer, 2, 6, "cpu")["rows"] == want
