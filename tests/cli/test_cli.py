@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from child_process import subprocess_env
 from coconut_scale.cli.main import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def coconut_scale(*args, cwd=REPO, **env):
     """`python -m coconut_scale ARGS` in a fresh process (what the console script runs)."""
-    full_env = {k: v for k, v in os.environ.items() if k != "COCONUT_DEBUG"}
-    full_env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1", **env)
+    full_env = {k: v for k, v in subprocess_env().items() if k != "COCONUT_DEBUG"}
+    full_env.update(env)
     return subprocess.run([sys.executable, "-m", "coconut_scale", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=180)
 
