@@ -132,18 +132,12 @@ class ResidentParams:
         self.peak = max(self.peak, now)
 
 
-def batch_with_latents(tokens, n_latents: int, rank: int, vocab: int, micro: int = 2, q_len: int = 40):
-    from coconut_scale.data.collate import LatentAlignedCollator
+def batch_with_latents(tokens, n_latents: int, rank: int, vocab: int, micro: int = 2, q_len: int = 40) -> dict:
+    """This rank's rows: a 40-token question, `n_latents` latents (none: no <start>/<end>), 12 answer tokens + EOS."""
+    from coconut_scale.testing import latent_batch
 
-    g = torch.Generator().manual_seed(1000 + rank)
-    rows = []
-    for _ in range(micro):
-        q = torch.randint(10, vocab, (q_len,), generator=g).tolist()
-        a = torch.randint(10, vocab, (12,), generator=g).tolist() + [tokens.eos_id]
-        thought = [tokens.start_id] + [tokens.latent_id] * n_latents + [tokens.end_id] if n_latents else []
-        seq = q + thought + a
-        rows.append({"input_ids": seq, "labels": [-100] * (len(seq) - len(a)) + a})
-    return LatentAlignedCollator(tokens.pad_id, tokens.latent_id)(rows)
+    return latent_batch(tokens, [n_latents] * micro, [q_len] * micro, answer_len=12, seed=1000 + rank,
+                        vocab=range(10, vocab)).as_dict()
 
 
 def build(variant: str, recipe, tokenizer, steps_total: int):

@@ -44,10 +44,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from coconut_scale.model.activation_checkpointing import disable_latent_safe_checkpointing, enable_latent_safe_checkpointing  # noqa: E402
-from coconut_scale.data.collate import LatentAlignedCollator, left_pad_for_generation  # noqa: E402
+from coconut_scale.data.collate import left_pad_for_generation  # noqa: E402
 from coconut_scale.model.coconut import Coconut  # noqa: E402
 from coconut_scale.model.reference import reference_forward, reference_generate  # noqa: E402
 from coconut_scale.model.tokens import LatentTokens  # noqa: E402
+from coconut_scale.testing import latent_batch, latent_rows, spread_lengths  # noqa: E402
 
 TRAIN_VARIANTS = ("train_fast", "train_fast_ckpt", "train_ref")
 GEN_VARIANTS = ("gen_fast", "gen_ref")
@@ -114,38 +115,21 @@ def build_model(args):
     return model, tokens
 
 
-def _question_lengths(n, longest):
-    """Unequal lengths from ~75% of `longest` up to `longest`, so padding is exercised."""
-    lo = max(1, (3 * longest) // 4)
-    return [lo + (longest - lo) * i // max(1, n - 1) for i in range(n)]
-
-
 def train_batch(args, tokens):
     """Collated layout: rows left-aligned on their first latent (left padding), right-padded at the end."""
-    g = torch.Generator().manual_seed(args.seed + 1)
-    normal_vocab = args.vocab - 4
     longest_q = args.seq_len - (args.latents + 2) - args.answer_len
     if longest_q < 1:
         raise SystemExit("--seq-len too short for --latents and --answer-len")
-    rows, label_rows = [], []
-    for q_len in _question_lengths(args.batch, longest_q):
-        q = torch.randint(0, normal_vocab, (q_len,), generator=g).tolist()
-        a = torch.randint(0, normal_vocab, (args.answer_len - 1,), generator=g).tolist() + [tokens.eos_id]
-        rows.append(q + [tokens.start_id] + [tokens.latent_id] * args.latents + [tokens.end_id] + a)
-        label_rows.append([-100] * (q_len + args.latents + 2) + a)
-    batch = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)(
-        [{"input_ids": r, "labels": lab} for r, lab in zip(rows, label_rows)]
-    )
-    return batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"]
+    lengths = spread_lengths(args.batch, longest_q)
+    return latent_batch(tokens, [args.latents] * args.batch, lengths, answer_len=args.answer_len - 1,
+                        seed=args.seed + 1, vocab=range(args.vocab - 4))
 
 
 def gen_prompts(args, tokens):
     """Returns (unpadded rows for the reference, left-padded ids + mask for the fast path)."""
-    g = torch.Generator().manual_seed(args.seed + 2)
-    rows = []
-    for q_len in _question_lengths(args.gen_batch, args.gen_question_len):
-        q = torch.randint(0, args.vocab - 4, (q_len,), generator=g).tolist()
-        rows.append(q + [tokens.start_id] + [tokens.latent_id] * args.latents + [tokens.end_id])
+    lengths = spread_lengths(args.gen_batch, args.gen_question_len)
+    rows = [r["input_ids"] for r in latent_rows(tokens, [args.latents] * args.gen_batch, lengths, answer_len=None,
+                                                 seed=args.seed + 2, vocab=range(args.vocab - 4))]
     ids, mask, _ = left_pad_for_generation(rows, tokens.pad_id)
     return [torch.tensor([r]) for r in rows], ids, mask
 

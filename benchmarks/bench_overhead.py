@@ -52,10 +52,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from coconut_scale.atomic_files import write_json_atomic  # noqa: E402
-from coconut_scale.data.collate import LatentAlignedCollator, left_pad_for_generation  # noqa: E402
+from coconut_scale.data.collate import left_pad_for_generation  # noqa: E402
 from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing  # noqa: E402
 from coconut_scale.model.coconut import Coconut  # noqa: E402
 from coconut_scale.model.tokens import LatentTokens  # noqa: E402
+from coconut_scale.testing import latent_batch, latent_rows, spread_lengths  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_overhead.json"
 NO_EOS = -1  # never an argmax: both sides generate exactly new_tokens tokens
@@ -113,33 +114,18 @@ def build_model(shape: Shape, seed: int = 0):
     return model, tokens
 
 
-def _lengths(n: int, longest: int) -> list[int]:
-    """Unequal lengths from ~75% of `longest` up to `longest`, so padding is exercised."""
-    lo = max(1, (3 * longest) // 4)
-    return [lo + (longest - lo) * i // max(1, n - 1) for i in range(n)]
-
-
 def train_batch(shape: Shape, tokens: LatentTokens, seed: int = 1) -> dict[str, torch.Tensor]:
     """question | <start> | latents | <end> | answer + EOS, collated as training collates (latents aligned)."""
-    g = torch.Generator().manual_seed(seed)
     longest_q = shape.seq_len - (shape.latents + 2) - shape.answer_len
-    rows = []
-    for q_len in _lengths(shape.batch, longest_q):
-        q = torch.randint(0, shape.vocab - 4, (q_len,), generator=g).tolist()
-        a = torch.randint(0, shape.vocab - 4, (shape.answer_len - 1,), generator=g).tolist() + [tokens.eos_id]
-        ids = q + [tokens.start_id] + [tokens.latent_id] * shape.latents + [tokens.end_id] + a
-        rows.append({"input_ids": ids, "labels": [-100] * (len(ids) - len(a)) + a})
-    return LatentAlignedCollator(tokens.pad_id, tokens.latent_id)(rows)
+    return latent_batch(tokens, [shape.latents] * shape.batch, spread_lengths(shape.batch, longest_q),
+                        answer_len=shape.answer_len - 1, seed=seed, vocab=range(shape.vocab - 4)).as_dict()
 
 
 def gen_prompts(shape: Shape, tokens: LatentTokens, gen: dict, seed: int = 2):
     """Left-padded prompts: question | <start> | latents | <end>."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for q_len in _lengths(gen["batch"], gen["question_len"]):
-        q = torch.randint(0, shape.vocab - 4, (q_len,), generator=g).tolist()
-        rows.append(q + [tokens.start_id] + [tokens.latent_id] * shape.latents + [tokens.end_id])
-    ids, mask, _ = left_pad_for_generation(rows, tokens.pad_id)
+    rows = latent_rows(tokens, [shape.latents] * gen["batch"], spread_lengths(gen["batch"], gen["question_len"]),
+                       answer_len=None, seed=seed, vocab=range(shape.vocab - 4))
+    ids, mask, _ = left_pad_for_generation([r["input_ids"] for r in rows], tokens.pad_id)
     return ids, mask
 
 

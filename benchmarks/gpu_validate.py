@@ -24,6 +24,10 @@ On CUDA each stage runs in its own process (an OOM, a hang or a crash costs that
 is enforced by killing it); in the smoke run on the CPU they run in this process, except `environment`, which
 keeps the subprocess path exercised.
 
+A stage is one function decorated `@stage(limit_s=...)`: it takes a StageContext and returns its figures (a
+JSON-able dict) with a one-line "headline" for the summary table and, optionally, a "markdown" section for
+results.md; the registry `STAGES` keeps the stages in the order they are defined, which is the order they run.
+
 MFU counts the FLOPs the step must do: the forward of every pass (the passes together cover the sequence
 once), input gradients through every layer, weight gradients of trainable weights only (LoRA: the adapters),
 attention's backward at twice its forward; the checkpointing recompute is not counted. The peak is the bf16
@@ -43,7 +47,9 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -52,14 +58,48 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STAGES = ("environment", "gpu_tests", "llama8b_lora", "gpt2_fast_vs_reference", "memory_estimate", "profile")
-# Seconds each stage may take on one H200 (child killed beyond it); the sum stays under --budget-s so a whole
-# run plus the machine's start fits twice in 15 minutes only when stages are rerun selectively (--stages).
-STAGE_LIMIT_S = {"environment": 40, "gpu_tests": 120, "llama8b_lora": 150, "gpt2_fast_vs_reference": 60,
-                 "memory_estimate": 150, "profile": 80}
+from step_timing import Clock, _torch, matmul_tflops, on_cuda, step_flops, timed_steps  # noqa: E402 (this folder)
+
 TARGETS = {"micro_batch": 8, "mfu": 0.45, "estimate_error": 0.15, "latent_share": 0.25}
 GPU_CAP_GIB = 80.0
 LOG_NAME, JSON_NAME, MD_NAME = "gpu_validate.log", "results.json", "results.md"
+
+
+# --- the stage registry -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage is given: the run's kind and shapes, the figures of the stages before it, its deadline."""
+
+    smoke: bool
+    w: dict  # workloads(smoke)
+    previous: dict  # stage name -> that stage's result, for the stages already run (or kept from results.json)
+    deadline: float  # time.time() by which the stage must be done (an isolated child is killed then)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: `run(ctx)` returns its figures with "headline" (and "markdown", if any); "status" defaults to
+    "ok". `limit_s`: the seconds it may take on one H200, its child process killed beyond them. The limits sum
+    to more than the default --budget-s: the budget, not the limits, bounds a whole run."""
+
+    name: str
+    limit_s: float
+    run: Callable[[StageContext], dict]
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(limit_s: float):
+    """Register the decorated `stage_<name>` function as stage `<name>`, run after the stages defined before it."""
+
+    def register(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
+        name = fn.__name__.removeprefix("stage_")
+        STAGES[name] = Stage(name, limit_s, fn)
+        return fn
+
+    return register
 
 
 # --- shapes of the workloads ---------------------------------------------------------------------------------
@@ -82,57 +122,7 @@ def workloads(smoke: bool) -> dict:
                 qwen_micro=2)
 
 
-# --- device helpers ----------------------------------------------------------------------------------------------
-
-def _torch():
-    import torch
-
-    return torch
-
-
-def on_cuda() -> bool:
-    return _torch().cuda.is_available()
-
-
-class Clock:
-    """Timestamps in stream order: CUDA events on a GPU, the host clock on the CPU (where work is synchronous)."""
-
-    def __init__(self):
-        self.cuda = on_cuda()
-
-    def now(self):
-        torch = _torch()
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def ms(self, start, end) -> float:
-        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
-
-    def sync(self):
-        if self.cuda:
-            _torch().cuda.synchronize()
-
-
-def matmul_tflops(n: int, iters: int = 10) -> float:
-    """bf16 n x n x n matrix products on random data (zeros run faster, ../.library/device/METHOD.md)."""
-    torch = _torch()
-    device = "cuda" if on_cuda() else "cpu"
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    clock = Clock()
-    for _ in range(3):
-        a @ b
-    clock.sync()
-    start = clock.now()
-    for _ in range(iters):
-        a @ b
-    end = clock.now()
-    clock.sync()
-    return 2 * n**3 * iters / (clock.ms(start, end) / 1e3) / 1e12
-
+# --- small helpers ----------------------------------------------------------------------------------------------
 
 def _version(dist: str) -> str | None:
     try:
@@ -155,50 +145,22 @@ def _gib(n_bytes: float) -> float:
 def gsm_like_batch(tokens, batch: int, seq: int, latents: int = 6, seed: int = 0) -> dict:
     """Stage-3 rows: question | <start> | 6 latents | <end> | remaining steps and answer (labelled), `seq` wide.
 
-    Question lengths vary by up to 7 tokens; each row is as long as the aligned layout allows, so the batch is
-    exactly `seq` columns after LatentAlignedCollator left-pads the rows to align their first latent.
+    Question lengths vary by up to 7 tokens; every row's answer is as long as the aligned layout allows, so the
+    batch is exactly `seq` columns after the collator left-pads the rows to align their first latent.
     """
-    torch = _torch()
-    from coconut_scale.data.collate import LatentAlignedCollator
+    from coconut_scale.testing import latent_batch
 
-    g = torch.Generator().manual_seed(seed)
     base_q = max(2, seq // 4)
-    features = []
-    for r in range(batch):
-        q = base_q - r % min(8, base_q - 1)
-        length = seq - (base_q - q)
-        tail = length - q - latents - 2
-        if tail < 2:
-            raise ValueError(f"seq {seq} too short for a question, {latents} latents and an answer")
-        ids = torch.randint(0, tokens.start_id, (length,), generator=g).tolist()
-        ids[q:q + latents + 2] = [tokens.start_id, *[tokens.latent_id] * latents, tokens.end_id]
-        ids[-1] = tokens.eos_id
-        labels = [-100] * (q + latents + 2) + ids[q + latents + 2:]
-        features.append({"input_ids": ids, "labels": labels})
-    return LatentAlignedCollator(tokens.pad_id, tokens.latent_id)(features)
+    answer_len = seq - base_q - latents - 3  # the columns after <end>, less the EOS
+    if answer_len < 1:
+        raise ValueError(f"seq {seq} too short for a question, {latents} latents and an answer")
+    questions = [base_q - r % min(8, base_q - 1) for r in range(batch)]
+    return latent_batch(tokens, [latents] * batch, questions, answer_len=answer_len, seed=seed,
+                        vocab=range(tokens.start_id)).as_dict()
 
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-# --- FLOPs -------------------------------------------------------------------------------------------------------
-
-def step_flops(shape: dict, batch: int, seq: int, lora_rank: int | None, lora_targets: list[str] | None) -> float:
-    """FLOPs one training step must do (see the module docstring): recompute not counted."""
-    from coconut_scale.model.shapes import dims, linear_shapes
-
-    d = dims(shape)
-    tokens = batch * seq
-    linear = sum(i * o for mods in linear_shapes(shape).values() for i, o in mods) * d.layers
-    head = d.vocab * d.hidden
-    fwd_matmul = 2 * tokens * (linear + head)
-    fwd_attention = 2 * 2 * tokens * d.layers * d.q_dim * (seq + 1) / 2  # QK^T and PV over a causal prefix
-    if lora_rank is None:  # full fine-tune: input and weight gradients of every matmul
-        return 3 * fwd_matmul + 3 * fwd_attention
-    layout = linear_shapes(shape)
-    adapters = sum(lora_rank * (i + o) for t in lora_targets for i, o in layout[t]) * d.layers
-    return 2 * fwd_matmul + 3 * fwd_attention + 3 * 2 * tokens * adapters
 
 
 # --- engines -----------------------------------------------------------------------------------------------------
@@ -228,7 +190,8 @@ def _ds_json(smoke: bool) -> str:
 
 
 def _smoke_overrides(smoke: bool) -> list[str]:
-    # Tiny shapes partition nothing unless the persistence threshold is 0 (../shared/FACTS.md).
+    # Partition every parameter, as recipes/tiny_cpu.yaml does: ZeRO-3 keeps those under
+    # stage3_param_persistence_threshold (10 x hidden, config/ds_config.py) whole on every rank.
     return ["model.dtype=fp32", "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}",
             "lora.rank=4"] if smoke else []
 
@@ -261,123 +224,10 @@ def release(bundle) -> None:
         _torch().cuda.empty_cache()
 
 
-class _BackwardMark:
-    """Identity in forward; calls `callback` when the gradient reaches it (the end of one pass's backward)."""
-
-    @staticmethod
-    def make():
-        torch = _torch()
-
-        class Mark(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x, anchor, callback):
-                ctx.callback = callback
-                return x.view_as(x)
-
-            @staticmethod
-            def backward(ctx, grad):
-                ctx.callback()
-                return grad, None, None
-
-        return Mark
-
-
-class PassTimer:
-    """Per-pass forward and backward times of a Coconut step, from timestamps in stream order.
-
-    Forward: a pre-hook and a hook on the decoder body bracket each pass. Backward: an identity marker on each
-    pass's input embeddings fires when that pass's gradient is complete; the interval since the previous marker
-    (or since backward began) is that pass's backward. Optional profiler labels name each pass.
-    """
-
-    def __init__(self, base, clock: Clock, label_passes: bool = False):
-        torch = _torch()
-        self.clock, self.label = clock, label_passes
-        self.mark = _BackwardMark.make()
-        self.anchor = torch.zeros((), requires_grad=True)
-        self.fwd, self.bwd_marks, self._labels = [], {}, []
-        self.handles = [base.register_forward_pre_hook(self._pre, with_kwargs=True),
-                        base.register_forward_hook(self._post)]
-
-    def _pre(self, module, args, kwargs):
-        i = len(self.fwd)
-        if self.label:
-            rf = _torch().autograd.profiler.record_function(f"coconut_pass_{i}")
-            rf.__enter__()
-            self._labels.append(rf)
-        self.fwd.append([self.clock.now(), None])
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is not None and _torch().is_grad_enabled():
-            kwargs["inputs_embeds"] = self.mark.apply(embeds, self.anchor,
-                                                      lambda i=i: self.bwd_marks.__setitem__(i, self.clock.now()))
-        return args, kwargs
-
-    def _post(self, module, args, output):
-        self.fwd[-1][1] = self.clock.now()
-        if self._labels:
-            self._labels.pop().__exit__(None, None, None)
-
-    def reset(self):
-        self.fwd, self.bwd_marks = [], {}
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-    def per_pass_ms(self, bwd_start, bwd_end) -> tuple[list[float], list[float]]:
-        fwd = [self.clock.ms(a, b) for a, b in self.fwd]
-        stamps = sorted(self.bwd_marks.items(), key=lambda kv: self.clock.ms(bwd_start, kv[1]))
-        bwd, prev = [0.0] * len(fwd), bwd_start
-        for i, stamp in stamps:
-            bwd[i] = self.clock.ms(prev, stamp)
-            prev = stamp
-        return fwd, bwd
-
-
-def timed_steps(bundle, batch: dict, latent_id: int, steps: int, label_passes: bool = False) -> dict:
-    """Run `steps` engine steps (forward, backward, step) and time each pass; returns medians and per-pass ms."""
-    import statistics
-
-    from coconut_scale.model.coconut import plan_passes
-
-    engine, clock = bundle.engine, Clock()
-    plan = plan_passes(batch["input_ids"], latent_id)
-    latent = [i for i, ((a, b), fill) in enumerate(zip(plan.ranges, plan.fills)) if fill and b - a == 1]
-    # The decoder body: training passes call it directly (the loss is chunked over the final hidden states),
-    # and a logits-returning pass calls it through the LM, so every pass is bracketed once either way.
-    timer = PassTimer(bundle.model.base_causallm.get_decoder(), clock, label_passes)
-    rows = []
-    try:
-        for _ in range(steps):
-            timer.reset()
-            start = clock.now()
-            loss = engine(**batch, num_passes=len(plan.ranges)).loss
-            bwd_start = clock.now()
-            engine.backward(loss)
-            bwd_end = clock.now()
-            engine.step()
-            end = clock.now()
-            clock.sync()
-            fwd, bwd = timer.per_pass_ms(bwd_start, bwd_end)
-            print(f"  step {len(rows)}: {clock.ms(start, end):.0f} ms (micro {batch['input_ids'].shape[0]})", flush=True)
-            rows.append(dict(step_ms=clock.ms(start, end), forward_ms=clock.ms(start, bwd_start),
-                             backward_ms=clock.ms(bwd_start, bwd_end), optimizer_ms=clock.ms(bwd_end, end),
-                             pass_forward_ms=fwd, pass_backward_ms=bwd, loss=float(loss)))
-    finally:
-        timer.remove()
-    median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
-    last = rows[-1]
-    latent_ms = sum(last["pass_forward_ms"][i] + last["pass_backward_ms"][i] for i in latent)
-    return dict(step_ms=median("step_ms"), forward_ms=median("forward_ms"), backward_ms=median("backward_ms"),
-                optimizer_ms=median("optimizer_ms"), passes=len(plan.ranges), latent_passes=latent,
-                pass_ranges=[list(r) for r in plan.ranges], pass_forward_ms=last["pass_forward_ms"],
-                pass_backward_ms=last["pass_backward_ms"], latent_share=latent_ms / last["step_ms"],
-                losses=[r["loss"] for r in rows])
-
-
 # --- stages ------------------------------------------------------------------------------------------------------
 
-def stage_environment(ctx) -> dict:
+@stage(limit_s=40)
+def stage_environment(ctx: StageContext) -> dict:
     torch = _torch()
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
            **{name: _version(name) for name in ("transformers", "deepspeed", "peft", "pydantic", "liger-kernel",
@@ -388,28 +238,33 @@ def stage_environment(ctx) -> dict:
                    multiprocessors=props.multi_processor_count)
     else:
         out["gpu"] = None
-    out["matmul_n"] = ctx["w"]["matmul_n"]
-    out["bf16_matmul_tflops"] = matmul_tflops(ctx["w"]["matmul_n"])
+    out["matmul_n"] = ctx.w["matmul_n"]
+    out["bf16_matmul_tflops"] = matmul_tflops(ctx.w["matmul_n"])
+    out["headline"] = (f"{out.get('gpu') or 'CPU'}; torch {out['torch']} (CUDA {out['cuda']}), transformers "
+                       f"{out['transformers']}, deepspeed {out['deepspeed']}; bf16 matmul "
+                       f"{out['bf16_matmul_tflops']:.1f} TFLOP/s")
     return out
 
 
-def stage_gpu_tests(ctx) -> dict:
+@stage(limit_s=120)
+def stage_gpu_tests(ctx: StageContext) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(REPO / "tests" / "gpu")]
-    if ctx["smoke"]:
+    if ctx.smoke:
         cmd.append("--collect-only")
-    limit = max(10, ctx["deadline"] - time.time() - 5)
+    limit = max(10, ctx.deadline - time.time() - 5)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
     print(proc.stdout[-6000:], proc.stderr[-3000:], flush=True)
     summary = next((line for line in reversed(proc.stdout.strip().splitlines()) if line.strip()), "")
     ok = proc.returncode == 0
     failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return {"returncode": proc.returncode, "summary": summary, "failed": failed, "collect_only": ctx["smoke"],
-            "status": "ok" if ok else "failed"}
+    return {"returncode": proc.returncode, "summary": summary, "failed": failed, "collect_only": ctx.smoke,
+            "status": "ok" if ok else "failed", "headline": summary}
 
 
-def stage_llama8b_lora(ctx) -> dict:
+@stage(limit_s=150)
+def stage_llama8b_lora(ctx: StageContext) -> dict:
     torch = _torch()
-    w, smoke = ctx["w"], ctx["smoke"]
+    w, smoke = ctx.w, ctx.smoke
     cuda = on_cuda()
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -423,10 +278,10 @@ def stage_llama8b_lora(ctx) -> dict:
     if cuda:
         free, total = torch.cuda.mem_get_info()
         context_bytes = max(0, total - free - torch.cuda.memory_reserved())  # CUDA context, NCCL, cuBLAS
-    peak_tflops = ctx["previous"].get("environment", {}).get("bf16_matmul_tflops") or matmul_tflops(w["matmul_n"])
+    peak_tflops = ctx.previous.get("environment", {}).get("bf16_matmul_tflops") or matmul_tflops(w["matmul_n"])
     device = bundle.engine.device
     for micro in w["micro_sweep"]:
-        if time.time() > ctx["deadline"] - 20:
+        if time.time() > ctx.deadline - 20:
             out["sweep_stopped"] = f"time budget reached before micro batch {micro}"
             break
         entry = {"micro_batch": micro}
@@ -455,10 +310,25 @@ def stage_llama8b_lora(ctx) -> dict:
                    latent_share=best["latent_share"], peak_gib=best.get("measured_gib"))
     out["context_gib"] = _gib(context_bytes)
     release(bundle)
+    out["headline"] = (f"largest micro batch {out.get('best_micro_batch')}: {_fmt(out.get('tokens_per_s'), '{:.0f}')} "
+                       f"tokens/s, MFU {_fmt(out.get('mfu'), '{:.1%}')}, latent passes "
+                       f"{_fmt(out.get('latent_share'), '{:.1%}')} of the step, peak {_fmt(out.get('peak_gib'), '{:.1f}')} GiB")
+    out["markdown"] = sweep_table(out["sweep"]) if out["sweep"] else None
     return out
 
 
-def stage_gpt2_fast_vs_reference(ctx) -> dict:
+def sweep_table(sweep: list[dict]) -> str:
+    lines = ["Micro-batch sweep (llama8b_lora):", "",
+             "| micro | tokens/s | step ms | MFU | latent share | peak GiB | note |", "|---|---|---|---|---|---|---|"]
+    for e in sweep:
+        lines.append(f"| {e['micro_batch']} | {_fmt(e.get('tokens_per_s'), '{:.0f}')} | {_fmt(e.get('step_ms'), '{:.0f}')} "
+                     f"| {_fmt(e.get('mfu'), '{:.1%}')} | {_fmt(e.get('latent_share'), '{:.1%}')} "
+                     f"| {_fmt(e.get('measured_gib'), '{:.1f}')} | {_last_line(e.get('error'))} |")
+    return "\n".join(lines)
+
+
+@stage(limit_s=60)
+def stage_gpt2_fast_vs_reference(ctx: StageContext) -> dict:
     """Plain PyTorch (the comparison is of the two implementations, not of DeepSpeed): bf16 on CUDA, fused AdamW."""
     torch = _torch()
     from transformers import AutoModelForCausalLM
@@ -469,7 +339,7 @@ def stage_gpt2_fast_vs_reference(ctx) -> dict:
     from coconut_scale.model.tokens import LatentTokens
     from coconut_scale.testing import tiny_tokenizer
 
-    w, cuda = ctx["w"], on_cuda()
+    w, cuda = ctx.w, on_cuda()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     tokens = LatentTokens.from_tokenizer(tiny_tokenizer())
     torch.manual_seed(0)
@@ -506,7 +376,9 @@ def stage_gpt2_fast_vs_reference(ctx) -> dict:
     model.eos_token_id = -1  # never stop early: both sides generate exactly gen_new tokens per row
     prompts = gsm_like_batch(tokens, w["gen_batch"], max(24, w["seq"] // 4))["input_ids"]
     end_col = int((prompts[0] == tokens.end_id).nonzero()[0])
-    prompts = prompts[:, : end_col + 1].to(device)  # question | <start> | latents | <end>, aligned: no padding
+    # question | <start> | latents | <end>, the <end> in one column; the shorter questions' left padding is
+    # generated over without a mask (a throughput figure: both sides see the same prompts)
+    prompts = prompts[:, : end_col + 1].to(device)
     new = w["gen_new"]
     model.generate(prompts[:2], max_new_tokens=2)
     clock.sync()
@@ -524,6 +396,9 @@ def stage_gpt2_fast_vs_reference(ctx) -> dict:
     out["generate_reference_tokens_per_s"] = rows.shape[0] * new / (clock.ms(start, end) / 1e3)
     out["generate_speedup"] = out["generate_batched_tokens_per_s"] / out["generate_reference_tokens_per_s"]
     out.update(gen_batch=w["gen_batch"], gen_reference_rows=w["gen_ref_rows"], gen_new_tokens=new)
+    out["headline"] = (f"train {out['train_fast_tokens_per_s']:.0f} vs {out['train_reference_tokens_per_s']:.0f} "
+                       f"tokens/s ({out['train_speedup']:.2f}x); generate {out['generate_batched_tokens_per_s']:.0f} vs "
+                       f"{out['generate_reference_tokens_per_s']:.0f} tokens/s ({out['generate_speedup']:.1f}x)")
     return out
 
 
@@ -543,12 +418,13 @@ def _compare(estimate_gib: float, measured_gib: float | None) -> dict:
             "within": abs(error) <= TARGETS["estimate_error"]}
 
 
-def stage_memory_estimate(ctx) -> dict:
+@stage(limit_s=150)
+def stage_memory_estimate(ctx: StageContext) -> dict:
     torch = _torch()
-    w, smoke, cuda = ctx["w"], ctx["smoke"], on_cuda()
+    w, smoke, cuda = ctx.w, ctx.smoke, on_cuda()
     estimate = _estimator()
     out = {}
-    llama = ctx["previous"].get("llama8b_lora", {})
+    llama = ctx.previous.get("llama8b_lora", {})
     micro = llama.get("best_micro_batch")
     if micro:
         recipe = _llama_lora_recipe(w, micro, smoke)
@@ -575,6 +451,10 @@ def stage_memory_estimate(ctx) -> dict:
     out["qwen3_4b_full"] = {"micro_batch": qwen_micro, "build_s": time.time() - t0, "step_ms": t["step_ms"],
                             **_compare(est, measured)}
     release(bundle)
+    out["headline"] = "; ".join(
+        f"{key}: estimate {_fmt(out[key].get('estimate_gib'), '{:.1f}')} vs measured "
+        f"{_fmt(out[key].get('measured_gib'), '{:.1f}')} GiB ({_fmt(out[key].get('error'), '{:+.0%}')})"
+        for key in ("llama8b_lora", "qwen3_4b_full"))
     return out
 
 
@@ -595,15 +475,16 @@ def missed_targets(previous: dict) -> list[str]:
     return misses
 
 
-def stage_profile(ctx) -> dict:
+@stage(limit_s=80)
+def stage_profile(ctx: StageContext) -> dict:
     torch = _torch()
     from torch.profiler import ProfilerActivity, profile
 
-    w, smoke, cuda = ctx["w"], ctx["smoke"], on_cuda()
-    misses = missed_targets(ctx["previous"])
+    w, smoke, cuda = ctx.w, ctx.smoke, on_cuda()
+    misses = missed_targets(ctx.previous)
     if not misses and not smoke:
-        return {"status": "skipped", "reason": "every target met"}
-    micro = ctx["previous"].get("llama8b_lora", {}).get("best_micro_batch") or w["micro_sweep"][0]
+        return {"status": "skipped", "reason": "every target met", "headline": "every target met"}
+    micro = ctx.previous.get("llama8b_lora", {}).get("best_micro_batch") or w["micro_sweep"][0]
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_CAP_GIB * 2**30 / total))
@@ -620,13 +501,12 @@ def stage_profile(ctx) -> dict:
     passes = [f"| {i} | {a}-{b} | {'latent' if i in t['latent_passes'] else 'full'} | {f:.2f} | {bw:.2f} |"
               for i, ((a, b), f, bw) in enumerate(zip(t["pass_ranges"], t["pass_forward_ms"], t["pass_backward_ms"]))]
     release(bundle)
+    pass_table = "\n".join(["| pass | columns | kind | forward ms | backward ms |", "|---|---|---|---|---|", *passes])
     return {"misses": misses, "micro_batch": micro, "step_ms": t["step_ms"], "latent_share": t["latent_share"],
-            "kernel_table": kernels,
-            "pass_table": "\n".join(["| pass | columns | kind | forward ms | backward ms |", "|---|---|---|---|---|",
-                                     *passes])}
-
-
-STAGE_FUNCS = {name: globals()[f"stage_{name}"] for name in STAGES}
+            "kernel_table": kernels, "pass_table": pass_table,
+            "headline": "misses: " + "; ".join(misses) if misses else "",
+            "markdown": "\n".join(["Profile of one 8B step (top kernels):", "", "```", kernels.rstrip(), "```", "",
+                                   pass_table])}
 
 
 # --- running stages ----------------------------------------------------------------------------------------------
@@ -634,12 +514,13 @@ STAGE_FUNCS = {name: globals()[f"stage_{name}"] for name in STAGES}
 def run_stage_here(name: str, smoke: bool, previous: dict, deadline: float) -> dict:
     """One stage in this process: its figures, or status "error" with the traceback; always timed."""
     t0 = time.time()
-    ctx = {"smoke": smoke, "w": workloads(smoke), "previous": previous, "deadline": deadline}
+    ctx = StageContext(smoke=smoke, w=workloads(smoke), previous=previous, deadline=deadline)
     try:
-        result = STAGE_FUNCS[name](ctx)
+        result = STAGES[name].run(ctx)
         result.setdefault("status", "ok")
     except Exception:  # noqa: BLE001 - a stage may fail; the others still run
-        result = {"status": "error", "traceback": traceback.format_exc()}
+        trace = traceback.format_exc()
+        result = {"status": "error", "traceback": trace, "headline": _last_line(trace)}
     result["seconds"] = time.time() - t0
     return result
 
@@ -662,7 +543,7 @@ def run_stage_isolated(name: str, smoke: bool, previous: dict, limit_s: float, l
         log.write(output)
         if result_file.is_file():
             return json.loads(result_file.read_text())
-    return {"status": "error", "reason": why, "output_tail": output[-3000:], "seconds": time.time() - t0}
+    return {"status": "error", "reason": why, "headline": why, "output_tail": output[-3000:], "seconds": time.time() - t0}
 
 
 # --- report ------------------------------------------------------------------------------------------------------
@@ -676,56 +557,16 @@ def _last_line(text: str | None) -> str:
     return lines[-1] if lines else ""
 
 
-def headline(name: str, r: dict) -> str:
-    """The figures of one stage in a few words."""
-    if r.get("status") != "ok":
-        return r.get("reason") or _last_line(r.get("traceback"))
-    if name == "environment":
-        return (f"{r.get('gpu') or 'CPU'}; torch {r['torch']} (CUDA {r['cuda']}), transformers {r['transformers']}, "
-                f"deepspeed {r['deepspeed']}; bf16 matmul {r['bf16_matmul_tflops']:.1f} TFLOP/s")
-    if name == "gpu_tests":
-        return r["summary"]
-    if name == "llama8b_lora":
-        return (f"largest micro batch {r.get('best_micro_batch')}: {_fmt(r.get('tokens_per_s'), '{:.0f}')} tokens/s, "
-                f"MFU {_fmt(r.get('mfu'), '{:.1%}')}, latent passes {_fmt(r.get('latent_share'), '{:.1%}')} of the step, "
-                f"peak {_fmt(r.get('peak_gib'), '{:.1f}')} GiB")
-    if name == "gpt2_fast_vs_reference":
-        return (f"train {r['train_fast_tokens_per_s']:.0f} vs {r['train_reference_tokens_per_s']:.0f} tokens/s "
-                f"({r['train_speedup']:.2f}x); generate {r['generate_batched_tokens_per_s']:.0f} vs "
-                f"{r['generate_reference_tokens_per_s']:.0f} tokens/s ({r['generate_speedup']:.1f}x)")
-    if name == "memory_estimate":
-        parts = []
-        for key in ("llama8b_lora", "qwen3_4b_full"):
-            c = r.get(key, {})
-            parts.append(f"{key}: estimate {_fmt(c.get('estimate_gib'), '{:.1f}')} vs measured "
-                         f"{_fmt(c.get('measured_gib'), '{:.1f}')} GiB ({_fmt(c.get('error'), '{:+.0%}')})")
-        return "; ".join(parts)
-    if name == "profile":
-        return "misses: " + "; ".join(r.get("misses", [])) if r.get("misses") else r.get("reason", "")
-    return ""
-
-
 def render_markdown(results: dict) -> str:
     lines = [f"# GPU validation ({'smoke, CPU' if results['smoke'] else 'GPU'}), {results['started']}", "",
              f"Command: `{results['command']}`; total {results['seconds']:.0f} s.", "",
              "| stage | status | seconds | figures |", "|---|---|---|---|"]
-    for name in STAGES:
-        r = results["stages"].get(name)
-        if r is None:
-            continue
-        lines.append(f"| {name} | {r.get('status')} | {r.get('seconds', 0):.1f} | {headline(name, r).replace('|', '/')} |")
-    llama = results["stages"].get("llama8b_lora", {})
-    if llama.get("sweep"):
-        lines += ["", "Micro-batch sweep (llama8b_lora):", "",
-                  "| micro | tokens/s | step ms | MFU | latent share | peak GiB | note |", "|---|---|---|---|---|---|---|"]
-        for e in llama["sweep"]:
-            lines.append(f"| {e['micro_batch']} | {_fmt(e.get('tokens_per_s'), '{:.0f}')} | {_fmt(e.get('step_ms'), '{:.0f}')} "
-                         f"| {_fmt(e.get('mfu'), '{:.1%}')} | {_fmt(e.get('latent_share'), '{:.1%}')} "
-                         f"| {_fmt(e.get('measured_gib'), '{:.1f}')} | {_last_line(e.get('error'))} |")
-    prof = results["stages"].get("profile", {})
-    if prof.get("kernel_table"):
-        lines += ["", "Profile of one 8B step (top kernels):", "", "```", prof["kernel_table"].rstrip(), "```", "",
-                  prof["pass_table"]]
+    ran = [(name, results["stages"][name]) for name in STAGES if name in results["stages"]]
+    for name, r in ran:
+        lines.append(f"| {name} | {r.get('status')} | {r.get('seconds', 0):.1f} | {r.get('headline', '').replace('|', '/')} |")
+    for _, r in ran:
+        if r.get("markdown"):
+            lines += ["", r["markdown"]]
     lines += ["", f"Targets: micro batch >= {TARGETS['micro_batch']} within {GPU_CAP_GIB:g} GiB, MFU >= "
               f"{TARGETS['mfu']:.0%}, estimate within {TARGETS['estimate_error']:.0%}, latent passes < "
               f"{TARGETS['latent_share']:.0%} of the step. Missed: "
@@ -768,9 +609,10 @@ def main(argv=None) -> int:
         for name in args.stages:
             remaining = args.budget_s - (time.time() - t0)
             if remaining < 5:
-                results["stages"][name] = {"status": "skipped", "reason": f"the {args.budget_s:.0f} s budget is spent"}
+                why = f"the {args.budget_s:.0f} s budget is spent"
+                results["stages"][name] = {"status": "skipped", "reason": why, "headline": why}
                 continue
-            limit = min(STAGE_LIMIT_S[name], remaining) if not args.smoke else remaining
+            limit = min(STAGES[name].limit_s, remaining) if not args.smoke else remaining
             print(f"== {name} (limit {limit:.0f} s)", flush=True)
             log.write(f"\n== {name}\n")
             if isolate or (args.smoke and name == "environment"):
@@ -781,7 +623,7 @@ def main(argv=None) -> int:
                     result = run_stage_here(name, args.smoke, results["stages"], time.time() + limit)
                 log.write(buffer.getvalue())
             results["stages"][name] = result
-            print(f"   {result.get('status')} in {result.get('seconds', 0):.1f} s: {headline(name, result)}", flush=True)
+            print(f"   {result.get('status')} in {result.get('seconds', 0):.1f} s: {result.get('headline', '')}", flush=True)
             log.flush()
             results["seconds"] = time.time() - t0
             write_json_atomic(args.out / JSON_NAME, results)  # a killed run still leaves what it measured

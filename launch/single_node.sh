@@ -43,4 +43,8 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi
+# SIGUSR1 asks the ranks to save and stop at their next optimizer step (checkpoint.on_signal). A scheduler sends it
+# to every process of the job (SLURM's --signal), these launchers too, which it would kill on the spot (its default
+# action): they ignore it, passed on through exec; each rank installs its own handler.
+trap '' USR1
 exec "${cmd[@]}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the wheels the GPU machine lacks into .whl/ (git-ignored), exactly the versions ../shared/FACTS.md lists.
+# Fetch the wheels the GPU machine lacks into .whl/ (git-ignored), at the versions pinned below.
 #
 # The GPU image (Python 3.12, torch 2.11+cu130, transformers 5.17, peft) has no deepspeed, pydantic or hjson, and
 # nothing can be downloaded there; benchmarks/gpu_validate.sh installs these with pip --no-index --target.

@@ -26,7 +26,7 @@ q/kv = query/key-value widths, I = MLP width, V = vocab, n = latent passes = c_t
                (model/chunked_loss.py), so only one chunk's logits exist at a time: in the model dtype, the fp32
                log-softmax cross-entropy saves, and the fp32 gradient and input gradient during backward. The second
                term is the final hidden states of all passes, concatenated, and their shifted copy. Unchunked
-               (B*T*V*(b + 12)) this was the largest activation at big vocabularies (Llama-3: 128k, Qwen3: 152k).
+               (B*T*V*(b + 12)) it would be the largest activation at big vocabularies (Llama-3: 128k, Qwen3: 152k).
                A trainable head that ZeRO-3 does not partition takes the fused path, which holds the head's
                gradient in fp32 from forward to backward: + V*h*4.
   buffers      DeepSpeed communication buckets: ZeRO-2/3: 2 * reduce_bucket_size * b (overlap_comm double

@@ -30,6 +30,7 @@ from coconut_scale.model.shapes import default_lora_targets
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # coconut_scale/, which holds ds_configs/
 REPO_ROOT = PACKAGE_DIR.parent  # a checkout when it has pyproject.toml; site-packages when installed
 
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")  # checkpoint.on_signal may name these
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
@@ -297,6 +298,9 @@ class CheckpointCfg(_Section):
     # Recipe keys (or whole sections) a resume may change although they change the math, e.g. [optim.lr];
     # any other difference from the checkpoint's recipe stops the run (coconut_scale/train/recipe_guard.py).
     allow_changes: list[str] = Field(default_factory=list)
+    # Signals that stop the run at the next optimizer step with a checkpoint, then exit 75 (train/preemption.py);
+    # SLURM sends SIGUSR1 ahead of the time limit (launch/slurm.sbatch) and SIGTERM on preemption. []: none.
+    on_signal: list[Literal[STOP_SIGNALS]] = Field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     @field_validator("allow_changes")
     @classmethod
@@ -304,6 +308,12 @@ class CheckpointCfg(_Section):
         for key in v:
             _check_override_key(key.split("."), "checkpoint.allow_changes", key)
         return v
+
+
+class DistributedCfg(_Section):
+    # Seconds any collective may wait for a rank before every rank stops with an error (a dead or hung rank);
+    # longer than the slowest work one rank does alone while the others wait (an export, tokenizing the data).
+    timeout_s: float = Field(300.0, gt=0.0)
 
 
 class LoggingCfg(_Section):
@@ -333,6 +343,7 @@ class Recipe(_Section):
     optim: OptimCfg
     deepspeed: DeepSpeedCfg
     checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
+    distributed: DistributedCfg = Field(default_factory=DistributedCfg)
     logging: LoggingCfg = Field(default_factory=LoggingCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
 

@@ -1,6 +1,6 @@
 """The Coconut curriculum: which tokens a record becomes at each stage, for training and for evaluation.
 
-Pure functions over tokenized records (see tokenize_records.py), reproducing the official code
+Pure functions over tokenized records (data/tokenized.py), reproducing the official code
 (facebookresearch/coconut, dataset.py: get_cot_latent_dataset / get_question_latent_dataset; run.py):
 
 Training at stage s (after the optional uniform re-draw of s):
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from coconut_scale.data.gc_pause import gc_paused
 from coconut_scale.model.modes import MODES, STAGE0_MODES
 from coconut_scale.model.tokens import IGNORE_INDEX, LatentTokens
 
@@ -224,8 +225,9 @@ def build_stage_dataset(tokenized: list[dict], stage: int, cfg: CurriculumConfig
     build identical data. The official code also mixes stages in the validation-loss set; use it there too.
     """
     rng = random.Random(seed)
-    examples = [build_train_example(r, sample_stage(len(r["steps_ids"]), stage, cfg, rng), cfg, tokens)
-                for r in tokenized]
+    with gc_paused():  # 385k examples of two lists each, all kept: collections would only slow the build
+        examples = [build_train_example(r, sample_stage(len(r["steps_ids"]), stage, cfg, rng), cfg, tokens)
+                    for r in tokenized]
     if shuffle:
         rng.shuffle(examples)
     return TrainDataset(examples, stage)

@@ -16,7 +16,7 @@ from pathlib import Path
 from coconut_scale import distributed as dist
 from coconut_scale.data.curriculum import CurriculumConfig, build_eval_examples
 from coconut_scale.data.records import load_records
-from coconut_scale.evaluate.runtime import InputError, quiet_libraries
+from coconut_scale.evaluate.runtime import InputError, quiet_libraries, say
 from coconut_scale.model.export_meta import COCONUT_CONFIG, ExportMeta
 from coconut_scale.model.tokens import LatentTokens
 
@@ -46,6 +46,9 @@ def read_export_meta(checkpoint: str | Path) -> ExportMeta:
     meta = ExportMeta.read(path)
     if not (path / "config.json").exists():
         raise InputError(f"{path / 'config.json'} not found: {path} holds no HF model")
+    from coconut_scale.model.loading import verify_export
+
+    verify_export(path, log=say)  # every file against the export's manifest, before any flag or data is looked at
     return meta
 
 
@@ -81,7 +84,7 @@ def load_inputs(checkpoint: str | Path, data: str | Path, stage: int | None = No
     raw = load_records(data)  # a bad record fails here, naming the file, the record index and the field
     if not raw:
         raise InputError(f"{data}: no records")
-    model, tokenizer, _ = load_exported(checkpoint, dtype=dtype)
+    model, tokenizer, _ = load_exported(checkpoint, dtype=dtype, verified=True)
     tokens = LatentTokens.from_tokenizer(tokenizer)
     tokenized, n_dropped = load_tokenized(data, tokenizer, max_seq_len, None, curriculum.c_thought,
                                           curriculum.max_latent_stage)

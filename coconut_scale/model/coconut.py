@@ -12,7 +12,7 @@ How it is computed (no Python loop over rows or positions):
     to the end). With the collator's aligned layout that is one pass per latent plus a prefix and a final
     pass, exactly the official schedule.
   - Each pass reuses the keys/values of the earlier ones through `PassCache`, which never mutates itself,
-    so per-layer non-reentrant checkpointing (checkpointing.py) recomputes exactly what forward saw.
+    so per-layer non-reentrant checkpointing (activation_checkpointing.py) recomputes exactly what forward saw.
   - `num_passes` lets the caller ask for more passes than this batch needs (extra passes split the longest
     stretch without latents). Distributed trainers all-reduce the max so every rank runs the same number of
     base-model calls; the wrapper itself knows nothing of distribution.

@@ -153,13 +153,61 @@ def build_coconut(
     return Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
 
 
-def load_exported(directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
-    """(Coconut, tokenizer, ExportMeta) from an HF-format export written by the trainer or `save_exported`."""
+def verify_export(directory: str | Path, log=None) -> None:
+    """Check every file of an export against its manifest.json before anything of it is read: a damaged one (torn,
+    truncated, rewritten) is refused in one line naming the file. An export without a manifest (written before
+    exports had one) is only said to be unverified (`log`)."""
+    from coconut_scale import file_manifest
+
+    directory = Path(directory)
+    if not (directory / file_manifest.MANIFEST).is_file():
+        if log is not None:
+            log(f"note: {directory} has no {file_manifest.MANIFEST} (exported before exports carried one): its files "
+                f"cannot be verified")
+        return
+    problem = file_manifest.verify_here(directory)
+    if problem:
+        raise ExportFormatError(f"export {directory} is damaged: {problem}; export it again (re-running its training "
+                                f"from a checkpoint before that stage rewrites it) or use another")
+
+
+def unreadable_weights(directory: str | Path) -> str | None:
+    """The first weight file of `directory` whose header cannot be read (a torn or truncated safetensors), named
+    with the reader's error; None when every header reads."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types differ between versions
+            return f"{path} cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def load_verified(directory: str | Path, load):
+    """`load(directory)` of an export's tokenizer or weights; a damaged weight file (a torn safetensors, which the
+    libraries report as `SafetensorError: ... incomplete metadata` naming no file) becomes one line naming it."""
+    try:
+        return load(str(directory))
+    except Exception:
+        bad = unreadable_weights(directory)
+        if bad is None:
+            raise
+        raise ExportFormatError(f"export {directory} is damaged: {bad}") from None
+
+
+def load_exported(directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa", log=None,
+                  verified: bool = False):
+    """(Coconut, tokenizer, ExportMeta) from an HF-format export written by the trainer or `save_exported`, verified
+    against its manifest first (`verified`: the caller just did)."""
     from transformers import AutoTokenizer
 
     meta = ExportMeta.read(directory)  # a missing or damaged coconut_config.json is named before any weight loads
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    base = load_causal_lm(str(directory), dtype=dtype, attn_implementation=attn_implementation)
+    if not verified:
+        verify_export(directory, log)
+    tokenizer = load_verified(directory, AutoTokenizer.from_pretrained)
+    base = load_verified(directory, lambda d: load_causal_lm(d, dtype=dtype, attn_implementation=attn_implementation))
     tokens = LatentTokens.from_tokenizer(tokenizer)
     if tokens.latent_id != meta.tokens.latent_id:
         raise ExportFormatError(f"{directory}: the tokenizer's {LATENT} id {tokens.latent_id} differs from "
@@ -172,8 +220,9 @@ def attach_step_decoder(model: Coconut, directory: str | Path, dtype: str = "fp3
     """Give a loaded Coconut the step decoder its export holds in `<directory>/step_decoder/` (a `StepSupervision`
     part, as in training); returns (model, StepDecoderMeta)."""
     step = StepDecoderMeta.read(directory)
-    decoder = None if step.shared else load_causal_lm(str(Path(directory) / STEP_DECODER_DIR), dtype=dtype,
-                                                      attn_implementation=attn_implementation)
+    decoder = None if step.shared else load_verified(
+        Path(directory) / STEP_DECODER_DIR,
+        lambda d: load_causal_lm(d, dtype=dtype, attn_implementation=attn_implementation))
     model.add_part(StepSupervision(decoder, step.c_thought))
     return model, step
 
@@ -191,8 +240,11 @@ def save_exported(coconut: Coconut, tokenizer, out_dir: str | Path, meta: Export
     layout as the trainer's exports, HF weights + tokenizer + coconut_config.json, written atomically."""
     from coconut_scale.atomic_files import atomic_dir
 
+    from coconut_scale.file_manifest import write_manifest_here
+
     with atomic_dir(out_dir) as tmp:
         coconut.base_causallm.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         meta.write(tmp)
+        write_manifest_here(tmp)
     return Path(out_dir)

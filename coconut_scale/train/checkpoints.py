@@ -19,7 +19,6 @@ pickles: resume only checkpoints you trust, as with every PyTorch tool.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,14 +30,16 @@ import numpy as np
 import torch
 
 from coconut_scale import distributed as dist
-from coconut_scale.atomic_files import AtomicDir, atomic_dir, write_json_atomic
+from coconut_scale import file_manifest as manifest
+from coconut_scale.atomic_files import AtomicDir, atomic_dir, write_json_atomic, write_text_atomic
 from coconut_scale.errors import UserError
+from coconut_scale.train import storage
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"  # written next to DS_TAG by coconut_scale.universal, for another world size
 LOOP_STATE = "loop_state.json"
-MANIFEST = "manifest.json"
+MANIFEST = manifest.MANIFEST
 DAMAGED_PREFIX = "damaged-"
 
 
@@ -68,61 +69,47 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _listing(root: Path) -> list[str]:
-    """Rank 0's sorted list of the files under `root` (relative paths), the same on every rank (collective)."""
-    names = None
-    if dist.is_main():
-        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return dist.gather_objects(names)[0]
-
-
-def _file_problem(root: Path, name: str, expected: dict) -> str | None:
-    path = root / name
-    if not path.is_file():
-        return f"{path} is missing"
-    size = path.stat().st_size
-    if size != expected.get("size"):
-        return f"{path} has {size} bytes, its manifest says {expected.get('size')} (truncated or rewritten)"
-    if _sha256(path) != expected.get("sha256"):
-        return f"{path} does not match the sha256 in its manifest (damaged)"
-    return None
+def _sizes(root: Path) -> dict[str, int]:
+    """Rank 0's {file: size} under `root` (the manifest left out), the same on every rank (collective)."""
+    return dist.gather_objects(manifest.listing(root) if dist.is_main() else None)[0]
 
 
 def write_manifest(root: Path) -> None:
-    """Collective: `root/manifest.json` with every file's size and sha256, each rank hashing a share of them."""
-    names = _listing(root)
-    mine = {n: {"size": (root / n).stat().st_size, "sha256": _sha256(root / n)}
-            for n in names[dist.rank()::dist.world_size()]}
+    """Collective: `root/manifest.json` with every file's size and digest, read back from disk, each rank hashing a
+    share of equal size (file_manifest.balanced_shares)."""
+    mine = manifest.entries(root, manifest.balanced_shares(_sizes(root), dist.world_size())[dist.rank()])
     files = {name: entry for share in dist.gather_objects(mine) for name, entry in share.items()}
     if dist.is_main():
-        write_json_atomic(root / MANIFEST, {"format": 1, "files": files})
+        manifest.write_manifest(root, dict(sorted(files.items())))
 
 
 def verify_manifest(root: Path) -> str | None:
-    """Collective: None when every file `root/manifest.json` lists is there with its size and sha256, else the
+    """Collective: None when every file `root/manifest.json` lists is there with its size and digest, else the
     first problem, naming the file. Each rank checks a share; every rank gets the same answer."""
-    manifest = root / MANIFEST
-    problem, files = None, {}
+    problem, listed = None, {"files": {}, "digest": manifest.DIGEST}
     try:
-        files = json.loads(manifest.read_text())["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
-            raise ValueError("'files' is not a mapping of file entries")
-    except FileNotFoundError:
-        problem = f"{manifest} is missing (a save that did not finish, or an older coconut_scale)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        problem = f"{manifest} cannot be read: {e}"
-    names = sorted(files) if problem is None else []
-    mine = [p for n in names[dist.rank()::dist.world_size()] if (p := _file_problem(root, n, files[n]))]
-    found = [p for share in dist.gather_objects(mine) for p in share]  # every rank joins, whatever it found
+        listed = manifest.read_manifest(root)
+    except manifest.ManifestProblem as e:
+        problem = str(e)
+    files = listed["files"]
+    sizes = {n: e.get("size") if isinstance(e.get("size"), int) else 0 for n, e in files.items()}
+    share = manifest.balanced_shares(sizes, dist.world_size())[dist.rank()]
+    mine = [p for n in sorted(share) if (p := manifest.file_problem(root, n, files[n], listed["digest"]))]
+    found = sorted(p for share in dist.gather_objects(mine) for p in share)  # every rank joins, whatever it found
     return problem or (found[0] if found else None)
+
+
+def _raise_first(failures: list[tuple[str, BaseException]]) -> None:
+    if failures:
+        raise failures[0][1]
+
+
+def checkpoint_bytes(path: Path) -> int | None:
+    """What a checkpoint takes on disk, from its manifest (None when it cannot be read)."""
+    try:
+        return sum(int(e.get("size", 0)) for e in manifest.read_manifest(path)["files"].values())
+    except (manifest.ManifestProblem, TypeError, ValueError):
+        return None
 
 
 def read_json(path: Path) -> dict:
@@ -134,9 +121,10 @@ def read_json(path: Path) -> dict:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int = 2):
+    def __init__(self, root: str | Path, keep_last: int = 2, expected_bytes: int | None = None):
         self.root = Path(root)
         self.keep_last = max(int(keep_last), 1)
+        self.expected_bytes = expected_bytes  # of a checkpoint before the first exists (train/save_cost.py)
         self._verified: set[Path] = set()  # checked against their manifests by this process
 
     def complete(self) -> list[Path]:
@@ -148,35 +136,79 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, strategy, loop_state: dict, side_files: dict[str, str] | None = None) -> Path:
-        """Collective: every rank must call it. Returns the final directory."""
+    def save(self, strategy, loop_state: dict, side_files: dict[str, str] | None = None, log=print) -> Path:
+        """Collective: every rank must call it. Returns the final directory.
+
+        A write the filesystem refuses, on any rank, stops every rank with one StorageError naming the file, the
+        errno and the free space; the partial directory is removed and the previous checkpoint is untouched (older
+        ones are pruned only after the new one is complete and verified)."""
         target = AtomicDir(self.root / f"step-{int(loop_state['global_step']):08d}")
         final, tmp = target.final, target.tmp
-        if dist.is_main():
+        previous = dist.gather_objects(self.latest() if dist.is_main() else None)[0]  # rank 0's, for the messages
+
+        def begin():
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-step-*"):
+            for stale in self.root.glob(".tmp-step-*"):  # the run holds the lock: no other save is in progress
                 shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():  # same step saved twice (epoch end right after a periodic save)
-                shutil.rmtree(final)
+            self._warn_when_short_of_space(previous, log)
             target.begin()
-        dist.barrier()
-        strategy.save_checkpoint(tmp, DS_TAG)
-        write_json_atomic(tmp / f"rng_rank{dist.rank()}.json", rng_state())
-        dist.barrier()
+
+        self._together(begin if dist.is_main() else None, target, previous, self.root)
+        failures = strategy.save_checkpoint(tmp, DS_TAG) or []  # (file, error) of each shard write that failed
+        self._together(lambda: _raise_first(failures), target, previous, failures[0][0] if failures else tmp)
+
+        def own_files():
+            write_json_atomic(tmp / f"rng_rank{dist.rank()}.json", rng_state())
+            if dist.is_main():
+                write_json_atomic(tmp / LOOP_STATE, {**loop_state, "world_size": dist.world_size()})
+                for filename, text in (side_files or {}).items():
+                    write_text_atomic(tmp / filename, text)
+
+        self._together(own_files, target, previous, tmp)
+        # Read back from disk: the new checkpoint is verified before an older one goes.
+        share, mine = manifest.balanced_shares(_sizes(tmp), dist.world_size())[dist.rank()], {}
+        self._together(lambda: mine.update(manifest.entries(tmp, share)), target, previous, tmp)
+        files = dict(sorted((n, e) for part in dist.gather_objects(mine) for n, e in part.items()))
+        self._together((lambda: manifest.write_manifest(tmp, files)) if dist.is_main() else None, target, previous,
+                       tmp / MANIFEST)
+        self._together(target.commit if dist.is_main() else None, target, previous, final)
         if dist.is_main():
-            write_json_atomic(tmp / LOOP_STATE, {**loop_state, "world_size": dist.world_size()})
-            for filename, text in (side_files or {}).items():
-                (tmp / filename).write_text(text)
-        dist.barrier()
-        write_manifest(tmp)  # read back from disk: the new checkpoint is verified before an older one goes
-        if dist.is_main():
-            target.commit()
             older = [p for p in self.complete() if p != final]
             for old in older[: max(len(older) - (self.keep_last - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
         self._verified.add(final)
         dist.barrier()
         return final
+
+    def _together(self, write, target: AtomicDir, previous: Path | None, path: Path) -> None:
+        """Collective: run `write` (None: nothing on this rank; never a collective itself), then agree across ranks
+        on whether a write failed (storage.agree): then every rank stops with the same line, after rank 0 removed
+        the partial directory."""
+        error = None
+        try:
+            if write is not None:
+                write()
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            error = e
+
+        def clean_up() -> str:
+            if dist.is_main():
+                target.abort()
+            dist.barrier()
+            kept = f"the previous checkpoint {previous} is untouched" if previous else "there is no earlier checkpoint"
+            return f"the partial {target.tmp.name} was removed and {kept}"
+
+        storage.agree(error, "checkpoint save", path, clean_up)
+
+    def _warn_when_short_of_space(self, previous: Path | None, log) -> None:
+        """A line when the filesystem has less free space than the last checkpoint took (or, for the first one,
+        the estimate given to the manager)."""
+        expected = checkpoint_bytes(previous) if previous is not None else self.expected_bytes
+        free = storage.free_bytes(self.root)
+        if expected and free is not None and free < expected:
+            log(f"warning: {storage.human_bytes(free)} free under {self.root}, less than the "
+                f"{storage.human_bytes(expected)} a checkpoint is expected to take "
+                f"({'the size of ' + previous.name if previous else 'estimated from the model'}): this save may fail")
 
     def verify(self, path: Path, universal: bool = False) -> str | None:
         """Collective: None when `path` (and with `universal` its universal copy) matches its manifest, else the

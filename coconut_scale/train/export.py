@@ -5,7 +5,9 @@ the Coconut tokens and coconut_config.json (model/export_meta.py owns it). LoRA 
 into the base, plus the unmerged adapter in `<name>/adapter/` (see model/lora.py). A step-supervised run's decoder
 is training-only and left out, unless asked for: then it is written beside the model as a plain HF model (adapters
 merged), `<name>/step_decoder/`, with step_supervision.json. Written under a `.tmp-` name and renamed
-(atomic_files.atomic_dir), so a reader never sees a half-written export.
+(atomic_files.atomic_dir), so a reader never sees a half-written export; manifest.json (every file's size and
+digest, file_manifest.py) is written last and verified by every command that opens the export. A write the
+filesystem refuses stops every rank with one line naming the file, the errno and the free space.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from pathlib import Path
 
 from coconut_scale import distributed as dist
 from coconut_scale.atomic_files import atomic_dir
+from coconut_scale.file_manifest import write_manifest_here
 from coconut_scale.model.export_meta import STEP_DECODER_DIR, ExportMeta, StepDecoderMeta
 from coconut_scale.model.lora import LoraExport, merged_plain_model
 from coconut_scale.model.step_supervision import StepSupervision
+from coconut_scale.train import storage
 
 BASE_PREFIX = "base_causallm."  # the Coconut wrapper's name for the HF model
 DECODER_PREFIX = StepSupervision.name + ".decoder."  # the step decoder's keys in the wrapper's state dict
@@ -50,20 +54,33 @@ def export_hf(strategy, tokenizer, out_dir: str | Path, meta: ExportMeta, lora: 
     """
     out_dir = Path(out_dir)
     state = strategy.consolidated_state_dict()
+    error = None
     if dist.is_main():
-        state, decoder_state = split_decoder_state(state)
-        state = {k[len(BASE_PREFIX):] if k.startswith(BASE_PREFIX) else k: v for k, v in state.items()}
-        model = strategy.model
-        base = model.base_causallm
-        with atomic_dir(out_dir) as tmp:
-            if step_decoder is not None and model.part(StepSupervision.name) is not None:
-                write_step_decoder(model, decoder_state, tmp, step_decoder)
-            if lora:
-                lora_export = LoraExport(model)
-                lora_export.write_extras(state, tmp, tokenizer)
-                base, state = lora_export(state)
-            base.save_pretrained(str(tmp), state_dict=state)
-            tokenizer.save_pretrained(str(tmp))
-            meta.write(tmp)
+        try:
+            _write_export(strategy.model, state, tokenizer, out_dir, meta, lora, step_decoder)
+        except Exception as e:  # noqa: BLE001 - the other ranks wait below: they must hear of it
+            error = e
     dist.barrier()
+    kept = f"the previous {out_dir} is untouched" if out_dir.exists() else f"{out_dir} was not written"
+    storage.agree(error, "export", out_dir.with_name(f".tmp-{out_dir.name}"),
+                  lambda: f"the partial .tmp-{out_dir.name} was removed and {kept}")
     return out_dir if dist.is_main() else None
+
+
+def _write_export(model, state, tokenizer, out_dir: Path, meta: ExportMeta, lora: bool,
+                  step_decoder: StepDecoderMeta | None) -> None:
+    """Rank 0, with the consolidated state: the export, its manifest last (train/../file_manifest.py)."""
+    state, decoder_state = split_decoder_state(state)
+    state = {k[len(BASE_PREFIX):] if k.startswith(BASE_PREFIX) else k: v for k, v in state.items()}
+    base = model.base_causallm
+    with atomic_dir(out_dir) as tmp:
+        if step_decoder is not None and model.part(StepSupervision.name) is not None:
+            write_step_decoder(model, decoder_state, tmp, step_decoder)
+        if lora:
+            lora_export = LoraExport(model)
+            lora_export.write_extras(state, tmp, tokenizer)
+            base, state = lora_export(state)
+        base.save_pretrained(str(tmp), state_dict=state)
+        tokenizer.save_pretrained(str(tmp))
+        meta.write(tmp)
+        write_manifest_here(tmp)  # read back from disk: what the export holds is what eval will verify

@@ -10,6 +10,7 @@ every key under it); the trainer then applies them for real and records them (me
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -17,6 +18,7 @@ import yaml
 from coconut_scale.config.recipe import RecipeError, recipe_from_dict
 from coconut_scale.errors import UserError
 from coconut_scale.train.checkpoints import read_json
+from coconut_scale.train.versions import refuse_unknown
 
 RECIPE_FILE = "recipe.resolved.yaml"
 CHANGES_FILE = "recipe_changes.json"
@@ -24,7 +26,7 @@ CHANGES_FILE = "recipe_changes.json"
 OUTPUT_ONLY = ("name", "output_dir", "gpus_assumed", "gpu_memory_gb", "data.test_file", "data.cache_dir",
                "data.eval_max_examples", "batch.eval_batch_size", "batch.world_sizes", "checkpoint.save_every_steps",
                "checkpoint.keep_last", "checkpoint.export_hf", "checkpoint.auto_resume", "checkpoint.allow_changes",
-               "logging", "eval")
+               "checkpoint.on_signal", "distributed", "logging", "eval")
 _ABSENT = "(absent)"
 
 
@@ -40,6 +42,11 @@ def _flat(node, prefix: str = "") -> dict:
 
 def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def allowed(recipe, key: str) -> bool:
+    """Whether checkpoint.allow_changes names `key` or a section above it."""
+    return _under(key, recipe.checkpoint.allow_changes)
 
 
 def math_changes(old: dict, new: dict) -> dict[str, list]:
@@ -64,8 +71,11 @@ def check_resume(recipe, checkpoint: Path) -> dict[str, list]:
         raise UserError(f"checkpoint file {Path(checkpoint) / RECIPE_FILE} is not a recipe mapping")
     try:  # keys added to the schema since the checkpoint was written count at their defaults
         saved = recipe_from_dict(saved, str(Path(checkpoint) / RECIPE_FILE)).resolved_dict()
-    except RecipeError:
-        pass  # keys since renamed or removed: compared as written (each shows as a change)
+    except RecipeError as e:
+        # Keys a newer version added are refused as such; keys since renamed or removed are compared as written
+        # (each shows as a change).
+        unknown = [m.group(1) for line in e.problems if (m := re.match(r"unknown key '([^']+)'", line))]
+        refuse_unknown(checkpoint, "recipe", [f"key {k}" for k in unknown])
     changes = math_changes(saved, recipe.resolved_dict())
     refused = {k: v for k, v in changes.items() if not _under(k, recipe.checkpoint.allow_changes)}
     if refused:

@@ -9,8 +9,9 @@ from coconut_scale import distributed as dist
 from coconut_scale.config.model_spec import tokenizer_source
 
 
-def recipe_tokenizer(recipe):
-    """The recipe's tokenizer with the Coconut tokens (collective when it trains a BPE: rank 0 fits, all load)."""
+def recipe_tokenizer(recipe, bpe_dir: str | Path | None = None):
+    """The recipe's tokenizer with the Coconut tokens (collective when it trains a BPE: rank 0 fits it into
+    `bpe_dir`, default output_dir/tokenizer, unless it is there already; all load it)."""
     from coconut_scale.model.loading import load_tokenizer
 
     source = tokenizer_source(recipe)
@@ -20,7 +21,7 @@ def recipe_tokenizer(recipe):
     from coconut_scale.data.bpe import bpe_corpus, train_bpe_tokenizer
     from coconut_scale.data.records import load_records
 
-    target = Path(recipe.output_dir) / "tokenizer"
+    target = Path(bpe_dir) if bpe_dir is not None else Path(recipe.output_dir) / "tokenizer"
     if dist.is_main() and not (target / "tokenizer.json").exists():
         corpus = bpe_corpus(load_records(recipe.data.train_file))
         train_bpe_tokenizer(corpus, source.bpe_vocab).save_pretrained(str(target))

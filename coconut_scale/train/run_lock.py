@@ -1,7 +1,10 @@
 """One run per output_dir: rank 0 holds an exclusive lock on `<output_dir>/.run.lock` for the run's lifetime.
 
 The lock is `flock` (released by the kernel when its holder dies, kill -9 included); the file records the holder
-(host, pid, start time), so a second run stops at once naming it. A file that still names a holder while nobody
+(host, pid, start time), so a second run stops at once naming it. flock excludes runs on other nodes only where the
+shared filesystem makes it cluster-wide (NFS, Lustre mounted with `flock`, CephFS); where locks are node-local
+(Lustre's `localflock`, BeeGFS without global locks, some FUSE mounts) two nodes can both take it: give every run
+its own output_dir there (README, "One run per output_dir"). A file that still names a holder while nobody
 holds the lock is what a killed run leaves behind: it is taken over, with a line saying so. On a filesystem
 without flock (some Lustre and NFS mounts refuse it) the recorded pid decides: a live one, or one on another
 host that cannot be checked from here, refuses; a dead pid on this host is stale and taken over.
@@ -49,6 +52,7 @@ class RunLock:
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / LOCK_FILE
         self._fd: int | None = None
+        self.created = False
 
     def _holder(self, fd: int) -> dict:
         try:
@@ -60,9 +64,27 @@ class RunLock:
     def acquire(self, log=print) -> None:
         """Take the lock or raise RunLockError naming its holder. Call before writing anything in output_dir."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        self.created = not self.path.exists()  # a refused run removes only a lock file it created
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                break
+            if self._still_the_file(fd):
+                break
+            os.close(fd)  # its holder removed the file between our open and our flock (a refused run): again
+        self._take(fd, log)
+
+    def _still_the_file(self, fd: int) -> bool:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _take(self, fd: int, log) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held already when we got here: flock is idempotent
             locked = True
         except BlockingIOError:
             holder = self._holder(fd)
@@ -86,10 +108,16 @@ class RunLock:
         self._fd = fd
         atexit.register(self.release)  # also after an error; a kill -9 leaves the record, taken over next time
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Release the lock. `remove`: delete the lock file too (a run refused before it wrote anything leaves
+        output_dir as it found it); safe while others wait, since a waiter checks that it locked the file that is
+        still at the path."""
         if self._fd is None:
             return
-        os.ftruncate(self._fd, 0)  # an empty file: a later run sees a clean end, not a stale lock
+        if remove:
+            self.path.unlink(missing_ok=True)
+        else:
+            os.ftruncate(self._fd, 0)  # an empty file: a later run sees a clean end, not a stale lock
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

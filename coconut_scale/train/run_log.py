@@ -20,24 +20,34 @@ class RunLog:
         self.main = dist.is_main()
         self.path = Path(output_dir) / "metrics.jsonl"
         self.wandb = None
-        if not self.main:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        drop_torn_tail(self.path)
-        if not sys.stderr.isatty():
+        self._wandb_args = (wandb_project, run_name, config)
+        self._started = False
+        if self.main and not sys.stderr.isatty():
             # transformers' own bars (e.g. "Writing model shards" on every export) would fill a batch job's log.
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
+
+    def start(self) -> "RunLog":
+        """Open the files (metrics.jsonl, wandb's run directory): once the run's setup succeeded, so that a refused
+        run writes nothing into output_dir. Lines are printed before it; records are logged after it."""
+        if not self.main or self._started:
+            return self
+        self._started = True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(self.path)
+        wandb_project, run_name, config = self._wandb_args
         if wandb_project and os.environ.get("WANDB_MODE", "online") != "disabled":
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow",
                                     dir=str(self.path.parent))
+        return self
 
     def log(self, kind: str, **metrics) -> None:
         if not self.main:
             return
+        self.start()
         record = {"kind": kind, "time": time.time(), **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")

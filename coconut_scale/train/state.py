@@ -42,6 +42,7 @@ class StepResult:
     losses: list[torch.Tensor]
     parts: list[torch.Tensor] = field(default_factory=list)
     applied: bool = True
+    stop: bool = False  # every rank agreed to stop here on a signal (checkpoint.on_signal)
 
 
 class LogWindow:

@@ -34,8 +34,9 @@ from coconut_scale import distributed as dist
 from coconut_scale.config.ds_config import DeepSpeedConfigError
 
 
-def init_distributed() -> None:
-    """Join the process group the launcher set up (deepspeed, torchrun), or make a world of one."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Join the process group the launcher set up (deepspeed, torchrun), or make a world of one; every collective
+    fails after `timeout_s` seconds instead of waiting for a dead or hung rank (coconut_scale/distributed.py)."""
     import torch.distributed as torch_dist
 
     if torch_dist.is_initialized():
@@ -49,7 +50,8 @@ def init_distributed() -> None:
     if not torch.cuda.is_available():
         # The shared-memory comm op is JIT-compiled on first use (about a minute, needs g++): gloo suffices on CPU.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=dist.timeout(timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank())
 
@@ -223,9 +225,30 @@ class DeepSpeedStrategy:
         return float(norm) if norm is not None else float("nan")
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def save_checkpoint(self, directory: Path, tag: str) -> None:
-        """Collective: every rank writes its shards under directory/tag."""
-        self.engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+    def save_checkpoint(self, directory: Path, tag: str) -> list[tuple[str, BaseException]]:
+        """Collective: every rank writes its shards under directory/tag. Returns the (file, error) of each shard
+        write that failed on this rank: DeepSpeed's save runs collectives between its writes, so a rank whose write
+        fails must go on through them (the caller then stops every rank together) instead of raising alone and
+        leaving the others waiting."""
+        failures: list[tuple[str, BaseException]] = []
+
+        def noting(write, where):
+            def guarded(*args, **kwargs):
+                try:
+                    write(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - a full disk reaches us as torch.save's RuntimeError
+                    failures.append((where(*args, **kwargs), e))
+            return guarded
+
+        # Its writes: each shard (checkpoint_engine.save) and the recovery script rank 0 copies beside them.
+        writer, engine = self.engine.checkpoint_engine, self.engine
+        writer.save = noting(writer.save, lambda state_dict=None, path=None: str(path))
+        engine._copy_recovery_script = noting(engine._copy_recovery_script, lambda save_path: str(save_path))
+        try:
+            engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+        finally:
+            del writer.save, engine._copy_recovery_script  # the classes' own methods again
+        return failures
 
     def load_checkpoint(self, directory: Path, tag: str) -> None:
         """Weights, optimizer and schedule; a universal tag needs the engine built with load_universal."""

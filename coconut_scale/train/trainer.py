@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 import yaml
 
 from coconut_scale import distributed as dist
-from coconut_scale.atomic_files import write_jsonl_atomic
+from coconut_scale.atomic_files import write_jsonl_atomic, write_text_atomic
 from coconut_scale.config.batch_plan import BatchMathError, BatchPlan, format_batch_table, resolve_batch
 from coconut_scale.config.ds_config import build_ds_config, ds_config_path
 from coconut_scale.config.model_shape import hidden_size
@@ -36,22 +35,36 @@ from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.data.curriculum import CurriculumConfig, build_eval_examples, build_stage_dataset, stage_for_epoch
 from coconut_scale.data.sampler import GlobalBatchSampler
 from coconut_scale.data.step_targets import StepTargetCollator
-from coconut_scale.data.tokenized import load_tokenized
+from coconut_scale.data.tokenized import cache_file, load_tokenized
 from coconut_scale.evaluate.generation import generate_and_score, validation_loss
 from coconut_scale.model.export_meta import ExportMeta, StepDecoderMeta
+from coconut_scale.model.loading import verify_export
 from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LatentTokens
+from coconut_scale.train import storage
 from coconut_scale.train.checkpoints import CheckpointManager
+from coconut_scale.train.data_identity import DATA_FILE, check_data, check_tokenizer, data_identity, token_identity
 from coconut_scale.train.engine import build_engine
 from coconut_scale.train.export import export_hf
 from coconut_scale.train.losses import logged_parts, training_loss
 from coconut_scale.train.nonfinite_guard import NonFiniteError, NonFiniteGuard
+from coconut_scale.train.preemption import Preempted, StopSignals, timed
 from coconut_scale.train.recipe_guard import CHANGES_FILE, RECIPE_FILE, change_history, check_resume
 from coconut_scale.train.run_data import prepare_data, recipe_tokenizer
 from coconut_scale.train.run_lock import RunLock, RunLockError
 from coconut_scale.train.run_log import RunLog, peak_memory_gb
+from coconut_scale.train.save_cost import checkpoint_bytes, save_line
+from coconut_scale.train.staged_setup import StagedSetup
 from coconut_scale.train.state import LogWindow, StepResult, TrainState
 from coconut_scale.train.strategy import DeepSpeedStrategy, init_distributed, validate_ds_config
+from coconut_scale.train.versions import refuse_unknown
+
+
+def _expected_checkpoint_bytes(recipe) -> int | None:
+    try:
+        return checkpoint_bytes(recipe)
+    except (ValueError, KeyError):  # a model whose shape is unknown here: no estimate
+        return None
 
 
 def _say(message: str) -> None:
@@ -77,6 +90,9 @@ class Trainer:
         self.log: RunLog | None = None
         self.recipe_changes: dict[str, list] = {}
         self.side_files: dict[str, str] = {}  # written beside every checkpoint
+        self.staged = StagedSetup(self.out)  # what setup writes into output_dir, moved into place once it succeeds
+        self.stop = StopSignals(recipe.checkpoint.on_signal)  # checkpoint.on_signal: stop at a step boundary
+        self.identity: dict = {}  # the data's identity (data_identity.json beside every checkpoint)
         # The data (_setup_data)
         self.tokenizer = None
         self.tokens: LatentTokens | None = None
@@ -94,11 +110,30 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
-        latest = self._setup_run()
-        self._setup_data()
-        universal = self._setup_engine(latest)
-        self._resume(latest, universal)
+        """The run, its data, its engine and the resume. Nothing stays in output_dir when any of it fails: what it
+        wrote there is staged (train/staged_setup.py) and moved into place only at the end."""
+        self.stop.install()
+        try:
+            latest = self._setup_run()
+            self._setup_data(latest)
+            universal = self._setup_engine(latest)
+            self._resume(latest, universal)
+        except BaseException:
+            self.staged.roll_back(self.lock)
+            raise
+        self._commit_setup()
         return self
+
+    def _commit_setup(self) -> None:
+        """Setup succeeded: its files move into output_dir, the recipe is written, the log opens (metrics, wandb)."""
+        if dist.is_main():
+            self.staged.commit()
+            write_text_atomic(self.out / RECIPE_FILE, self.resolved_yaml)
+        self.log.start()
+        if self.recipe_changes:
+            self.log.log("recipe_change", global_step=self.state.global_step, checkpoint=str(self.last_checkpoint),
+                         changes=self.recipe_changes)
+        dist.barrier()
 
     def _setup_run(self) -> Path | None:
         """Batch plan and DeepSpeed config (every recipe mistake fails here, before any process group), the
@@ -109,21 +144,26 @@ class Trainer:
         self.ds_config = build_ds_config(recipe, self.plan, hidden_size(recipe))
         validate_ds_config(self.ds_config, f"{ds_config_path(recipe)} (+ deepspeed.overrides)")
 
-        init_distributed()
+        init_distributed(recipe.distributed.timeout_s)
         self._take_output_dir()
+        if dist.is_main():  # saves and exports a kill interrupted, a setup that never finished: redone by this run
+            ckpt_root = self.out / "checkpoints"
+            storage.remove_leftovers([self.out, self.out / "hf", self.out / "token_cache", self.out / "samples",
+                                      ckpt_root, *(sorted(ckpt_root.glob("step-*")) if ckpt_root.is_dir() else [])],
+                                     log=_say)
         torch.manual_seed(recipe.seed)
-        self.ckpts = CheckpointManager(self.out / "checkpoints", recipe.checkpoint.keep_last)
+        self.ckpts = CheckpointManager(self.out / "checkpoints", recipe.checkpoint.keep_last,
+                                       expected_bytes=_expected_checkpoint_bytes(recipe))
         latest = self.ckpts.resume_point(log=_say) if recipe.checkpoint.auto_resume else None
         # Before anything is written or loaded: another recipe stops the run here, naming every key it changes.
         self.recipe_changes = check_resume(recipe, latest) if latest is not None else {}
+        if recipe.checkpoint.init_from:  # the export it starts from, against its manifest
+            dist.refuse_together(lambda: verify_export(recipe.checkpoint.init_from, log=_say)
+                                 if dist.is_main() else None)
         self.log = RunLog(self.out, recipe.logging.wandb_project, recipe.logging.wandb_run_name, recipe.resolved_dict())
         self.log.print(f"coconut_scale: {recipe.name} | world size {world} | output {self.out}")
         self.log.print(format_batch_table([self.plan]))
-        if dist.is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / RECIPE_FILE).write_text(self.resolved_yaml)
-            for stale in (self.out / "hf").glob(".tmp-*"):  # an export a kill interrupted; it is redone
-                shutil.rmtree(stale, ignore_errors=True)
+        self.log.print(save_line(recipe, world))
         return latest
 
     def _take_output_dir(self) -> None:
@@ -139,13 +179,20 @@ class Trainer:
         if refusal:
             raise RunLockError(refusal)
 
-    def _setup_data(self) -> None:
-        """Generated data, the tokenizer, tokenized records (through the cache), the sampler, the collators."""
+    def _setup_data(self, latest: Path | None) -> None:
+        """Generated data, its identity (checked against the checkpoint's), the tokenizer, tokenized records
+        (through the cache), the sampler, the collators."""
         recipe = self.recipe
         prepare_data(recipe, self.log.print)
-        self.tokenizer = recipe_tokenizer(recipe)
+        self._check_data(latest)
+        self.tokenizer = recipe_tokenizer(recipe, self.staged.path("tokenizer"))
+        if recipe.model.bpe_vocab_size is not None:  # staged or not, the run's tokenizer/ (the cache key names it)
+            self.tokenizer.name_or_path = str(self.out / "tokenizer")
         self.tokens = LatentTokens.from_tokenizer(self.tokenizer)
         self._tokenize()
+        if dist.is_main():
+            self.identity.update(token_identity(recipe, self.tokenizer))
+        dist.refuse_together(lambda: check_tokenizer(latest, self.identity, recipe) if dist.is_main() else None)
         self.sampler = GlobalBatchSampler(len(self.train_recs), self.plan, dist.rank(), seed=recipe.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
@@ -154,13 +201,27 @@ class Trainer:
         self.step_collate = (StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
                              if step.enabled else None)
 
+    def _check_data(self, latest: Path | None) -> None:
+        """Rank 0 reads the data files' identity and compares it with the checkpoint's; every rank stops together on
+        a refusal. Accepted changes (checkpoint.allow_changes: [data.train_file]) join the recipe changes."""
+        accepted = {}
+
+        def check():
+            self.identity = data_identity(self.recipe)
+            if latest is not None:
+                accepted.update(check_data(self.recipe, latest, self.identity))
+
+        dist.refuse_together(check if dist.is_main() else lambda: None)
+        self.recipe_changes.update(dist.gather_objects(accepted)[0])
+
     def _tokenize(self) -> None:
         data, cfg = self.recipe.data, self.cfg
-        cache_dir = data.cache_dir or str(self.out / "token_cache")
         # An empty set (everything dropped by max_seq_len) is refused, naming the file, counts and lengths.
-        self.train_recs, dropped = load_tokenized(data.train_file, self.tokenizer, data.max_seq_len, cache_dir,
+        cache = self.staged.token_cache_dir(data.cache_dir, lambda d: cache_file(data.train_file, self.tokenizer, d))
+        self.train_recs, dropped = load_tokenized(data.train_file, self.tokenizer, data.max_seq_len, cache,
                                                   cfg.c_thought, cfg.max_latent_stage, role="train")
-        self.val_recs, val_dropped = load_tokenized(data.val_file, self.tokenizer, data.max_seq_len, cache_dir,
+        cache = self.staged.token_cache_dir(data.cache_dir, lambda d: cache_file(data.val_file, self.tokenizer, d))
+        self.val_recs, val_dropped = load_tokenized(data.val_file, self.tokenizer, data.max_seq_len, cache,
                                                     cfg.c_thought, cfg.max_latent_stage, role="validation")
         self.log.print(f"data: {len(self.train_recs)} train records ({dropped} dropped > max_seq_len "
                        f"{data.max_seq_len}), {len(self.val_recs)} validation ({val_dropped} dropped)")
@@ -182,6 +243,8 @@ class Trainer:
         self.guard = NonFiniteGuard(recipe, self.strategy, self.log)
         self.side_files = {RECIPE_FILE: self.resolved_yaml,
                            "batch_table.txt": format_batch_table(self._resolvable_plans()) + "\n"}
+        if dist.is_main():
+            self.side_files[DATA_FILE] = json.dumps(self.identity, indent=2, sort_keys=True) + "\n"
         return universal
 
     def _resume(self, latest: Path | None, universal: bool) -> None:
@@ -192,8 +255,6 @@ class Trainer:
         if history:  # beside every later checkpoint: the run's recipe changes so far
             self.side_files[CHANGES_FILE] = json.dumps(history, indent=2) + "\n"
         if self.recipe_changes:
-            self.log.log("recipe_change", global_step=self.state.global_step, checkpoint=str(latest),
-                         changes=self.recipe_changes)
             self.log.print("recipe changed on resume (checkpoint.allow_changes): " + "; ".join(
                 f"{k}: {json.dumps(old)} -> {json.dumps(new)}" for k, (old, new) in self.recipe_changes.items()))
 
@@ -209,7 +270,8 @@ class Trainer:
         return [plans[ws] for ws in sorted(plans)]
 
     def close(self) -> None:
-        """Finish wandb and release the run lock; safe to call after any failure, and more than once."""
+        """Finish wandb, release the run lock and the signal handlers; safe after any failure, and more than once."""
+        self.stop.uninstall()
         if self.log is not None:
             self.log.close()
         if self.lock is not None:
@@ -224,6 +286,8 @@ class Trainer:
     def fit(self) -> TrainState:
         recipe, state = self.recipe, self.state
         self.strategy.train()
+        if self.stop.agreed():  # a signal during setup: nothing trained since the checkpoint there is
+            raise Preempted(self.stop.name(), self.last_checkpoint, state, None)
         for epoch in range(state.epoch, recipe.optim.epochs):
             stage = stage_for_epoch(epoch, self.cfg)
             if state.stage is not None and stage != state.stage and recipe.coconut.reset_optimizer \
@@ -246,7 +310,9 @@ class Trainer:
                     self.export(f"stage{stage}", stage, metrics)
                 if is_best:
                     self.export("best", stage, metrics)
-            self.save()
+            _, save_s = timed(self.save)
+            if epoch + 1 < recipe.optim.epochs and self.stop.agreed():
+                raise Preempted(self.stop.name(), self.last_checkpoint, state, save_s)
         self.log.print(f"done: best accuracy {state.best_accuracy:.4f}; outputs in {self.out}")
         return state
 
@@ -259,7 +325,7 @@ class Trainer:
         self.window = window = LogWindow(self.strategy.device, 1 + len(self.loss_weights))
         for step in range(state.step_in_epoch, self.steps_per_epoch):
             batches = [[data[i] for i in next(micro_batches)] for _ in range(self.plan.grad_accum)]
-            self.train_step(batches, epoch, stage, passes)
+            result = self.train_step(batches, epoch, stage, passes)
             bar.update(1)
             # Nothing to log when every step since the last line was skipped (the same on every rank).
             if window.n_losses and (state.global_step % recipe.logging.log_every_steps == 0
@@ -268,6 +334,12 @@ class Trainer:
             every = recipe.checkpoint.save_every_steps
             if every and state.global_step % every == 0 and step + 1 < self.steps_per_epoch:
                 self.save()
+            if result.stop:  # every rank got here with the same answer: save (unless just done) and stop together
+                bar.close()
+                just_saved = self.last_checkpoint is not None and self.last_checkpoint.name == \
+                    f"step-{state.global_step:08d}"
+                _, save_s = (None, 0.0) if just_saved else timed(self.save)
+                raise Preempted(self.stop.name(), self.last_checkpoint, state, save_s)
         bar.close()
 
     def train_step(self, micro_batches: list[list[dict]], epoch: int, stage: int, passes: int) -> StepResult:
@@ -282,7 +354,10 @@ class Trainer:
             if parts is not None:
                 result.parts.append(parts)
         state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
-        result.applied = self.guard.check(result.losses, state, epoch, self.steps_per_epoch)
+        stop_flag = self.stop.flag(self.strategy.device)  # all-reduced on the device, read back by the guard
+        result.applied, result.stop = self.guard.check(result.losses, state, epoch, self.steps_per_epoch, stop_flag)
+        if dist.world_size() == 1:
+            result.stop = self.stop.received is not None
         if result.applied:
             self.window.add(result)
         return result
@@ -354,11 +429,15 @@ class Trainer:
 
     # -- state on disk --------------------------------------------------------------------------------
     def save(self) -> Path:
-        self.last_checkpoint = self.ckpts.save(self.strategy, self.state.state_dict(), self.side_files)
+        self.last_checkpoint = self.ckpts.save(self.strategy, self.state.state_dict(), self.side_files,
+                                               log=self.log.print)
         return self.last_checkpoint
 
     def load(self, path: Path, universal: bool = False) -> None:
-        self.state.load_state_dict(self.ckpts.load(self.strategy, path, universal=universal))
+        loop_state = self.ckpts.load(self.strategy, path, universal=universal)
+        known = set(self.state.state_dict()) | {"world_size"}
+        refuse_unknown(path, "loop state", [f"key {k}" for k in sorted(set(loop_state) - known)])
+        self.state.load_state_dict(loop_state)
         self.strategy.apply_optim_settings()  # a new optim.lr (checkpoint.allow_changes) takes effect at once
         self.last_checkpoint = path
         self.log.print(f"resumed from {path}{' (universal copy)' if universal else ''} (epoch {self.state.epoch}, "

@@ -6,17 +6,20 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO
 
+from child_process import subprocess_env
 from coconut_scale.cli.main import COMMANDS, main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def coconut_scale(*args, cwd=REPO, **env):
     """`python -m coconut_scale ARGS` in a fresh process (what the console script runs)."""
-    full_env = {k: v for k, v in os.environ.items() if k != "COCONUT_DEBUG"}
-    full_env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1", **env)
+    full_env = {k: v for k, v in subprocess_env().items() if k != "COCONUT_DEBUG"}
+    full_env.update(env)
     return subprocess.run([sys.executable, "-m", "coconut_scale", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=180)
 
@@ -109,11 +112,17 @@ def test_coconut_debug_shows_the_traceback(tmp_path):
     assert "Traceback (most recent call last)" in proc.stderr and "RecipeError" in proc.stderr
 
 
-def test_module_shims_exit_through_the_same_handler(tmp_path):
+@pytest.mark.parametrize("shim", ["check", "eval", "universal"])
+def test_module_shims_exit_through_the_same_handler(shim, tmp_path):
+    """`python -m coconut_scale.X` (train: below) turns a user error into the one `error:` line and exit code 2."""
+    missing = tmp_path / "nope"
+    args = {"check": [f"{missing}.yaml"], "eval": [str(missing), f"{missing}.json"], "universal": [str(missing)]}[shim]
     env = {k: v for k, v in os.environ.items() if k != "COCONUT_DEBUG"}
-    proc = subprocess.run([sys.executable, "-m", "coconut_scale.check", str(tmp_path / "nope.yaml")], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", f"coconut_scale.{shim}", *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], \
+        proc.stderr
 
 
 @pytest.mark.parametrize("launch", ["coconut-scale train", "python -m coconut_scale.train"])

@@ -113,13 +113,17 @@ def test_cache_hit_and_keys(tmp_path, monkeypatch):
     assert len(list(cache.iterdir())) == 2 and not list(cache.glob("*.tmp"))
 
 
-def test_corrupt_cache_is_rebuilt(tmp_path):
+def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
     tok = tiny_tokenizer()
     path = _write(tmp_path, synthetic_records())
     cache = tmp_path / "cache"
     good, _ = tr.load_tokenized(path, tok, cache_dir=cache)
     (target,) = cache.iterdir()
     target.write_bytes(b"garbage")
+    assert tr.load_tokenized(path, tok, cache_dir=cache)[0] == good
+    # Rebuilt in place: the file is a valid cache again, and the next load reads it without tokenizing.
+    assert json.loads(target.read_text())["version"] == tr.CACHE_VERSION
+    monkeypatch.setattr(tr, "_tokenize_file", lambda *a: pytest.fail("the rebuilt cache was not used"))
     assert tr.load_tokenized(path, tok, cache_dir=cache)[0] == good
 
 
@@ -180,6 +184,7 @@ def _rank_main(rank, world, port, path, cache, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes in a gloo group
 def test_rank0_tokenizes_others_read(tmp_path):
     path = _write(tmp_path, synthetic_records())
     with socket.socket() as s:

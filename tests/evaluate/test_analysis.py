@@ -14,7 +14,9 @@ import math
 
 import pytest
 import torch
-from test_eval_cli import MAX_NEW, STAGE, assert_png, build_tiny_export, curriculum, expected_scores
+
+from png_check import assert_png
+from tiny_export import MAX_NEW, STAGE, curriculum, expected_scores
 
 from coconut_scale.evaluate import ablations, curves, noise_sweep, probing
 from coconut_scale.data.curriculum import build_eval_examples
@@ -24,11 +26,6 @@ from coconut_scale.model.perturb import Perturbation
 from coconut_scale.model.reference import reference_filled_embeddings, reference_generate
 from coconut_scale.data.tokenized import tokenize_records
 from coconut_scale.model.tokens import LatentTokens
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_export(tmp_path_factory.mktemp("tiny_analysis"))
 
 
 def _examples(tiny, stage=STAGE):

@@ -2,12 +2,11 @@
 blocks runs here, as written, and must exit 0 and write the files the page lists.
 
 The commands run from a scratch directory laid out like the demo's: `runs/demo_cpu/hf/{stage0,stage2}` hold a tiny
-exported Llama (test_eval_cli's), `data/generated/demo_smol_val.json` a tiny ProsQA-style file, and
+exported Llama (tiny_export.py's), `data/generated/demo_smol_val.json` a tiny ProsQA-style file, and
 `runs/demo_cpu/metrics.jsonl` a short training log. `torchrun` lines are left to test_eval_cli's 2-rank test.
 """
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -16,13 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_eval_cli import build_tiny_export
+
+from child_process import subprocess_env
+from tiny_export import build_tiny_export
 
 from coconut_scale.model.export_meta import ExportMeta
 from coconut_scale.model.loading import build_coconut, save_exported
 from coconut_scale.model.tokens import LatentTokens
 
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "evaluation.md"
 DEMO_RUN = Path("runs/demo_cpu")
 DEMO_DATA = Path("data/generated/demo_smol_val.json")
@@ -100,6 +101,7 @@ def expected_out_dir(argv: list[str]) -> Path:
     return export.parent.parent / "eval" / export.name / f"{tool}-stage{stage}"
 
 
+@pytest.mark.slow  # each command is a child process that loads the export and runs its tool (7-16 s)
 @pytest.mark.parametrize("command", COMMANDS)
 def test_documented_command_runs(demo_dir, command):
     argv = shlex.split(command, comments=True)
@@ -110,11 +112,7 @@ def test_documented_command_runs(demo_dir, command):
         run = argv
     else:
         pytest.skip("the coconut-scale console script is not installed")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run(run, cwd=demo_dir, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(run, cwd=demo_dir, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{command}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     out = demo_dir / expected_out_dir(argv)
     assert str(out.relative_to(demo_dir)) in proc.stdout, "the command does not report the documented directory"

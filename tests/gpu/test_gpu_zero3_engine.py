@@ -1,18 +1,21 @@
 """One-process ZeRO-3 engine steps on a CUDA GPU, through coconut_scale.train.engine.build_engine, with the
 fused AdamW the strategy picks on CUDA: full fine-tuning and LoRA, bf16 (ds_configs/zero3_bf16.json)."""
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import REPO, latent_batch
 
 from coconut_scale.config.batch_plan import resolve_batch
 from coconut_scale.config.ds_config import build_ds_config
 from coconut_scale.config.model_shape import hidden_size
 from coconut_scale.config.recipe import load_recipe
 from coconut_scale.model.tokens import LatentTokens
-from coconut_scale.testing import tiny_tokenizer
+from coconut_scale.testing import latent_batch, tiny_tokenizer
 from coconut_scale.train.engine import build_engine
 from coconut_scale.train.strategy import init_distributed
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.gpu
 

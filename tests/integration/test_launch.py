@@ -2,7 +2,7 @@
 over loopback with --no_ssh) and in dry-run mode with fake pdsh/ssh/srun/scontrol where it cannot.
 
 The full launch tests (`test_two_nodes_*`, `test_single_node_script_*`) train the tiny recipe to completion
-and check what a finished 2-rank run leaves behind. tests/test_train_distributed.py already runs the bare
+and check what a finished 2-rank run leaves behind. tests/integration/test_train_distributed.py already runs the bare
 `deepspeed --num_gpus 2 --module coconut_scale.train` command (and compares it with a single process), so
 here the same launch goes through launch/single_node.sh.
 """
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 RECIPE = "recipes/tiny_cpu.yaml"
 SCRIPTS = ["single_node.sh", "per_node_no_ssh.sh", "multi_node_pdsh.sh", "write_deepspeed_env.sh", "slurm.sbatch"]
@@ -450,6 +449,7 @@ with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w") as 
 """
 
 
+@pytest.mark.slow  # DeepSpeed's node launcher starts two ranks
 def test_pdsh_launch_secrets_reach_the_training_processes_on_the_node(tmp_path):
     """The other half: on a node (a fresh login environment), the ranks DeepSpeed's node launcher starts see
     WANDB_API_KEY and HF_TOKEN (from the secrets file) and the plain variables (from the exports)."""

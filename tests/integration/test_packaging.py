@@ -6,9 +6,12 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
-from conftest import REPO
+
+pytestmark = pytest.mark.slow  # builds the wheel with pip, then imports the unpacked wheel in a child process
+REPO = Path(__file__).resolve().parents[2]
 
 TEMPLATES = sorted(p.name for p in (REPO / "coconut_scale" / "ds_configs").glob("*.json"))
 

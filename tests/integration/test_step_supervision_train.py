@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from coconut_scale.model.loading import load_exported_with_step_decoder
 from coconut_scale.model.step_supervision import StepSupervision
-from conftest import train_losses as _train_losses
-from test_train_distributed import _run
+from training_runs import kill_at_checkpoint, run
 
 pytestmark = pytest.mark.slow
 STEP = {"coconut.step_supervision.enabled": "true", "coconut.step_supervision.export_decoder": "true"}
@@ -28,12 +27,12 @@ def _train_records(out):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("step_train")
     data = root / "data"
-    _run("python", root / "one", data, **STEP)
-    _run("torchrun", root / "two", data, **STEP)
+    run("python", root / "one", data, **STEP)
+    run("torchrun", root / "two", data, **STEP)
     return root / "one", root / "two"
 
 
-def test_losses_are_logged_apart_and_two_ranks_equal_one(runs):
+def test_losses_are_logged_apart_and_two_ranks_equal_one(runs, train_losses):
     one, two = runs
     rec1, rec2 = _train_records(one), _train_records(two)
     latent = [r for r in rec1 if r["stage"] >= 1]
@@ -41,7 +40,7 @@ def test_losses_are_logged_apart_and_two_ranks_equal_one(runs):
     assert all("step_loss" not in r for r in rec1 if r["stage"] == 0)  # stage 0 has no latent step
     for r in latent:
         assert abs(r["loss"] - (r["coconut_loss"] + r["step_loss"])) < 1e-3 * max(1.0, r["loss"])
-    l1, l2 = _train_losses(one), _train_losses(two)
+    l1, l2 = train_losses(one), train_losses(two)
     assert l1.keys() == l2.keys()
     for step in l1:
         assert abs(l1[step] - l2[step]) < 1e-4 * max(1.0, l1[step]), (step, l1[step], l2[step])
@@ -70,22 +69,20 @@ def test_export_drops_the_decoder_writes_it_beside_and_the_loader_reattaches_it(
         torch.testing.assert_close(loaded[key], value)
 
 
-def test_kill_9_and_resume_carries_the_decoder(runs, tmp_path):
+def test_kill_9_and_resume_carries_the_decoder(runs, tmp_path, train_losses):
     """The decoder lives in the engine's module, so checkpoints carry it: a run killed mid-epoch and resumed ends
     with the decoder, the model and the losses of the uninterrupted run."""
-    from test_train_distributed import kill_at_checkpoint
-
     one, _ = runs
     out = tmp_path / "killed"
     extra = {**STEP, "checkpoint.save_every_steps": 5}
     kill_at_checkpoint(out, one.parent / "data", 15, **extra)  # epoch 1, stage 1: the decoder has trained 3 steps
-    _run("python", out, one.parent / "data", **extra)
+    run("python", out, one.parent / "data", **extra)
     for part in ("model.safetensors", "step_decoder/model.safetensors"):
         a, b = load_file(str(one / "hf" / "stage2" / part)), load_file(str(out / "hf" / "stage2" / part))
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m: f"{part} {key}: {m}")
-    assert _train_losses(out) == _train_losses(one)
+    assert train_losses(out) == train_losses(one)
 
 
 def test_with_lora_on_base_and_decoder_two_ranks_equal_one(tmp_path):
@@ -94,8 +91,8 @@ def test_with_lora_on_base_and_decoder_two_ranks_equal_one(tmp_path):
     lora = {**STEP, "lora.enabled": "true", "lora.rank": 4, "lora.alpha": 8, "lora.dropout": 0.0, "optim.epochs": 2,
             "coconut.max_latent_stage": 1}
     data = tmp_path / "data"
-    _run("python", tmp_path / "one", data, **lora)
-    _run("torchrun", tmp_path / "two", data, **lora)
+    run("python", tmp_path / "one", data, **lora)
+    run("torchrun", tmp_path / "two", data, **lora)
     rec1, rec2 = _train_records(tmp_path / "one"), _train_records(tmp_path / "two")
     parts1 = {r["global_step"]: (r["coconut_loss"], r["step_loss"]) for r in rec1 if "step_loss" in r}
     parts2 = {r["global_step"]: (r["coconut_loss"], r["step_loss"]) for r in rec2 if "step_loss" in r}

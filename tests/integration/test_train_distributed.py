@@ -1,12 +1,10 @@
 """End-to-end training on CPU (gloo): 1 process vs 2 ranks under ZeRO-3 (and ZeRO-2), launchers, kill -9 + resume.
 
-Every run trains the tiny recipe through a stage boundary with an optimizer reset (3 epochs, stages 0-1-2),
-with stage mixing (uniform_prob) so that ranks hold different latent counts in the same step, and an odd
-validation set so evaluation shards are uneven. All runs are under a timeout: a hang fails the test.
+The runs are training_runs.py's: the tiny recipe through a stage boundary with an optimizer reset, stage mixing
+so that ranks hold different latent counts in the same step, uneven evaluation shards, every run under a timeout.
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,65 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, subprocess_env, train_losses
+from child_process import subprocess_env
+from training_runs import REPO, TIMEOUT, command, kill_at_checkpoint, overrides, run
 
 pytestmark = pytest.mark.slow
-TIMEOUT = 420
-
-
-def _overrides(out: Path, data: Path, **extra) -> list[str]:
-    base = {
-        "output_dir": str(out),
-        "data.train_file": str(data / "train.json"),
-        "data.val_file": str(data / "val.json"),
-        "data.generate": "{kind: prosqa_synthetic, n_train: 48, n_val: 9, seed: 3}",
-        "optim.epochs": 3,
-        "optim.grad_clip": 0.0,
-        "coconut.max_latent_stage": 2,
-        "coconut.uniform_prob": 0.3,
-        "batch.global_batch_size": 4,
-        "batch.micro_batch_size": 2,
-        "batch.eval_batch_size": 4,
-        "eval.max_new_tokens": 6,
-        "logging.log_every_steps": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _command(launcher: str, overrides: list[str]) -> list[str]:
-    recipe = str(REPO / "recipes" / "tiny_cpu.yaml")
-    if launcher == "python":
-        return [sys.executable, "-m", "coconut_scale.train", recipe, *overrides]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "coconut_scale.train", recipe, *overrides]
-    if launcher == "deepspeed":
-        port = str(29600 + os.getpid() % 300)
-        return ["deepspeed", "--num_gpus", "2", "--master_port", port, "--module", "coconut_scale.train",
-                recipe, *overrides]
-    raise ValueError(launcher)
-
-
-def kill_at_checkpoint(out: Path, data: Path, step: int, **extra) -> None:
-    """Start a one-process run and SIGKILL it (its whole process group) once checkpoint `step` exists."""
-    proc = subprocess.Popen(_command("python", _overrides(out, data, **extra)), cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    target = out / "checkpoints" / f"step-{step:08d}"
-    deadline = time.time() + TIMEOUT
-    while not target.exists():
-        assert proc.poll() is None, "run ended before the checkpoint to kill at"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _run(launcher: str, out: Path, data: Path, **extra) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(launcher, _overrides(out, data, **extra)), cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{launcher} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -95,11 +38,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     data = root / "data"
     single = root / "single"
-    _run("python", single, data)
+    run("python", single, data)
     return root, data, single
 
 
-def test_single_process_run_trains_evaluates_and_exports(runs):
+def test_single_process_run_trains_evaluates_and_exports(runs, train_losses):
     _, _, single = runs
     losses = train_losses(single)
     assert len(losses) == 3 * 12  # 48 records / global batch 4, three epochs
@@ -120,11 +63,11 @@ def test_single_process_run_trains_evaluates_and_exports(runs):
 def torchrun2(runs):
     root, data, _ = runs
     two = root / "torchrun2"
-    _run("torchrun", two, data)
+    run("torchrun", two, data)
     return two
 
 
-def test_two_ranks_zero3_torchrun_equals_single_process(runs, torchrun2):
+def test_two_ranks_zero3_torchrun_equals_single_process(runs, torchrun2, train_losses):
     """1 rank x accum 2 vs 2 ranks x accum 1 at global batch 4: same losses, same final weights."""
     _, _, single = runs
     two = torchrun2
@@ -138,13 +81,13 @@ def test_two_ranks_zero3_torchrun_equals_single_process(runs, torchrun2):
 ZERO2 = {"deepspeed.config": "ds_configs/zero2_fp32.json", "deepspeed.overrides": "{}"}
 
 
-def test_two_ranks_zero2_equal_one_process_on_the_fused_loss(runs, tmp_path):
+def test_two_ranks_zero2_equal_one_process_on_the_fused_loss(runs, tmp_path, train_losses):
     """ZeRO-2 leaves the lm_head whole, so the loss takes the fused sweep (model/chunked_loss.py; ZeRO-3's
     partitioned head takes the module calls, tested above): 2 ranks x accum 1 equal 1 rank x accum 2."""
     _, data, _ = runs
     one, two = tmp_path / "zero2_one", tmp_path / "zero2_two"
-    _run("python", one, data, **ZERO2)
-    _run("torchrun", two, data, **ZERO2)
+    run("python", one, data, **ZERO2)
+    run("torchrun", two, data, **ZERO2)
     l1, l2 = train_losses(one), train_losses(two)
     assert l1.keys() == l2.keys() and len(l1) == 3 * 12
     for step in l1:
@@ -152,7 +95,7 @@ def test_two_ranks_zero2_equal_one_process_on_the_fused_loss(runs, tmp_path):
     _assert_same_weights(one, two)
 
 
-def test_universal_checkpoint_resumes_a_two_rank_run_on_one_process(runs, torchrun2):
+def test_universal_checkpoint_resumes_a_two_rank_run_on_one_process(runs, torchrun2, train_losses):
     """2 ranks -> 1: the ZeRO-3 checkpoint at the stage 1 -> 2 boundary, converted to DeepSpeed's universal
     format, resumes in one process and ends where the never-interrupted single-process run ends."""
     root, data, single = runs
@@ -163,7 +106,7 @@ def test_universal_checkpoint_resumes_a_two_rank_run_on_one_process(runs, torchr
     shutil.rmtree(out / "hf" / "stage2")
     assert json.loads((boundary / "loop_state.json").read_text())["world_size"] == 2
 
-    refused = subprocess.run(_command("python", _overrides(out, data)), cwd=REPO, env=subprocess_env(), capture_output=True,
+    refused = subprocess.run(command("python", overrides(out, data)), cwd=REPO, env=subprocess_env(), capture_output=True,
                              text=True, timeout=TIMEOUT)
     assert refused.returncode != 0
     assert "written by 2 ranks and this run has 1" in refused.stderr
@@ -174,7 +117,7 @@ def test_universal_checkpoint_resumes_a_two_rank_run_on_one_process(runs, torchr
     assert convert.returncode == 0, convert.stdout[-2000:] + convert.stderr[-4000:]
     assert (boundary / "ds_universal").is_dir()
 
-    resumed = _run("python", out, data)
+    resumed = run("python", out, data)
     assert "(universal copy)" in resumed.stdout
     _assert_same_weights(single, out)
     l1, lr = train_losses(single), train_losses(out)
@@ -187,16 +130,16 @@ def test_deepspeed_launcher_with_module_equals_single_process(runs):
     if shutil.which("deepspeed") is None:
         pytest.skip("deepspeed launcher not on PATH")
     two = root / "ds2"
-    _run("deepspeed", two, data)
+    run("deepspeed", two, data)
     _assert_same_weights(single, two)
 
 
-def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs):
+def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs, train_losses):
     root, data, single = runs
     out = root / "killed"
     kill_at_checkpoint(out, data, 5, **{"checkpoint.save_every_steps": 5})  # mid-epoch 0 (12 steps per epoch)
     assert not (out / "hf" / "stage2").exists()
-    resumed = _run("python", out, data, **{"checkpoint.save_every_steps": 5})
+    resumed = run("python", out, data, **{"checkpoint.save_every_steps": 5})
     assert "resumed from" in resumed.stdout
     _assert_same_weights(single, out)
     l1, lk = train_losses(single), train_losses(out)
@@ -219,7 +162,7 @@ def test_export_reloads_with_from_pretrained_and_matches_engine_logits(runs, tmp
 def test_ctrl_c_stops_with_one_line_naming_the_last_checkpoint(runs):
     root, data, _ = runs
     out = root / "interrupted"
-    cmd = _command("python", _overrides(out, data, **{"checkpoint.save_every_steps": 2}))
+    cmd = command("python", overrides(out, data, **{"checkpoint.save_every_steps": 2}))
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     target = out / "checkpoints" / "step-00000002"
     deadline = time.time() + TIMEOUT
@@ -245,7 +188,7 @@ def test_truncated_optimizer_shard_in_the_newest_checkpoint_falls_back_to_the_pr
     shard = next((newest / "ds").glob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     shutil.rmtree(out / "hf" / "stage2")
-    resumed = _run("python", out, data)
+    resumed = run("python", out, data)
     skipped = [line for line in resumed.stdout.splitlines() if line.startswith(f"checkpoint {newest} skipped")]
     assert len(skipped) == 1 and str(shard) in skipped[0] and "truncated" in skipped[0], resumed.stdout[-3000:]
     assert "resumed from " + str(out / "checkpoints" / "step-00000024") in resumed.stdout

@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "coconut_scale"
 DOC = PACKAGE.parent / "docs" / "architecture.md"
-BASE = {"errors", "atomic_files", "distributed"}  # import no wing
+BASE = {"errors", "atomic_files", "distributed", "file_manifest"}  # import no wing
 TEST_SUPPORT = {"testing": {"model", "data"}}  # tiny models and tokenizers for tests and benchmarks
 # `python -m coconut_scale.X` and `deepspeed --module coconut_scale.train` entry points: they only call the CLI.
 SHIMS = {"coconut_scale.__main__", "coconut_scale.check", "coconut_scale.eval", "coconut_scale.universal",

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import latent_batch
 
 from coconut_scale.config.recipe import LoraCfg
 from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
@@ -16,7 +15,7 @@ from coconut_scale.model.coconut import Coconut, latent_columns, shifted_cross_e
 from coconut_scale.model.lora import apply_lora
 from coconut_scale.model.reference import reference_forward
 from coconut_scale.model.tokens import IGNORE_INDEX, LatentTokens
-from coconut_scale.testing import tiny_model
+from coconut_scale.testing import latent_batch, tiny_model
 
 ARCHS = ["gpt2", "llama", "qwen3"]
 RTOL, ATOL = 1e-5, 1e-7

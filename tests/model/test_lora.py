@@ -23,10 +23,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-if __name__ != "__main__":
-    from conftest import REPO
-else:  # run as a torchrun script: tests/ is sys.path[0], the package may not be installed
-    REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]
+if __name__ == "__main__":  # run as a torchrun script: tests/model is sys.path[0], the package may not be installed
     sys.path.insert(0, str(REPO))
 
 from coconut_scale.model.lora import (
@@ -169,7 +167,7 @@ def test_adapter_refuses_a_base_with_other_embedding_tying(tmp_path):
 # DeepSpeed runs
 
 def _env():
-    from conftest import subprocess_env
+    from child_process import subprocess_env  # (tests/ is on sys.path under pytest, not in the torchrun script)
 
     return subprocess_env(HF_HUB_OFFLINE="1")
 
@@ -244,12 +242,6 @@ def _train(launcher: str, out: Path, root: Path, **extra) -> subprocess.Complete
     return _run(cmd, f"{launcher} LoRA training {out.name}")
 
 
-def _train_losses(out: Path) -> dict[int, float]:
-    from conftest import train_losses
-
-    return train_losses(out)
-
-
 def _final_tensors(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -279,14 +271,14 @@ def single_zero3(root):
 
 
 @pytest.mark.slow
-def test_two_ranks_zero3_lora_equals_single_process(root, single_zero3):
+def test_two_ranks_zero3_lora_equals_single_process(root, single_zero3, train_losses):
     single, proc1 = single_zero3
     two = root / "zero3_2"
     proc2 = _train("torchrun", two, root)
     for proc in (proc1, proc2):
         assert "stage 0 -> 1: optimizer state and LR schedule reset" in proc.stdout
         assert "ZeRO stage 3" in proc.stdout
-    l1, l2 = _train_losses(single), _train_losses(two)
+    l1, l2 = train_losses(single), train_losses(two)
     assert len(l1) == 2 * 8 and l1.keys() == l2.keys()  # 32 records / global batch 4, two epochs
     for step in l1:
         assert abs(l1[step] - l2[step]) < 1e-4, (step, l1[step], l2[step])
@@ -299,14 +291,14 @@ def test_two_ranks_zero3_lora_equals_single_process(root, single_zero3):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, ds_json", [(2, "zero2_fp32.json"), (0, "zero0_bf16.json")], ids=["zero2", "zero0"])
-def test_one_gpu_paths_train_like_zero3(root, single_zero3, stage, ds_json):
+def test_one_gpu_paths_train_like_zero3(root, single_zero3, stage, ds_json, train_losses):
     """The one-GPU LoRA paths: ZeRO-2, and ZeRO-0 (llama8b_gsm_lora's config; its bf16 follows model.dtype,
     fp32 here) keep whole weights and plain state dicts, and must give the ZeRO-3 run's numbers."""
     single, _ = single_zero3
     out = root / f"zero{stage}_1"
     proc = _train("python", out, root, **{"deepspeed.config": f"ds_configs/{ds_json}", "deepspeed.overrides": "{}"})
     assert f"ZeRO stage {stage}" in proc.stdout
-    l3, l1 = _train_losses(single), _train_losses(out)
+    l3, l1 = train_losses(single), train_losses(out)
     assert l3.keys() == l1.keys()
     for step in l3:
         assert abs(l3[step] - l1[step]) < 1e-4, (step, l3[step], l1[step])
@@ -315,7 +307,7 @@ def test_one_gpu_paths_train_like_zero3(root, single_zero3, stage, ds_json):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_json", ["zero3_bf16.json", "zero0_bf16.json"], ids=["zero3", "zero0"])
-def test_bf16_lora_trains_like_fp32(root, single_zero3, ds_json):
+def test_bf16_lora_trains_like_fp32(root, single_zero3, ds_json, train_losses):
     """bf16, as every GPU recipe trains: DeepSpeed flattens the trainable parameters into one buffer per dtype, so
     the adapters must share the token rows' dtype (peft's default upcast to fp32 stopped the ZeRO-3 engine at
     initialize). The losses follow the fp32 run's to bf16 precision."""
@@ -323,7 +315,7 @@ def test_bf16_lora_trains_like_fp32(root, single_zero3, ds_json):
     out = root / f"bf16_{ds_json.split('_')[0]}"
     proc = _train("python", out, root, **{"model.dtype": "bf16", "deepspeed.config": f"ds_configs/{ds_json}"})
     assert f"ZeRO stage {ds_json[4]}" in proc.stdout
-    fp32, bf16 = _train_losses(single), _train_losses(out)
+    fp32, bf16 = train_losses(single), train_losses(out)
     assert fp32.keys() == bf16.keys()
     for step in fp32:
         assert abs(fp32[step] - bf16[step]) < 0.05 * abs(fp32[step]), (step, fp32[step], bf16[step])

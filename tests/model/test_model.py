@@ -3,7 +3,6 @@ reference, and batched generation against one row at a time."""
 
 import pytest
 import torch
-from conftest import break_embedding_ties, latent_batch
 
 from coconut_scale.data.collate import left_pad_for_generation
 from coconut_scale.model.activation_checkpointing import (
@@ -13,7 +12,7 @@ from coconut_scale.model.activation_checkpointing import (
 )
 from coconut_scale.model.coconut import Coconut, plan_passes
 from coconut_scale.model.reference import reference_forward, reference_generate
-from coconut_scale.testing import tiny_model
+from coconut_scale.testing import break_embedding_ties, latent_batch, tiny_model
 from coconut_scale.model.tokens import LatentTokens
 
 ARCHS = ["gpt2", "llama", "qwen3"]

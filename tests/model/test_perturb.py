@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import latent_batch
 
 from coconut_scale.model import Coconut
 from coconut_scale.model.perturb import NOISE_KINDS, Perturbation
-from coconut_scale.testing import tiny_model
+from coconut_scale.testing import latent_batch, tiny_model
 from coconut_scale.model.tokens import LatentTokens
 
 D = 4096  # wide vectors make the sample statistics tight

@@ -1,5 +1,6 @@
 """CheckpointManager, directly, with a stand-in strategy (no DeepSpeed): layout, atomicity, pruning, RNG, errors."""
 
+import hashlib
 import json
 import random
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from coconut_scale.errors import UserError
+from coconut_scale.file_manifest import coconut_scale_version
 from coconut_scale.train.checkpoints import CheckpointManager
 from coconut_scale.train.state import TrainState
 
@@ -98,12 +100,24 @@ def _two_checkpoints(tmp_path):
     return older, newer
 
 
-def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
+def test_manifest_lists_every_file_with_size_and_digest_and_the_version(tmp_path):
     _, newer = _two_checkpoints(tmp_path)
-    files = json.loads((newer / "manifest.json").read_text())["files"]
+    manifest = json.loads((newer / "manifest.json").read_text())
+    files = manifest["files"]
     on_disk = {p.relative_to(newer).as_posix() for p in newer.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(files) == on_disk and {"ds/shard.txt", "loop_state.json", "rng_rank0.json"} <= on_disk
-    assert files["ds/shard.txt"]["size"] == len("weights") and len(files["ds/shard.txt"]["sha256"]) == 64
+    assert manifest["digest"] == "xxh3_128-256MiB" and manifest["coconut_scale"] == coconut_scale_version()
+    assert files["ds/shard.txt"]["size"] == len("weights") and len(files["ds/shard.txt"]["xxh3_128-256MiB"]) == 32
+
+
+def test_a_sha256_manifest_of_an_earlier_version_still_verifies(tmp_path):
+    _, newer = _two_checkpoints(tmp_path)
+    files = {n: {"size": (newer / n).stat().st_size, "sha256": hashlib.sha256((newer / n).read_bytes()).hexdigest()}
+             for n in json.loads((newer / "manifest.json").read_text())["files"]}
+    (newer / "manifest.json").write_text(json.dumps({"format": 1, "files": files}))
+    assert CheckpointManager(tmp_path / "checkpoints").verify(newer) is None
+    _flip(newer / "ds" / "shard.txt")
+    assert "does not match the sha256" in CheckpointManager(tmp_path / "checkpoints").verify(newer)
 
 
 def _truncate(path):
@@ -118,7 +132,7 @@ def _flip(path):
 
 @pytest.mark.parametrize("damage, file, says", [
     (_truncate, "ds/shard.txt", "has 3 bytes, its manifest says 7"),
-    (_flip, "ds/shard.txt", "does not match the sha256"),
+    (_flip, "ds/shard.txt", "does not match the xxh3_128-256MiB digest"),
     (lambda p: p.unlink(), "rng_rank0.json", "is missing"),
     (lambda p: p.write_text("{not json"), "manifest.json", "cannot be read"),
     (lambda p: p.unlink(), "manifest.json", "is missing"),

@@ -7,10 +7,13 @@ and the second forward overflows fp32 (RMSNorm squares them) to a NaN loss."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from child_process import subprocess_env
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -6,13 +6,16 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, subprocess_env
+from child_process import subprocess_env
 from coconut_scale.config.recipe import RecipeError, load_recipe
 from coconut_scale.train.recipe_guard import RecipeChangeError, check_resume
+
+REPO = Path(__file__).resolve().parents[2]
 
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 

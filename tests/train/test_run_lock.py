@@ -7,11 +7,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from child_process import subprocess_env
 from coconut_scale.train.run_lock import LOCK_FILE, RunLock, RunLockError
+
+REPO = Path(__file__).resolve().parents[2]
 
 HOLD = ("import sys, time; from coconut_scale.train.run_lock import RunLock; "
         "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
@@ -50,8 +53,14 @@ def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
                                                   "started": time.time() - 3600}))
     lines = []
-    RunLock(tmp_path).acquire(log=lines.append)
+    lock = RunLock(tmp_path)
+    lock.acquire(log=lines.append)
     assert len(lines) == 1 and f"pid {dead.pid}" in lines[0] and "that run is gone" in lines[0]
+    # Taken over: the record names this process, and the lock is held (another acquire is refused naming it).
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    with pytest.raises(RunLockError, match=rf"pid {os.getpid()} on host"):
+        RunLock(tmp_path).acquire()
+    lock.release()
 
 
 def _train(out, data, epochs=1):

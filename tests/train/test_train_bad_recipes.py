@@ -1,11 +1,13 @@
 """Bad recipes fail in coconut_scale.train before any process group or model exists, naming the problem."""
 
 import re
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from coconut_scale.cli import train
+
+REPO = Path(__file__).resolve().parents[2]
 
 RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")
 
@@ -29,7 +31,10 @@ def test_typo_key_is_named():
 
 
 def test_non_divisible_batch_names_every_number():
-    _fails(["batch.global_batch_size=10", "batch.micro_batch_size=4"], r"10.*4")
+    # global, micro, world size and their product, then the micro batches that would divide it
+    _fails(["batch.global_batch_size=10", "batch.micro_batch_size=4"],
+           re.escape("global_batch_size 10 is not divisible by micro_batch_size 4 x world_size 1 = 4; "
+                     "pick micro_batch_size in {1, 2, 5, 10} for world_size 1"))
 
 
 def test_missing_data_file_is_named(tmp_path):
