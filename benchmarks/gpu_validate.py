@@ -19,6 +19,10 @@ DIR/gpu_validate.log (the stages' output). Stages, each timed, each allowed to f
                      Qwen3-4B-shaped full fine-tune (ZeRO-3, one GPU, micro batch of recipes/qwen3_4b_gsm.yaml)
   profile            where a figure misses its target: torch.profiler's top kernels of one 8B step and the
                      time of every latent and full pass (in the smoke run: always, to keep the code alive)
+  fake_vs_real       the real peak (allocated, reserved + CUDA context) of a step, a validation and a generation
+                     batch beside `check --measure`'s fake-tensor figure of the same recipe and micro batch
+                     (benchmarks/gpu_stage_fake_vs_real.py; the fake figures come from the committed
+                     benchmarks/results/fake_measure.json): llama8b_gsm_lora micro 8, qwen3_4b_gsm micro 12
 
 On CUDA each stage runs in its own process (an OOM, a hang or a crash costs that stage only; its time limit
 is enforced by killing it); in the smoke run on the CPU they run in this process, except `environment`, which
@@ -507,6 +511,16 @@ def stage_profile(ctx: StageContext) -> dict:
             "headline": "misses: " + "; ".join(misses) if misses else "",
             "markdown": "\n".join(["Profile of one 8B step (top kernels):", "", "```", kernels.rstrip(), "```", "",
                                    pass_table])}
+
+
+@stage(limit_s=300)
+def stage_fake_vs_real(ctx: StageContext) -> dict:
+    """The real peak of a recipe's step, validation and generation batches on the GPU beside the fake-tensor figure
+    of `coconut-scale check --measure` (benchmarks/gpu_stage_fake_vs_real.py): Llama-3.1-8B LoRA at micro 8 and
+    Qwen3-4B full fine-tuning at micro 12, one GPU; on the CPU (smoke) a tiny recipe on real CPU tensors."""
+    from gpu_stage_fake_vs_real import stage_fake_vs_real as run
+
+    return run({"smoke": ctx.smoke})
 
 
 # --- running stages ----------------------------------------------------------------------------------------------

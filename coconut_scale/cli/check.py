@@ -11,11 +11,14 @@ override that names no recipe key, a data file with a bad record.
 
 The training file's records are counted for the LR schedule's length (config/schedule.py); records longer
 than data.max_seq_len are only dropped at training time, so the trainer may count a few steps fewer.
-The memory model is in coconut_scale/config/memory.py. `--measure` executes the recipe's exact training model
-at its real shape on fake tensors (no memory, no GPU: coconut_scale/config/measured_memory.py) and prints, per
-world size, the measured peak by component beside the estimate, DeepSpeed's model-state estimate and the FLOPs
-and predicted step time; it fails when the measured peak plus the allowance for what fake tensors cannot see does
-not fit, or when the estimate is outside its tolerance of the measurement (docs/memory.md). Models unknown to
+The memory model is in coconut_scale/config/memory.py: the peak per GPU over the step's phases (forward +
+backward, the optimizer step, a validation and a generation batch), held to the measurement below within
+measured_memory.TOLERANCE at every shipped recipe and world size. `--measure` executes the recipe's exact
+training model at its real shape on fake tensors (no memory, no GPU: coconut_scale/config/measured_memory.py;
+minutes per recipe on two cores) and prints, per world size, the measured peak by component beside the estimate,
+DeepSpeed's model-state estimate and the FLOPs and predicted step time; it fails when the measured peak plus what
+fake tensors cannot see (DeepSpeed's buffers, the allowance for the CUDA context and allocator) does not fit, or
+when the estimate is outside its tolerance of the measurement (docs/memory.md). Models unknown to
 coconut_scale/model/shapes.py are sized from their config through AutoConfig, which needs the hub cache or a
 download.
 """
@@ -60,11 +63,13 @@ def _schedule_line(recipe) -> str:
 
 
 def _memory_table(rows: list[tuple[int, int, int, dict]], limit: float) -> str:
-    header = ["GPUs", "micro", "accum", *(_SHORT[k] for k in GPU_COMPONENTS), "total", "host", f"fits {limit:g}"]
+    header = ["GPUs", "micro", "accum", *(_SHORT[k] for k in GPU_COMPONENTS), "total", "host", f"fits {limit:g}",
+              "peak at"]
     lines = [header]
     for ws, micro, accum, est in rows:
         lines.append([str(ws), str(micro), str(accum), *(f"{est[k]:.1f}" for k in GPU_COMPONENTS),
-                      f"{est['total']:.1f}", f"{est['host_offload']:.0f}", "yes" if est["total"] <= limit else "NO"])
+                      f"{est['total']:.1f}", f"{est['host_offload']:.0f}", "yes" if est["total"] <= limit else "NO",
+                      f"{est['phase']}: {est['moment']}"])
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     text = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
@@ -132,7 +137,8 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
         rows.append((plan.world_size, plan.micro_batch_size, plan.grad_accum,
                      estimate_memory(recipe, plan.world_size, shape=shape, ds_config=cfg)))
     if rows:
-        out("memory per GPU, GiB (estimate; 'host' = CPU RAM per rank for offloaded state):")
+        out("memory per GPU, GiB (estimate at the peak of the step's phases; 'host' = CPU RAM per rank for offloaded "
+            "state; the model and its moments: config/memory.py, docs/memory.md):")
         out(_memory_table(rows, limit))
     for ws, micro, _, est in rows:
         if est["total"] > limit:
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.measure and not problems:
             recipe = load_recipe(path, args.overrides)
             limit = args.gpu_memory_gb if args.gpu_memory_gb is not None else recipe.gpu_memory_gb
-            problems = measure_and_report(recipe, args.world_sizes, limit)
+            problems = measure_and_report(recipe, args.world_sizes, limit, log=lambda line: print(line, flush=True))
         if problems:
             failed.append(path)
         print()

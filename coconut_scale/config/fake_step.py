@@ -11,18 +11,23 @@ At one decoder-layer count (config/fake_model.py builds the model and the batche
     generation   one batch of greedy decoding with the KV cache (no gradients), optimizer states alive
 
 Memory is MemTracker's (torch.distributed._tools.mem_tracker): every tensor's storage, by category (parameters,
-buffers, gradients, activations, temporaries: what backward creates, optimizer states). It counts tensor bytes,
+buffers, gradients, activations, temporaries: what backward creates, optimizer states), plus gradient sums (a
+weight's gradient while backward still adds up its contributions from the latent passes: PeakTracker), at the
+whole step's peak and at the peak of every region of the step (PeakTracker.region). It counts tensor bytes,
 exactly; what a GPU adds on top (allocator rounding and fragmentation, the CUDA context, NCCL and DeepSpeed
-buffers) it cannot see. Everything is one process: ZeRO's sharding across GPUs is applied to these figures
-afterwards (config/measured_memory.py).
+buffers) it cannot see. Two things are kept as a GPU runs them, not as the instrument or the CPU would: the module
+tracker's backward hooks hold no gradients (_fw_pre_hook_first_gradient), and attention dropout keeps no
+probabilities (fused_attention_memory). Everything is one process: ZeRO's sharding across GPUs is applied to these
+figures afterwards (config/measured_memory.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.distributed._tools import mem_tracker
@@ -50,18 +55,58 @@ _KIND = {"params": mem_tracker._MemRefType.PARAM, "buffers": mem_tracker._MemRef
          "temporaries": mem_tracker._MemRefType.TEMP}
 
 
+_LAYER = re.compile(r"\.(?:layers|h|layer)\.(\d+)(?=\.|$)")
+
+
 class PeakTracker(mem_tracker.MemTracker):
-    """MemTracker's accounting of every storage by category, with only the whole-process peak. Its per-module
+    """MemTracker's accounting of every storage by category, with the whole-process peak and the peak of every
+    *region* of the step (below). Its per-module
     statistics (a snapshot copied at every module call, and a walk over every module seen at every op: five times
     the run time of a small model here) are not kept; they also refuse a module called again outside a parent
     module, as every decoding step calls the model. Kept from its module hooks: the first call of a module
     registers its parameters (so their gradients count as gradients), and a module re-run during backward
-    (checkpointing's recompute) creates activations, not temporaries."""
+    (checkpointing's recompute) creates activations, not temporaries.
 
-    def __init__(self):
+    Regions: the step's moments named the same way at every decoder-layer count, so that each one's memory can be
+    fitted across layer counts on its own (the step's peak moves between them as the model deepens: in a shallow
+    model the loss or the top layer's recompute, in a deep one the gradients summed over the passes at the end of
+    backward). A region is (forward or backward, the pass: the decoder call in forward, the how-many-th descent
+    through the top decoder layer in backward, the layer's role: first, mid or last, the submodule within the
+    layer or outside the layers). `num_layers`: the decoder's depth (for the roles); `pass_count()`: the decoder
+    calls so far, `bw_pass()`: the descents so far (RecipeRun counts both with module hooks; the module tracker's
+    own idea of where backward is cannot count them: it attributes backward to modules approximately)."""
+
+    def __init__(self, num_layers: int = 0, pass_count=lambda: 0, bw_pass=lambda: 0):
         super().__init__()
         self._registered = weakref.WeakSet()
         self._ref_class = tuple(_KIND.values())  # the categories of a snapshot, the gradient sums among them
+        self.num_layers = num_layers
+        self._pass_count = pass_count
+        self._bw_pass = bw_pass
+        # The module tracker learns that a module's backward is done from a hook on its inputs' gradients that waits
+        # for all of them, holding each until the last arrives: for a module whose inputs' gradients come far apart
+        # (LoRA's tied-head hook: the logits' early, the hidden states' only once every loss chunk is through) that
+        # hook itself would keep every chunk's logits gradient alive. It waits for the first instead.
+        self._mod_tracker._fw_pre_hook = functools.partial(_fw_pre_hook_first_gradient, self._mod_tracker)
+        self.regions: dict[str, tuple[int, dict]] = {}  # region -> (its peak total, the snapshot there)
+
+    def region(self) -> str:
+        """The current region's name (class doc)."""
+        inner = max(self._mod_tracker.parents, key=len)
+        m = _LAYER.search(inner)
+        bw = self._mod_tracker.is_bw
+        if m is None:
+            role, sub = "none", inner.rsplit(".", 1)[-1] if "." in inner else inner
+        else:
+            i = int(m.group(1))
+            role = "first" if i == 0 else "last" if i == self.num_layers - 1 else "mid"
+            sub = inner[m.end() + 1:] or "layer"
+            sub = _LAYER.sub(".*", sub)
+            top = inner[:m.start()]  # the decoder whose layer this is (the base, or SIM-CoT's decoder copy)
+            role = f"{top.rsplit('.', 1)[-1]}:{role}" if "step_supervision" in top else role
+        if bw:
+            return f"bw/{self._bw_pass()}/{role}/{sub}"
+        return f"fw/{self._pass_count()}/{role}/{sub}"
 
     def watch_gradient_sums(self, loss: torch.Tensor) -> None:
         """Before `loss.backward()`: every gradient that backward sends towards a trainable parameter is counted as
@@ -77,6 +122,25 @@ class PeakTracker(mem_tracker.MemTracker):
             if edges:
                 node.register_hook(functools.partial(self._mark_gradient_sums, edges))
             todo.extend(nxt for nxt, _ in node.next_functions)
+
+    _SUMS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        res = super().__torch_dispatch__(func, types, args, kwargs)
+        # The autograd engine adds a weight's next contribution to what it has summed so far (aten.add, outside any
+        # node): the result is that weight's gradient sum too, not a temporary.
+        if func in self._SUMS and self._mod_tracker.is_bw and isinstance(res, torch.Tensor) and any(
+                isinstance(a, torch.Tensor) and self._is_gradient_sum(a) for a in args):
+            self._update_and_maybe_create_winfos(res, _GradientSum.GRADIENT_SUM)
+            self._update_peak_stats(None)
+        return res
+
+    def _is_gradient_sum(self, t: torch.Tensor) -> bool:
+        for st in mem_tracker.get_untyped_storages(t):
+            winfo, _ = self._WINFO.get(st, (None, None))
+            if winfo is not None and winfo.reftype == _GradientSum.GRADIENT_SUM:
+                return True
+        return False
 
     def _mark_gradient_sums(self, edges, grad_inputs, grad_outputs) -> None:
         for i in edges:
@@ -102,10 +166,24 @@ class PeakTracker(mem_tracker.MemTracker):
         pass
 
     def _update_peak_stats(self, peak_state) -> None:
+        total = 0
         for device, snap in self._curr_mem_snap.items():
+            total += snap[mem_tracker._TOTAL_KEY]
             if self._peak_mem.get(device, 0) < snap[mem_tracker._TOTAL_KEY]:
                 self._peak_mem[device] = snap[mem_tracker._TOTAL_KEY]
                 self._peak_mem_snap[device] = dict(snap)
+        name = self.region()
+        if total > self.regions.get(name, (-1, None))[0]:
+            self.regions[name] = (total, self._by_category(self._curr_mem_snap.values()))
+
+    @staticmethod
+    def _by_category(snaps) -> dict[str, int]:
+        snaps = list(snaps)
+        return {name: sum(int(s.get(kind, 0)) for s in snaps) for name, kind in _KIND.items()}
+
+    def region_peaks(self) -> dict[str, "Phase"]:
+        """Every region's peak, by category."""
+        return {name: Phase(**snap) for name, (_, snap) in self.regions.items()}
 
     def skip_frozen_parameters(self, model: torch.nn.Module) -> None:
         """MemTracker hooks the gradient of every parameter a module uses, which torch refuses for a frozen one
@@ -116,12 +194,31 @@ class PeakTracker(mem_tracker.MemTracker):
 
     def peak(self, which: str = "peak") -> dict[str, int]:
         """Bytes by category (CATEGORIES) at the peak since entry or the last `restart_peak` ("current": now)."""
-        snaps = self.get_tracker_snapshot(which).values()
-        return {name: sum(int(s.get(kind, 0)) for s in snaps) for name, kind in _KIND.items()}
+        return self._by_category(self.get_tracker_snapshot(which).values())
 
     def restart_peak(self) -> None:
         self._peak_mem_snap = self.get_tracker_snapshot("current")
         self._peak_mem = {d: s[mem_tracker._TOTAL_KEY] for d, s in self._peak_mem_snap.items()}
+        self.regions = {}
+
+
+def _fw_pre_hook_first_gradient(tracker, mod, inputs) -> None:
+    """torch's ModTracker._fw_pre_hook with its backward hook in mode "any" (PeakTracker.__init__)."""
+    from torch.autograd.graph import register_multi_grad_hook
+    from torch.utils._pytree import tree_flatten
+
+    name = tracker._get_mod_name(mod)
+    w_mod = weakref.ref(mod)
+    tracker._get_append_fn(w_mod, name, False)()
+    if tracker._user_pre_fw_hook is not None:
+        tracker._user_pre_fw_hook(mod, inputs)
+    args, _ = tree_flatten(inputs)
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not tracker.is_bw:
+        if tensors:
+            register_multi_grad_hook(tensors, tracker._get_pop_fn(w_mod, name, True), mode="any")
+        else:
+            tracker._post_bw_callbacks_to_enqueue.append(tracker._get_pop_fn(w_mod, name, True))
 
 
 class _NoHook:
@@ -157,6 +254,13 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 p.copy_(master)
                 master.grad = None
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The model's gradients go too (the masters are the optimizer's own parameters): every step after the
+        first starts without gradients, as DeepSpeed leaves it (its gradient buffers are not model tensors)."""
+        super().zero_grad(set_to_none=set_to_none)
+        for p in self.model_params:
+            p.grad = None
 
     def prime(self) -> None:
         """Create every state tensor with a zero step, as the first real step would."""
@@ -194,6 +298,7 @@ class StepMeasure:
     optimizer: Phase
     after_backward: Phase  # what is left once backward is done: every gradient
     after_step: Phase  # and once the optimizer has stepped: its states, no gradient
+    train_regions: dict[str, Phase] = field(default_factory=dict)  # forward + backward, by region (PeakTracker)
 
 
 @dataclass
@@ -221,6 +326,32 @@ class GenerationMeasure:
     batch: int
     new_tokens: int
     peak: Phase
+    regions: dict[str, Phase] = field(default_factory=dict)
+
+
+@dataclass
+class ValidationMeasure:
+    peak: Phase
+    regions: dict[str, Phase] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def fused_attention_memory():
+    """Attention dropout as a GPU's fused SDPA kernels run it (flash / memory-efficient attention: they keep the
+    output and its log-sum-exp, and regenerate the dropout mask from a seed): the CPU has no fused kernel with
+    dropout and would fall back to the math path, which keeps the [B, heads, q, k] scores, probabilities and mask
+    (GPT-2 trains with attention dropout 0.1). For memory, the step runs the fused CPU kernel without dropout."""
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    @functools.wraps(original)
+    def sdpa(*args, dropout_p: float = 0.0, **kwargs):
+        return original(*args, dropout_p=0.0, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
 
 
 def _fake(mode, value):
@@ -259,12 +390,47 @@ class RecipeRun:
                 p.ds_id = i
         self.layers = self.model.num_layers
         self.weights = loss_weights(recipe)
+        self.decoder_calls = 0
+        self.model.base_causallm.get_decoder().register_forward_pre_hook(self._count_decoder_call)
+        self._count_descents()
         with self.mode:
             self.optimizer = _optimizer(recipe, self.model)
             self.optimizer.prime()
 
+    def _count_decoder_call(self, module, args) -> None:
+        self.decoder_calls += 1
+
+    def _count_descents(self) -> None:
+        """Backward's passes, counted where they start: the top decoder layer's recompute (checkpointing: the
+        forward of any of its submodules while backward runs, after another layer's), or the gradient of its
+        output reaching it (no checkpointing)."""
+        from coconut_scale.model.activation_checkpointing import decoder_layers
+
+        layers = decoder_layers(self.model.base_causallm)
+        top = len(layers) - 1
+        self.descents, self._recomputing = 0, None
+
+        def recompute(index, module, args):
+            if torch._C._current_graph_task_id() == -1:  # not inside backward
+                return
+            if index == top and self._recomputing != top:
+                self.descents += 1
+            self._recomputing = index
+
+        if self.recipe.model.gradient_checkpointing:
+            for i, layer in enumerate(layers):
+                for sub in layer.modules():
+                    if sub is not layer:
+                        sub.register_forward_pre_hook(functools.partial(recompute, i))
+        else:
+            def reached(module, grad_output):
+                self.descents += 1
+
+            layers[top].register_full_backward_pre_hook(reached)
+
     def _tracker(self) -> PeakTracker:
-        tracker = PeakTracker()
+        self.decoder_calls, self.descents, self._recomputing = 0, 0, None
+        tracker = PeakTracker(self.layers, lambda: self.decoder_calls, lambda: self.descents)
         tracker.skip_frozen_parameters(self.model)
         tracker.track_external(self.model, self.optimizer)
         return tracker
@@ -286,7 +452,7 @@ class RecipeRun:
         module hooks keep tensors alive and would inflate the peak)."""
         inputs, batch, parts = self._inputs(micro_batch)
         self.model.train()
-        with self.mode:
+        with self.mode, fused_attention_memory():
             tracker = self._tracker()
             with tracker:
                 loss = self._loss(inputs, batch, parts)
@@ -294,19 +460,21 @@ class RecipeRun:
                 loss.backward()
                 del loss
                 train, after_backward = self._phase(tracker), Phase(**tracker.peak("current"))
+                regions = tracker.region_peaks()
                 tracker.restart_peak()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 optimizer, after_step = self._phase(tracker), Phase(**tracker.peak("current"))
         return StepMeasure(layers=self.layers, micro_batch=micro_batch,
                            tokens=micro_batch * self.recipe.data.max_seq_len, passes=inputs["num_passes"], train=train,
-                           optimizer=optimizer, after_backward=after_backward, after_step=after_step)
+                           optimizer=optimizer, after_backward=after_backward, after_step=after_step,
+                           train_regions=regions)
 
     def flops(self, micro_batch: int = 1) -> StepFlops:
         """FLOPs of one micro step (every op scales with the batch: count at micro 1 and multiply)."""
         inputs, batch, parts = self._inputs(micro_batch)
         self.model.train()
-        with self.mode:
+        with self.mode, fused_attention_memory():
             with FlopCounterMode(display=False) as forward:
                 loss = self._loss(inputs, batch, parts)
             with FlopCounterMode(display=False) as backward:
@@ -326,7 +494,7 @@ class RecipeRun:
                          largest_module_params=max(sum(p.numel() for p in m.parameters(recurse=False))
                                                    for m in self.model.modules()))
 
-    def validation(self) -> Phase:
+    def validation(self) -> ValidationMeasure:
         """Memory of one validation-loss batch: batch.eval_batch_size training rows, forward only, no gradients (as
         evaluate/generation.py's validation_loss), with the optimizer states alive."""
         inputs, batch, parts = self._inputs(self.recipe.batch.eval_batch_size)
@@ -335,7 +503,7 @@ class RecipeRun:
             tracker = self._tracker()
             with tracker:
                 self.model(**batch, num_passes=inputs["num_passes"], latent_columns=inputs["latent_columns"])
-            peak = self._phase(tracker)
+            peak = ValidationMeasure(self._phase(tracker), tracker.region_peaks())
         self.model.train()
         return peak
 
@@ -350,7 +518,7 @@ class RecipeRun:
                 model.generate(ids, mask, max_new_tokens=inputs["max_new_tokens"], position_ids=pos,
                                num_passes=inputs["num_passes"], latent_columns=inputs["latent_columns"],
                                stop_at_eos=False)
-            peak = self._phase(tracker)
+            peak, regions = self._phase(tracker), tracker.region_peaks()
         model.train()
         return GenerationMeasure(layers=self.layers, batch=ids.shape[0], new_tokens=inputs["max_new_tokens"],
-                                 peak=peak)
+                                 peak=peak, regions=regions)

@@ -1,62 +1,135 @@
-"""The memory a recipe needs per GPU, by component, and the single changes that would make it fit.
+"""The memory a recipe needs per GPU, by component and phase, and the single changes that would make it fit.
 
-The memory model (bytes per GPU; b = 2 for bf16/fp16, 4 for fp32; P = all parameters, P_t = trainable ones
-(LoRA adapters, or P), W = world size, B = micro batch, T = data.max_seq_len, L = layers, h = hidden,
-q/kv = query/key-value widths, I = MLP width, V = vocab, n = latent passes = c_thought*max_latent_stage + 1):
+Held to a measurement: `coconut-scale check --measure` executes the recipe's exact step on fake tensors and the
+figures here must stay within measured_memory.TOLERANCE of it at every shipped recipe and world size
+(docs/memory.md has the table, tests/config/test_fake_measure.py the CI check). What fake tensors cannot see
+(DeepSpeed's buffers, the CUDA context, allocator fragmentation) is the `buffers` and `overhead` rows.
 
-  weights      (P_frozen + P_t) * b, / W under ZeRO-3, 0 with parameter offload. A LoRA base is frozen in the
-               model dtype (16-bit for the bf16 recipes) and never gets gradients or optimizer states.
-  gradients    P_t * b (DeepSpeed accumulates in the model dtype), / W from ZeRO-2, 0 with optimizer offload.
-  optimizer    P_t * (8 + 4): fp32 Adam m and v, plus the fp32 master copy when training in 16 bits;
-               / W from ZeRO-1, 0 with optimizer offload (then it is host memory, reported separately).
-  gathered     ZeRO-3's working set of all-gathered weights: min(P, stage3_max_live_parameters) * b. The
-               configs keep up to 1e9 resident so the n latent passes do not re-gather each layer.
-  activations  Coconut runs n base-model calls per step, but on consecutive column ranges of the sequence
-               with the keys/values of earlier passes carried in a cache (coconut_scale/model/coconut.py), so the
-               passes together cover T tokens once.
-               With checkpointing: each layer keeps only its input, per pass, for that pass's tokens:
-               (L + 1) * B*T*h*b in total (+1: the embeddings), plus one layer's full activations while it is
-               recomputed in backward: B*T*b*(4h + 3q + 4kv + 4I) (norm inputs/outputs, q, rotated q,
-               attention output, k, rotated k, v, the concatenated past keys, gate, up, act(gate), product),
-               plus 2*B*heads*T*T*b for eager attention's scores and probabilities (sdpa/flash keep none).
-               Without checkpointing: L full layers, plus every later pass re-materialising the concatenated
-               past keys/values inside attention: 2*L*B*T*kv*b*(n - 1).
-  kv_cache     the keys/values carried across passes: 2*L*B*T*kv*b.
-  logits       ceil(B*(T-1)/K)*V*(b + 12) + 2*B*T*h*b: the training loss is computed in K = 8 token chunks
-               (model/chunked_loss.py), so only one chunk's logits exist at a time: in the model dtype, the fp32
-               log-softmax cross-entropy saves, and the fp32 gradient and input gradient during backward. The second
-               term is the final hidden states of all passes, concatenated, and their shifted copy. Unchunked
-               (B*T*V*(b + 12)) it would be the largest activation at big vocabularies (Llama-3: 128k, Qwen3: 152k).
-               A trainable head that ZeRO-3 does not partition takes the fused path, which holds the head's
-               gradient in fp32 from forward to backward: + V*h*4.
-  buffers      DeepSpeed communication buckets: ZeRO-2/3: 2 * reduce_bucket_size * b (overlap_comm double
-               buffer), + stage3_prefetch_bucket_size * b; ZeRO-0/1 with W > 1: min(5e8, P_t) * b.
-  overhead     2.5 GiB: CUDA context, NCCL, cuBLAS workspaces, allocator fragmentation.
+Symbols (bytes per GPU): b = 2 for bf16/fp16, 4 for fp32; P = all parameters, P_t = trainable ones (the LoRA
+adapters and the three Coconut token rows, or P), W = world size, B = micro batch, T = data.max_seq_len,
+L = layers, h = hidden, q / kv = query / key-value widths, I = MLP width, V = vocab, n = latent passes
+(c_thought * max_latent_stage + 1). Rows are laid out as `check --measure` builds them (ROW_LAYOUT): the question
+takes a quarter of the row, so the first pass is w0 = T/4 + 1 columns, the n - 2 latent passes one column each
+and the last pass Tl = T - w0 - (n - 2) columns (one pass of T columns without latents).
 
-Step supervision (coconut.step_supervision, SIM-CoT) with a separate decoder (`pretrained`/`copy`) adds a second
-model of the base's shape: its parameters join P and P_t above (LoRA: frozen, with its own adapters), so weights,
-gradients, optimizer and the gathered set grow with it. Whatever the decoder (`shared` too), its one batched call
-reads at most the tokens of the rows (the replaced steps, plus c_thought thoughts and an EOS per step), so its
-activations and its labelled-token logits are bounded by one more base-model pass over B*T tokens: the checkpointed
-layer inputs (L + 1) * B*T*h*b (L * layer_full without checkpointing) and B*T*V*(b + 12).
+Model states (every phase):
+  weights      (P_frozen + P_t) * b, / W under ZeRO-3 (0 with parameter offload); a LoRA base is frozen in b.
+  gathered     ZeRO-3's working set of all-gathered weights: min(P, stage3_max_live_parameters) * b.
+  optimizer    P_t * (8 + 4): fp32 Adam moments, plus the fp32 master copy when training in 16 bits; / W from
+               ZeRO-1 (0 with optimizer offload). The optimizer step adds its fp32 copy of the gradients: P_t * 4
+               per partition (ZeRO-3: of sub_group_size parameters at a time).
+  gradients    a parameter's gradient exists twice over in a Coconut step. While backward runs, a weight that
+               every latent pass uses (every decoder weight, LoRA's adapters) collects one contribution per pass,
+               and the autograd engine sums them before the weight's gradient hook runs: until then the sum is
+               a "gradient sum", whole on every GPU whatever the ZeRO stage (DeepSpeed reduces and shards a
+               gradient only from that hook on). The last pass is backpropagated first and the first pass last,
+               so every layer's sum exists from the moment the last pass's backward reaches it until the first
+               pass's backward does: at the end of backward they are P_layers_t * b on every GPU. Once whole, a
+               gradient is a `.grad`: / W from ZeRO-2 (0 with optimizer offload).
 
-These are estimates (+-20%): they bound what the recipe needs, they do not replace a first real step.
+Activations of a checkpointed step (per-layer non-reentrant checkpointing, model/activation_checkpointing.py),
+per GPU, at each moment the peak can sit (the largest is the step's):
+  kept through backward   the embeddings (B*T*h*b) and the latent-filled chunks of the passes after the first
+               (B*(T - w0)*h*b); each layer's checkpointed input, i.e. the previous layer's output, per pass
+               ((L - 1) * B*cols*h*b); the final norm's fp32 input (B*cols*h*4); and the keys/values every layer
+               records in every pass (kv_cache: 2*L*B*T*kv*b, model/kv_cache.py).
+  top          backward of the last pass at its top layer: all of the above, that layer recomputed (R, below)
+               and the loss's output gradients (B*T*h*b + B*Tl*h*b).
+  bottom       the same pass at its bottom layer: the last pass's layer inputs above it are gone, replaced by
+               each layer's gradient of the keys/values it attended to ((L - 1) * 2*B*T*kv*b), and the gradient
+               sums of the L - 1 layers above (a gradient of n = 1 is a `.grad` already).
+  end          the first pass's backward (n > 1): what that pass kept, and every layer's gradient sum.
+  loss         the chunked loss (model/chunked_loss.py, K = 8 chunks of N = B*(T - 1) rows): the passes' final
+               hidden states, concatenated and flattened (2*B*T*h*b), and one chunk's logits in b and fp32 with
+               the cross-entropy's fp32 work (ceil(N/K) * V * (b + 12)); a trainable head called as a module
+               (ZeRO-3) sums K gradients of V*h*b (3 * V*h*b at once), the fused sweep (ZeRO 0-2) holds an fp32
+               one (V*h*4) from forward to backward, and its backward scales it into a second one.
+  R            one decoder layer recomputed during backward: the tensors it saves for its own backward at the
+               widest point of that backward, counted per token of the pass from the fake-tensor census of each
+               layer kind (LAYER_TENSORS: hidden-, query-, key/value- and MLP-wide tensors, fp32 ones apart,
+               LoRA's dropout copies and adapter outputs), plus the keys/values repeated to every query head over
+               the T columns (2*B*T*q*b when kv < q, else their concatenation 2*B*T*kv*b), the attention mask
+               (B*Tl*T*(b + 1)) and, with eager attention, its scores and probabilities (2*B*heads*Tl*T*b); with full
+               fine-tuning, at the layer's end, its own gradient sums instead of its MLP activations.
+  Without checkpointing every layer keeps what R counts, for every pass, and attention re-materialises the
+  concatenated past keys/values in every pass after the first.
+Step supervision (SIM-CoT) adds its decoder's one batched call over B * max_latent_stage (row, step) pairs of
+ROW_LAYOUT's step length: one more checkpointed pass of those tokens (with its hidden states, which the decoder
+returns) and its chunked weighted loss; a decoder copy (`pretrained`/`copy`) adds a second model's states.
+
+Evaluation at batch.eval_batch_size rows E (no gradients; the model states above, without gradients):
+  validation   a forward with the loss: the keys/values of every pass while the passes run, one layer's
+               forward work; then the hidden states and one chunk's logits (ceil(E*(T-1)/K) * V * (b + 8)).
+  generation   prompt passes, then eval.max_new_tokens decoding steps: the keys/values of T columns
+               (2*L*E*T*kv*b), one layer's copy while the cache is merged, and the last position's logits.
+
+  buffers      not seen by fake tensors: DeepSpeed's communication buckets (ZeRO-2/3: 2 * reduce_bucket_size * b,
+               + stage3_prefetch_bucket_size * b; ZeRO-0/1 with W > 1: min(5e8, P_t) * b) and the gradient
+               partition it keeps between steps (ZeRO-2/3: P_t * b / W; ZeRO-0/1 in 16 bits: P_t * 4).
+  overhead     2.5 GiB: CUDA context, NCCL, cuBLAS workspaces, allocator fragmentation (docs/memory.md).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from coconut_scale.config.batch_plan import resolve_batch
 from coconut_scale.config.ds_config import build_ds_config, zero_settings
 from coconut_scale.config.model_shape import recipe_shape
 from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS
-from coconut_scale.model.shapes import dims, lora_param_count, param_count
+from coconut_scale.model.shapes import dims, linear_shapes, lora_param_count, param_count
 
 GIB = 1024**3
 OVERHEAD_GIB = 2.5
 GPU_COMPONENTS = ("weights", "gradients", "optimizer", "gathered", "activations", "kv_cache", "logits", "buffers",
                   "overhead")
+PHASES = ("train", "optimizer step", "validation", "generation")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """The rows the estimate assumes and `check --measure` builds (config/fake_model.py): the question a quarter
+    of data.max_seq_len, each replaced reasoning step `step_tokens` long, an answer of `answer_tokens` and EOS,
+    SIM-CoT's step prompt `prompt_tokens`."""
+
+    question_share: float = 0.25
+    step_tokens: int = 16  # a replaced reasoning step (GSM8K-Aug's "<<3*4=12>>" steps are 8-12 tokens)
+    answer_tokens: int = 8  # "### 1234" before the EOS
+    prompt_tokens: int = 6  # SIM-CoT's optional step prompt ("Step {k} of the solution")
+
+    def question(self, max_seq_len: int) -> int:
+        return max(int(max_seq_len * self.question_share), 1)
+
+
+ROW_LAYOUT = RowLayout()
+
+# Tensors one decoder layer keeps while its recompute is backpropagated, at the widest point of that backward, per
+# token of the pass, in units of the layer's widths: h (hidden), q (query heads x head_dim), kv, I (MLP); "*_f32"
+# in fp32 whatever the model dtype (RMSNorm's and Qwen3's q/k-norm's upcast inputs; none when the model is fp32).
+# Read off the fake-tensor census of the recomputed top layer (docs/memory.md, "What one layer keeps").
+#   full: the MLP's backward; its weights' gradient sums of the MLP are counted apart (gradients).
+#   lora: every projection also keeps its adapter input and the base + adapter sum; with lora.dropout > 0 each
+#         adapter keeps its dropped-out input too (peft applies the dropout per adapter).
+LAYER_TENSORS = {
+    ("llama", "full"): {"h": 4, "q": 2, "I": 6, "h_f32": 2},
+    ("llama", "lora"): {"h": 3, "q": 2, "I": 6, "h_f32": 2},
+    ("llama", "lora_dropout"): {"h": 14, "q": 4, "I": 6, "h_f32": 2},
+    ("gpt2", "full"): {"h": 8, "I": 7},
+    ("gpt2", "lora"): {"h": 8, "I": 7},
+    ("gpt2", "lora_dropout"): {"h": 12, "I": 8},
+}
+QK_NORM_TENSORS = {"q": 1, "kv": 1, "q_f32": 1, "kv_f32": 1}  # Qwen3's per-head q_norm / k_norm
+# Without checkpointing, what each layer's forward saves for its backward, per token (the census of a forward):
+# the norms' outputs and the residual sums, the rotated queries and attention's output, SwiGLU's gate, up, act and
+# product (LoRA's adapter outputs are added apart). Layer kinds not listed: LAYER_TENSORS less LAYER_TEMPORARIES.
+LAYER_SAVED = {("llama", "lora"): {"h": 4, "q": 2, "I": 4, "h_f32": 2}, ("llama", "full"): {"h": 4, "q": 2, "I": 4, "h_f32": 2}}
+# Of those, what only the layer being backpropagated holds (its gradients' temporaries): without checkpointing
+# every layer keeps the rest from forward to backward.
+LAYER_TEMPORARIES = {"llama": {"h": 1, "I": 3}, "gpt2": {"h": 1, "I": 3}}
+# The same layer at the end of its backward (full fine-tuning): its activations mostly gone, all its weights'
+# gradient sums there.
+LAYER_END_TENSORS = {"llama": {"h": 1, "h_f32": 6}, "gpt2": {"h": 2, "I": 2}}
 
 
 def step_decoder_is_separate(recipe) -> bool:
@@ -72,9 +145,63 @@ def trainable_params(recipe, shape: dict) -> int:
     return param_count(shape)
 
 
-def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_config: dict | None = None) -> dict[str, float]:
-    """GiB per GPU for each component of GPU_COMPONENTS, "total" (their sum) and "host_offload" (CPU RAM per
-    rank for offloaded state, not in the total). See the module docstring for every formula."""
+def pass_widths(recipe, max_seq_len: int | None = None) -> list[int]:
+    """Columns of each pass of a training row laid out as ROW_LAYOUT, at the largest stage."""
+    from coconut_scale.data.curriculum import CurriculumConfig
+
+    T = max_seq_len or recipe.data.max_seq_len
+    cfg = CurriculumConfig.from_recipe(recipe.coconut)
+    n = cfg.max_passes if recipe.coconut.mode == "coconut" else 1
+    if n <= 1:
+        return [T]
+    w0 = ROW_LAYOUT.question(T) + 1  # the question and <|start-latent|>
+    return [w0] + [1] * (n - 2) + [T - w0 - (n - 2)]
+
+
+def _family(model_type: str) -> str:
+    return "gpt2" if model_type == "gpt2" else "llama"
+
+
+def _lora_kind(recipe) -> str:
+    if not recipe.lora.enabled:
+        return "full"
+    return "lora_dropout" if recipe.lora.dropout > 0 else "lora"
+
+
+def layer_tokens_bytes(recipe, d, b: int, kind: str | None = None, table=None) -> float:
+    """Bytes per token of one layer's kept tensors (LAYER_TENSORS, or `table`)."""
+    fam = _family(d.model_type)
+    t = dict(table if table is not None else LAYER_TENSORS[(fam, kind or _lora_kind(recipe))])
+    if d.model_type == "qwen3" and table is None:
+        for k, v in QK_NORM_TENSORS.items():
+            t[k] = t.get(k, 0) + v
+    width = {"h": d.hidden, "q": d.q_dim, "kv": d.kv_dim, "I": d.intermediate}
+    f32 = 4 if b < 4 else 0  # an fp32 model upcasts nothing
+    total = sum(v * width[k] * b for k, v in t.items() if not k.endswith("_f32"))
+    total += sum(v * width[k[:-4]] * f32 for k, v in t.items() if k.endswith("_f32"))
+    if recipe.lora.enabled and table is None:
+        targets = len(recipe.lora_targets())
+        total += targets * recipe.lora.rank * b  # each adapter's A output
+    return total
+
+
+def _layer_params(shape: dict, d) -> float:
+    """One decoder layer's parameters, and of those its MLP's."""
+    lin = linear_shapes(shape)
+    per_layer = sum(i * o for mods in lin.values() for i, o in mods)
+    mlp = d.hidden * d.intermediate * (3 if _family(d.model_type) == "llama" else 2)
+    return per_layer, mlp
+
+
+def _gib(parts: dict[str, float]) -> dict[str, float]:
+    return {k: v / GIB for k, v in parts.items()}
+
+
+def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
+                    ds_config: dict | None = None) -> dict[str, dict[str, float]]:
+    """GiB per GPU of each component of GPU_COMPONENTS, "total", "host_offload" and "moment" (where in the phase
+    the peak is, an index into the phase's candidate moments is not kept: see `moments`) for each of PHASES.
+    Formulas: the module docstring."""
     shape = shape or recipe_shape(recipe)
     d = dims(shape)
     plan = resolve_batch(recipe.batch, world_size, recipe.data.max_seq_len)
@@ -82,58 +209,216 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
     z = zero_settings(ds_config)
     stage, W = z["stage"], world_size
     b = 4 if recipe.model.dtype == "fp32" else 2
+    lora = recipe.lora.enabled
 
     copies = 2 if step_decoder_is_separate(recipe) else 1  # the base, and SIM-CoT's decoder when it is a copy
-    P = param_count(shape) * copies
-    P_t = trainable_params(recipe, shape) * copies
-    P_frozen = P if recipe.lora.enabled else 0
+    P1, Pt1 = param_count(shape), trainable_params(recipe, shape)
+    P, P_t = P1 * copies, Pt1 * copies
+    P_frozen = P if lora else 0
     opt_bytes = 8 + (4 if b < 4 else 0)
+    shard_weights = W if stage == 3 else 1
+    shard_grads = W if stage >= 2 else 1
+    shard_opt = W if stage >= 1 else 1
 
-    weights = (P_frozen + P_t) * b / (W if stage == 3 else 1)
-    gradients = P_t * b / (W if stage >= 2 else 1)
-    optimizer = P_t * opt_bytes / (W if stage >= 1 else 1)
+    weights = (P_frozen + P_t) * b / shard_weights
+    optimizer = P_t * opt_bytes / shard_opt
+    all_grads = P_t * b / shard_grads
     host = 0.0
     if stage == 3 and z["offload_param"]:
         host += weights
         weights = 0.0
     if z["offload_optimizer"]:
-        host += gradients + optimizer
-        gradients = optimizer = 0.0
-    in_model = P + (P_t if recipe.lora.enabled else 0)  # LoRA adds its adapters to the base
+        host += all_grads + optimizer
+        all_grads = optimizer = 0.0
+    grad_scale = 0.0 if z["offload_optimizer"] else 1.0 / shard_grads  # a finished .grad per GPU, per byte
+    in_model = P + (P_t if lora else 0)  # LoRA adds its adapters to the base
     gathered = min(in_model, z["max_live_parameters"]) * b if stage == 3 else 0.0
+    states = {"weights": weights, "optimizer": optimizer, "gathered": gathered}
 
-    B, T = plan.micro_batch_size, recipe.data.max_seq_len
-    L, h, q, kv, I = d.layers, d.hidden, d.q_dim, d.kv_dim, d.intermediate
-    n = recipe.coconut.max_passes
-    layer_full = B * T * b * (4 * h + 3 * q + 4 * kv + 4 * I)
-    if recipe.model.attn_implementation == "eager":
-        layer_full += 2 * B * d.heads * T * T * b
-    if recipe.model.gradient_checkpointing:
-        activations = (L + 1) * B * T * h * b + layer_full
-    else:
-        activations = L * layer_full + 2 * L * B * T * kv * b * (n - 1)
-    kv_cache = 2 * L * B * T * kv * b
-    logits = math.ceil(B * (T - 1) / DEFAULT_LOSS_CHUNKS) * d.vocab * (b + 12) + 2 * B * T * h * b
-    if stage < 3 and not recipe.lora.enabled:  # a trainable, unpartitioned head: the fused loss's fp32 d(lm_head)
-        logits += d.vocab * h * 4
-    if recipe.coconut.step_supervision.enabled:  # the decoder's one call: at most one more pass over B*T tokens
-        activations += (L + 1) * B * T * h * b if recipe.model.gradient_checkpointing else L * layer_full
-        logits += B * T * d.vocab * (b + 12)  # its labelled positions' logits, unchunked
-
+    # DeepSpeed's buffers: communication buckets and the gradient partition kept between steps.
     if stage >= 2:
         buffers = 2 * z["reduce_bucket_size"] * b + (z["prefetch_bucket_size"] * b if stage == 3 else 0)
+        buffers += all_grads
     else:
         buffers = min(5e8, P_t) * b if W > 1 else 0.0
+        buffers += P_t * 4 if b < 4 and not z["offload_optimizer"] else 0.0
 
-    out = {
-        "weights": weights, "gradients": gradients, "optimizer": optimizer, "gathered": gathered,
-        "activations": activations, "kv_cache": kv_cache, "logits": logits, "buffers": buffers,
+    B, T, L, h, q, kv, I, V = (plan.micro_batch_size, recipe.data.max_seq_len, d.layers, d.hidden, d.q_dim,
+                              d.kv_dim, d.intermediate, d.vocab)
+    widths = pass_widths(recipe)
+    n, w0, Tl = len(widths), widths[0], widths[-1]
+    Te = T - Tl
+    K = DEFAULT_LOSS_CHUNKS
+    per_layer, mlp_params = _layer_params(shape, d)
+    layer_t = (lora_param_count(shape, recipe.lora.rank, recipe.lora_targets()) / L) if lora else per_layer
+    g_layer = layer_t * b  # one layer's trainable weights' gradient, in the model dtype
+    head_trainable = not lora
+    head = V * h * b if head_trainable else 0.0  # its .grad once the loss's backward is done
+    emb_grad = 0.0 if lora or d.tied else 0.0  # the embedding's gradient comes at the very end (after the peak)
+    fused_head = head_trainable and stage < 3  # model/chunked_loss.py: a plain, unpartitioned head
+    gpt2 = d.model_type == "gpt2"
+    # Attention over the T columns: GQA repeats the keys/values to every query head; MHA keeps their concatenation.
+    repeat = (lambda rows: 2 * rows * T * q * b) if kv < q else (lambda rows: 2 * rows * T * kv * b)
+    lt = layer_tokens_bytes(recipe, d, b)
+
+    def layer(rows: int, cols: int) -> float:
+        """R: one layer recomputed over `cols` columns of `rows` rows, what its backward keeps at its widest."""
+        eager = 2 * rows * d.heads * cols * T * b if recipe.model.attn_implementation == "eager" else 0.0
+        return rows * cols * lt + repeat(rows) + rows * cols * T * (b + 1) + eager  # eager: scores, probabilities
+
+    # A tied, trainable head: its gradient from the loss waits for the embedding's, at the very end of backward.
+    tied_sum = V * h * b if head_trainable and d.tied else 0.0
+
+    def states_with(gsum: float = 0.0, grads: float = 0.0, in_backward: bool = True) -> dict[str, float]:
+        if in_backward and tied_sum:  # a sum waiting for the embedding's contribution, not a .grad
+            gsum, grads = gsum + tied_sum, max(grads - head, 0.0)
+        return {**states, "gradients": gsum + grads * grad_scale}
+
+    def backward_logits(value: float) -> float:
+        return value
+
+    moments: dict[str, dict[str, float]] = {}
+    ckpt = recipe.model.gradient_checkpointing
+    if gpt2:  # what layer 0 reads is the embeddings' dropout (output and mask), made per pass inside the decoder
+        emb, filled = 2 * B * T * h * b, 0.0
+    else:  # the embeddings and the latent-filled chunks, layer 0's input
+        emb, filled = B * T * h * b, (B * (T - w0) * h * b if n > 1 else 0.0)
+    # The keys/values each layer records per pass: GPT-2's are views of its fused q/k/v projection, which stays.
+    kv_token = 3 * h * b if gpt2 else 2 * kv * b
+    kv_rec = L * B * T * kv_token
+    outs = lambda cols: (L - 1) * B * cols * h * b  # noqa: E731 - each layer's output, the next one's input
+    norm = lambda cols: B * cols * h * 4  # noqa: E731 - the final norm's fp32 input
+    grad_out = B * T * h * b + B * Tl * h * b
+    # Once the last pass's backward is done: the gradient of the concatenated hidden states and the embeddings'
+    # gradient, which every pass's backward adds its columns to.
+    d_embeds = 2 * B * T * h * b
+    chunk = math.ceil(B * (T - 1) / K) * V * (b + 12)
+    sums = n > 1  # gradients of weights that every pass uses are summed before they become .grad
+    if ckpt:
+        R = layer(B, Tl)
+        R_gsum = 0.0
+        # A weight's next contribution, just computed, beside the sum it is about to join (full fine-tuning: the
+        # largest projection's gradient).
+        incoming = 0.0 if lora else max(i * o for mods in linear_shapes(shape).values() for i, o in mods) * b
+        if not lora:  # full fine-tuning: the MLP's backward with the MLP weights' sums, or the layer's end
+            mlp_first = mlp_params * b / (3 if _family(d.model_type) == "llama" else 2)  # down_proj / c_proj first
+            end = B * Tl * layer_tokens_bytes(recipe, d, b, table=LAYER_END_TENSORS[_family(d.model_type)])
+            if end + incoming + g_layer > R + mlp_first:
+                R, R_gsum = end + incoming, g_layer
+            else:
+                R_gsum = mlp_first
+        layer_sums = (lambda k: k * g_layer) if sums else (lambda k: 0.0)  # noqa: E731
+        layer_grads = (lambda k: 0.0) if sums else (lambda k: k * g_layer)  # noqa: E731
+        moments["top"] = {**states_with(R_gsum, head), "activations": emb + filled + outs(T) + norm(Te) + R,
+                          "kv_cache": kv_rec, "logits": backward_logits(grad_out)}
+        moments["bottom"] = {**states_with(layer_sums(L - 1) + R_gsum, head + layer_grads(L - 1)),
+                             "activations": emb + filled + outs(Te) + norm(Te) + R
+                             + ((L - 1) * 2 * B * T * kv * b if n > 1 else 0.0),
+                             "kv_cache": kv_rec, "logits": backward_logits(grad_out)}
+        if n > 1:
+            moments["end"] = {**states_with(layer_sums(L), head),
+                              "activations": emb + outs(w0) + norm(w0) + L * 2 * B * w0 * kv * b + layer(B, w0)
+                              + incoming,
+                              "kv_cache": L * B * w0 * kv_token, "logits": backward_logits(d_embeds)}
+        if n > 2:  # the next pass's backward begins: every layer's gradient sum, the last pass's d(keys/values)
+            moments["next pass"] = {**states_with(layer_sums(L), head),
+                                    "activations": emb + filled + outs(Te) + norm(Te) + L * 2 * B * T * kv * b
+                                    + layer(B, widths[-2]) + incoming,
+                                    "kv_cache": L * B * Te * kv_token, "logits": backward_logits(d_embeds)}
+        if head_trainable:  # the embedding's backward, last: a dense V x h gradient beside every other one
+            emb_sum = (2 * tied_sum, V * h * b) if tied_sum else (0.0, V * h * b)  # (waiting sums, the new one)
+            moments["embedding"] = {**states, "gradients": emb_sum[0] + P_t * b * grad_scale,
+                                    "activations": 0.0, "kv_cache": 0.0, "logits": emb_sum[1]}
+        loss = chunk
+        loss_gsum = 0.0
+        if head_trainable and fused_head:
+            # The fused sweep's fp32 d(head) and d(hidden) exist from forward on, beside one chunk's logits; its
+            # backward (no logits then) scales d(head) into a second fp32 copy.
+            loss = B * T * h * b + max(chunk + V * h * 4, 2 * V * h * 4)
+        elif head_trainable:
+            loss, loss_gsum = chunk + 2 * V * h * b, V * h * b  # K chunk gradients summed: the sum, one more, theirs
+        moments["loss"] = {**states_with(loss_gsum, in_backward=False),
+                           "activations": emb + filled + outs(T) + norm(T),
+                           "kv_cache": kv_rec, "logits": 2 * B * T * h * b + loss}
+    else:
+        cum, past_kv = 0, 0.0
+        for w in widths:
+            cum += w
+            # attention's keys/values over every column so far: repeated to the query heads (GQA), and the past
+            # concatenated with this pass's (after the first pass)
+            past_kv += 2 * B * cum * q * b if kv < q else (2 * B * cum * kv * b if cum > w else 0.0)
+            past_kv += B * cum * kv * b if cum > w and kv < q else 0.0
+        saved = LAYER_SAVED.get((_family(d.model_type), _lora_kind(recipe)))
+        per_layer = (B * T * layer_tokens_bytes(recipe, d, b, table=saved) + B * T * len(recipe.lora_targets())
+                     * recipe.lora.rank * b * recipe.lora.enabled if saved is not None else
+                     B * T * lt - B * T * layer_tokens_bytes(recipe, d, b, table=LAYER_TEMPORARIES[_family(d.model_type)]))
+        temps = B * T * layer_tokens_bytes(recipe, d, b, table=LAYER_TEMPORARIES[_family(d.model_type)])
+        acts = L * (per_layer + past_kv) + temps + sum(B * w * T * (b + 1) for w in widths)
+        moments["loss"] = {**states_with(), "activations": emb + filled + acts + norm(T),
+                           "kv_cache": kv_rec, "logits": 2 * B * T * h * b + chunk
+                           + (V * h * 4 if head_trainable and fused_head else 0.0)}
+        moments["backward"] = {**states_with(L * g_layer if sums else 0.0, head), "activations": emb + filled + acts,
+                               "kv_cache": kv_rec, "logits": grad_out}
+    step = recipe.coconut.step_supervision
+    if step.enabled:  # the decoder's one call over B * max_latent_stage (row, step) pairs, after the passes
+        S = (ROW_LAYOUT.prompt_tokens if step.prompt else 0) + recipe.coconut.c_thought + ROW_LAYOUT.step_tokens + 1
+        pairs = B * recipe.coconut.max_latent_stage
+        dec = (L + 1) * pairs * S * h * b + (pairs * S * lt + 2 * pairs * S * S * b if ckpt else L * pairs * S * lt)
+        base = moments["loss"]
+        moments["step decoder"] = {**base, "activations": base["activations"] + dec,
+                                   "logits": 2 * B * T * h * b + math.ceil(pairs * S / K) * V * (b + 12)}
+
+    # -- evaluation: E rows, no gradients -------------------------------------------------------------------
+    E = recipe.batch.eval_batch_size
+    eval_states = {**states, "gradients": 0.0}
+    # One layer's forward work at the widest pass (no gradients: nothing is saved, the MLP's intermediates are the
+    # widest: SwiGLU's gate, up, act and product; GPT-2's fused q/k/v and its tanh-GELU's steps).
+    forward_width = (3 * h + 5 * I) if gpt2 else (4 * h + 3 * I)
+    forward_layer = E * Tl * forward_width * b
+    # Without gradients each pass's cache is merged into one copy per layer (kv_cache.py); the last pass's own
+    # records are still the projections' outputs (GPT-2: views of its fused q/k/v).
+    eval_kv = L * E * ((T - Tl) * 2 * kv * b + Tl * kv_token) + (2 * E * T * kv * b if n > 1 else 0.0)
+    validation = {
+        "passes": {**eval_states, "activations": E * T * h * b * 3 + forward_layer,
+                   "kv_cache": eval_kv, "logits": 0.0},
+        "loss": {**eval_states, "activations": E * T * h * b * 3, "kv_cache": 0.0,
+                 "logits": 2 * E * T * h * b + math.ceil(E * (T - 1) / K) * V * (b + 8)},
     }
-    out = {k: v / GIB for k, v in out.items()}
-    out["overhead"] = OVERHEAD_GIB
-    out["total"] = sum(out[k] for k in GPU_COMPONENTS)
-    out["host_offload"] = host / GIB
+    new = recipe.eval.max_new_tokens
+    prompt = max(T - new, 1)
+    generation = {
+        "prompt": {**eval_states, "activations": 3 * E * prompt * h * b + E * prompt * (4 * h + 3 * I) * b / max(n, 1),
+                   "kv_cache": 2 * L * E * prompt * kv * b + 2 * E * prompt * kv * b, "logits": E * V * (b + 4)},
+        "decode": {**eval_states, "activations": 2 * E * prompt * h * b,
+                   "kv_cache": 2 * L * E * T * kv * b + 2 * E * T * kv * b, "logits": E * V * (b + 4)},
+    }
+    optimizer_step = {**states, "gradients": all_grads, "activations": 0.0, "kv_cache": 0.0, "logits": 0.0}
+    optimizer_step["optimizer"] += (0.0 if z["offload_optimizer"] else
+                                    P_t * 4 * (min(1.0, z["sub_group_size"] * W / max(P_t, 1)) if stage == 3 else 1.0)
+                                    / shard_opt)
+
+    out = {}
+    for phase, candidates in (("train", moments), ("optimizer step", {"step": optimizer_step}),
+                              ("validation", validation), ("generation", generation)):
+        best = max(candidates, key=lambda k: sum(candidates[k].values()))
+        parts = {**candidates[best], "buffers": buffers}
+        parts = _gib(parts)
+        parts["overhead"] = OVERHEAD_GIB
+        parts["total"] = sum(parts[k] for k in GPU_COMPONENTS)
+        parts["host_offload"] = host / GIB
+        parts["moment"] = best
+        parts["moments"] = {k: _gib(v) for k, v in candidates.items()}  # every moment's components (executed)
+        out[phase] = parts
     return out
+
+
+def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_config: dict | None = None) -> dict:
+    """GiB per GPU for each component of GPU_COMPONENTS at the phase with the largest total ("phase", and
+    "moment" within it), "total" (their sum) and "host_offload" (CPU RAM per rank for offloaded state, not in
+    the total). See the module docstring for every formula."""
+    phases = estimate_phases(recipe, world_size, shape=shape, ds_config=ds_config)
+    phase = max(phases, key=lambda k: phases[k]["total"])
+    return {**phases[phase], "phase": phase}
 
 
 # --- what to change when it does not fit ---------------------------------------------------------------

@@ -290,8 +290,12 @@ class Coconut(nn.Module):
         if return_logits is None:
             return_logits = full_logits
         plan = self._plan(input_ids, num_passes, latent_columns)
-        hiddens, filled, _ = self._run_passes(input_ids, attention_mask, position_ids, plan)
+        hiddens, filled, cache = self._run_passes(input_ids, attention_mask, position_ids, plan)
+        # The loss needs neither the keys/values nor the per-pass copies of the hidden states (nothing else keeps
+        # them without gradients, nor the hidden states with them): dropped before the loss's logits exist.
+        del cache
         hidden, inputs_embeds = torch.cat(hiddens, dim=1), torch.cat(filled, dim=1)
+        del hiddens, filled
         head = self.base_causallm.get_output_embeddings()
         if full_logits:
             logits = head(hidden)
@@ -333,6 +337,7 @@ class Coconut(nn.Module):
         plan = self._plan(input_ids, num_passes, latent_columns)
         hiddens, _, cache = self._run_passes(input_ids, attention_mask, position_ids, plan)
         next_logits = self.base_causallm.get_output_embeddings()(hiddens[-1][:, -1])
+        del hiddens, _  # the prompt's hidden states and filled embeddings: not needed while decoding
         batch = input_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         next_pos = position_ids[:, -1:] + 1

@@ -78,7 +78,9 @@ class PassCache(Cache):
 
         `merge` concatenates all chunks into one per layer (the decode loop does this under no_grad, so
         each step pays one concatenation rather than one per earlier step); by default chunks are kept
-        when gradients are being recorded.
+        when gradients are being recorded. A merge consumes this cache: each layer lets go of its chunks once
+        they are concatenated, so the merge holds the whole cache once plus one layer's copy, not two whole
+        caches (the old one is never read again: every caller replaces it by the new one).
         """
         if merge is None:
             merge = not torch.is_grad_enabled()
@@ -89,6 +91,7 @@ class PassCache(Cache):
             keys = [*layer.key_chunks, layer.new_keys]
             values = [*layer.value_chunks, layer.new_values]
             if merge and len(keys) > 1:
+                layer.key_chunks = layer.value_chunks = layer.new_keys = layer.new_values = None  # consumed
                 keys, values = [torch.cat(keys, dim=-2)], [torch.cat(values, dim=-2)]
             chunks.append((keys, values))
         return PassCache(len(self.layers), chunks)

@@ -55,7 +55,9 @@ class NewTokenRows(nn.Module):
             return out + (x[..., None] == ids).to(out.dtype) @ delta
         # Output side of a tied embedding (x: hidden states, out: logits): the new tokens' logits gain
         # hidden . delta, as if the tied row itself had moved.
-        return out.index_add(out.dim() - 1, ids, x.to(out.dtype) @ delta.T)
+        # In place: the head's fresh logits (its backward needs its inputs, not its output), so the [N, V] logits are
+        # not copied for three columns (a chunk of the loss is the largest tensor of a step at large vocabularies).
+        return out.index_add_(out.dim() - 1, ids, x.to(out.dtype) @ delta.T)
 
 
 def _embedding_hook(module, inputs, output):

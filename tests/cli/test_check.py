@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from coconut_scale.cli.check import check_recipe, main
-from coconut_scale.config.memory import GIB, GPU_COMPONENTS, OVERHEAD_GIB, estimate_memory, suggestions
+from coconut_scale.config.memory import (GIB, GPU_COMPONENTS, OVERHEAD_GIB, estimate_memory, estimate_phases,
+                                         pass_widths, suggestions)
 from coconut_scale.config.model_shape import UnknownModelError, hidden_size, recipe_shape
 from coconut_scale.data.records import DataFormatError
 from coconut_scale.model.shapes import SHAPES, dims, hf_config, lora_param_count, param_count, shape_for
@@ -32,6 +33,7 @@ def small_recipe(**edits):
         "batch": {"global_batch_size": 8, "micro_batch_size": 2},
         "optim": {"lr": 1e-4, "epochs": 1},
         "deepspeed": {"config": "ds_configs/zero0_bf16.json"},
+        "lora": {"enabled": False, "rank": 4},
     }
     for dotted, value in edits.items():
         section, key = dotted.split("__")
@@ -42,28 +44,51 @@ def small_recipe(**edits):
 def test_hand_computed_small_config():
     # Parameters: embeddings 1000*64 and an untied lm_head 1000*64; per layer q 64*64, k and v 64*32
     # (2 kv heads x head_dim 16), o 64*64, gate/up 64*128, down 128*64, two RMSNorms of 64; final norm 64.
-    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    linears = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128
+    per_layer = linears + 2 * 64
     P = 2 * 1000 * 64 + 2 * per_layer + 64
     assert P == 202_048 == param_count(SMALL_SHAPE)
 
-    est = estimate_memory(small_recipe(), 1)
+    phases = estimate_phases(small_recipe(), 1)
     B, T, L, h, q, kv, I, V, b = 2, 32, 2, 64, 64, 32, 128, 1000, 2
+    # c_thought 1 x max_latent_stage 2: 3 passes over columns [0, 9), [9, 10), [10, 32) (ROW_LAYOUT: the question
+    # a quarter of the row, then <|start-latent|>)
+    assert pass_widths(small_recipe()) == [9, 1, 22]
+    Tl, Te = 22, 10
+    # One layer recomputed at the last pass (LAYER_TENSORS for a full Llama at its MLP's backward: 4 h-, 2 q-, 6 I-wide
+    # tensors in bf16 and 2 h-wide in fp32), the keys/values repeated to the 4 query heads over T, the mask.
+    R = B * Tl * (b * (4 * h + 2 * q + 6 * I) + 4 * 2 * h) + 2 * B * T * q * b + B * Tl * T * (b + 1)
+    R_sums = 128 * 64 * b  # the down projection's gradient sum: its backward comes first
+    # ... or the layer's end: little left of its activations (LAYER_END_TENSORS), all its weights' sums, and the
+    # largest projection's next contribution about to join its sum; the larger of the two
+    end, layer_sums, incoming = B * Tl * (b * h + 4 * 6 * h), linears * b, 128 * 64 * b
+    if end + incoming + layer_sums > R + R_sums:
+        R, R_sums = end + incoming, layer_sums
+    top = phases["train"]["moments"]["top"]
     expected = {
         "weights": P * 2,  # bf16, ZeRO-0: not partitioned
-        "gradients": P * 2,
         "optimizer": P * 12,  # fp32 master + Adam m + v
         "gathered": 0,  # only ZeRO-3 gathers
-        # checkpointing: (L+1) saved layer inputs, plus one layer recomputed in full
-        "activations": (L + 1) * B * T * h * b + B * T * b * (4 * h + 3 * q + 4 * kv + 4 * I),
-        "kv_cache": 2 * L * B * T * kv * b,
-        # the loss in 8 token chunks: one chunk's logits at a time, plus the final hidden states and their shift;
-        # ZeRO-0 leaves the trainable head whole, so the fused loss holds its gradient in fp32 (V*h*4)
-        "logits": math.ceil(B * (T - 1) / 8) * V * (b + 12) + 2 * B * T * h * b + V * h * 4,
-        "buffers": 0,  # one GPU: no all-reduce bucket
+        # the recomputed layer's gradient sums, the finished lm_head gradient
+        "gradients": R_sums + V * h * b,
+        # embeddings, the 2 latent-filled chunks, L - 1 layer outputs, the final norm's fp32 input of the earlier
+        # passes, the recomputed layer
+        "activations": B * T * h * b + B * (T - 9) * h * b + (L - 1) * B * T * h * b + B * Te * h * 4 + R,
+        "kv_cache": 2 * L * B * T * kv * b,  # every layer's keys/values of every pass
+        "logits": B * T * h * b + B * Tl * h * b,  # the loss's gradient for the hidden states
     }
-    assert expected["activations"] == 163_840 and expected["logits"] == 384_384  # unchunked: B*T*V*(b+12) = 896_000
     for key, value in expected.items():
-        assert est[key] == pytest.approx(value / GIB), key
+        assert top[key] == pytest.approx(value / GIB), key
+    loss = phases["train"]["moments"]["loss"]
+    # the loss in 8 token chunks: one chunk's logits at a time, plus the final hidden states and their flat copy;
+    # ZeRO-0 leaves the trainable head whole, so the fused loss holds its gradient in fp32 (V*h*4) and d(hidden)
+    # beside a chunk in forward, and a second fp32 copy of d(head) in backward
+    chunk = math.ceil(B * (T - 1) / 8) * V * (b + 12)
+    assert loss["logits"] == pytest.approx((2 * B * T * h * b + B * T * h * b + max(chunk + V * h * 4, 2 * V * h * 4))
+                                           / GIB)
+    est = estimate_memory(small_recipe(), 1)
+    assert est["phase"] == max(phases, key=lambda k: phases[k]["total"])
+    assert est["buffers"] == pytest.approx(P * 4 / GIB)  # one GPU: no bucket; BF16_Optimizer's fp32 gradients
     assert est["overhead"] == OVERHEAD_GIB
     assert est["total"] == pytest.approx(sum(est[k] for k in GPU_COMPONENTS))
     assert est["host_offload"] == 0
@@ -115,13 +140,19 @@ def test_lora_param_count():
 def test_zero3_states_scale_as_one_over_world_size():
     r = load_recipe(LLAMA)
     sizes = [8, 16, 32, 64]
-    ests = {ws: estimate_memory(r, ws) for ws in sizes}
+    ests = {ws: estimate_phases(r, ws)["optimizer step"] for ws in sizes}
+    tops = {ws: estimate_phases(r, ws)["train"]["moments"]["top"] for ws in sizes}
     for key in ("weights", "gradients", "optimizer"):
-        scaled = [ests[ws][key] * ws for ws in sizes]
+        scaled = [(ests if key == "gradients" else tops)[ws][key] * ws for ws in sizes]
         assert scaled == pytest.approx([scaled[0]] * len(sizes)), key
-    # the full model's 16 bytes/param shared by 8 GPUs
+    # the full model's 16 bytes/param shared by 8 GPUs (the optimizer step: every gradient finished and sharded),
+    # plus the step's fp32 copy of the gradients (ZeRO-3: of sub_group_size parameters at a time)
     P = param_count(shape_for("meta-llama/Llama-3.1-8B"))
-    assert (ests[8]["weights"] + ests[8]["gradients"] + ests[8]["optimizer"]) * GIB == pytest.approx(16 * P / 8)
+    copy = 4 * min(P, 1e9 * 8) / 8
+    assert (ests[8]["weights"] + ests[8]["gradients"] + ests[8]["optimizer"]) * GIB == pytest.approx(16 * P / 8 + copy)
+    # In backward every layer's gradient is summed over the latent passes before ZeRO can shard it: whole on every GPU
+    sums = [estimate_phases(r, ws)["train"]["moments"]["bottom"]["gradients"] for ws in sizes]
+    assert min(sums) * GIB > 0.8 * 2 * P
     # the recipe keeps the whole model gathered across latent passes: stage3_max_live_parameters 8.1e9 > P, bf16
     assert r.deepspeed.overrides["zero_optimization"]["stage3_max_live_parameters"] >= P
     assert ests[8]["gathered"] == pytest.approx(P * 2 / GIB)
@@ -136,23 +167,29 @@ def test_lora_is_far_smaller_than_full_fine_tuning():
     assert l["weights"] == pytest.approx(f["weights"], rel=0.05)
     assert (l["gradients"] + l["optimizer"]) < 0.03 * (f["gradients"] + f["optimizer"])
     assert l["total"] < 0.35 * f["total"]
-    # The same activations; the full fine-tune's whole trainable head adds the fused loss's fp32 gradient (V*h*4).
-    assert l["activations"] == f["activations"]
-    assert (f["logits"] - l["logits"]) * GIB == pytest.approx(128256 * 4096 * 4)
+    # The same keys/values; LoRA's layer keeps more (each adapter's input and output); the full fine-tune's whole
+    # trainable head adds the fused loss's fp32 gradient and d(hidden) (V*h*4 + B*T*h*b).
+    fm, lm = (estimate_phases(x, 1)["train"]["moments"] for x in (full, lora))
+    assert lm["top"]["kv_cache"] == fm["top"]["kv_cache"] and lm["top"]["activations"] > fm["top"]["activations"]
+    chunk = math.ceil(16 * 511 / 8) * 128256 * (2 + 12)
+    fused = 16 * 512 * 4096 * 2 + max(chunk + 128256 * 4096 * 4, 2 * 128256 * 4096 * 4)
+    assert (fm["loss"]["logits"] - lm["loss"]["logits"]) * GIB == pytest.approx(fused - chunk)
 
 
 def test_passes_checkpointing_attention_and_offload():
-    base = estimate_memory(small_recipe(), 1)
-    eager = estimate_memory(small_recipe(model__attn_implementation="eager"), 1)
-    assert (eager["activations"] - base["activations"]) * GIB == pytest.approx(2 * 2 * 4 * 32 * 32 * 2)
-    # Without checkpointing, more latent passes cost more (re-materialised past keys/values); with it they do not.
-    no_ckpt = [estimate_memory(small_recipe(model__gradient_checkpointing=False, coconut__max_latent_stage=s), 1)
-               for s in (1, 3)]
-    assert no_ckpt[1]["activations"] > no_ckpt[0]["activations"] > base["activations"]
-    ckpt = [estimate_memory(small_recipe(coconut__max_latent_stage=s), 1)["activations"] for s in (1, 3)]
-    assert ckpt[0] == ckpt[1]
+    top = lambda r: estimate_phases(r, 1)["train"]["moments"]["top"]["activations"]  # noqa: E731
+    base, eager = top(small_recipe(lora__enabled=True)), top(small_recipe(lora__enabled=True,
+                                                                        model__attn_implementation="eager"))
+    assert (eager - base) * GIB == pytest.approx(2 * 2 * 4 * 22 * 32 * 2)  # B * heads * Tl * T scores and probabilities
+    # Without checkpointing, more latent passes cost more (re-materialised past keys/values); with it, more latents
+    # only shorten the last pass, whose layer is recomputed.
+    train = lambda r: estimate_phases(r, 1)["train"]["activations"]  # noqa: E731
+    no_ckpt = [train(small_recipe(model__gradient_checkpointing=False, coconut__max_latent_stage=s)) for s in (1, 3)]
+    assert no_ckpt[1] > no_ckpt[0] > train(small_recipe())
+    ckpt = [top(small_recipe(coconut__max_latent_stage=s)) for s in (1, 3)]
+    assert ckpt[1] <= ckpt[0]
     off = estimate_memory(load_recipe(LLAMA, ["deepspeed.config=ds_configs/zero3_offload_bf16.json"]), 8)
-    assert off["weights"] == off["gradients"] == off["optimizer"] == 0
+    assert off["weights"] == off["optimizer"] == 0
     assert off["host_offload"] * GIB == pytest.approx(16 * param_count(shape_for("meta-llama/Llama-3.1-8B")) / 8)
 
 

@@ -117,7 +117,9 @@ def test_memory_fits_where_the_recipe_is_meant_to_run(recipe, world_size):
     r = load_recipe(REPO / f"recipes/{recipe}.yaml")
     assert r.gpus_assumed == world_size
     est = estimate_memory(r, world_size)
-    assert est["total"] < 0.6 * r.gpu_memory_gb, est  # headroom for what an estimate cannot see
+    # The estimate counts what fake tensors cannot see (DeepSpeed's buffers, the CUDA context, the allocator) and is
+    # held to the fake-tensor measurement (docs/memory.md); the recipes keep 10% of the GPU free beyond it.
+    assert est["total"] <= 0.9 * r.gpu_memory_gb, est
 
 
 def test_check_cli_passes_on_all_recipes(capsys):

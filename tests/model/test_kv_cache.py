@@ -35,12 +35,14 @@ def test_extended_keeps_chunks_with_grad_and_merges_without():
         with torch.enable_grad():
             cache = cache.extended()
     assert len(cache.layers[0].key_chunks) == 3 and cache.get_seq_length(0) == 5
-    merged = cache
-    merged.update(*_kv(3, 1), 0)
+    chunks = list(cache.layers[0].key_chunks)
+    cache.update(*_kv(3, 1), 0)
     with torch.no_grad():
-        merged = merged.extended()
+        merged = cache.extended()
     assert len(merged.layers[0].key_chunks) == 1 and merged.get_seq_length(0) == 6
-    assert torch.equal(merged.layers[0].keys, torch.cat([*cache.layers[0].key_chunks, _kv(3, 1)[0]], dim=-2))
+    assert torch.equal(merged.layers[0].keys, torch.cat([*chunks, _kv(3, 1)[0]], dim=-2))
+    # The merge consumed the old cache: it holds no chunk (so the merge never keeps two copies of the cache).
+    assert cache.layers[0].key_chunks is None and cache.layers[0].new_keys is None
 
 
 def test_extended_names_a_layer_that_recorded_nothing():

@@ -302,15 +302,20 @@ def test_recipe_switch_is_off_by_default_and_refused_without_latents():
 
 
 def test_memory_estimate_counts_the_decoder():
-    from coconut_scale.config.memory import estimate_memory
+    from coconut_scale.config.memory import estimate_memory, estimate_phases
     from coconut_scale.config.recipe import load_recipe
 
-    plain = estimate_memory(load_recipe("recipes/llama8b_gsm_lora.yaml"), 8)
-    copy = estimate_memory(load_recipe("recipes/llama8b_gsm_lora.yaml", ["coconut.step_supervision.enabled=true"]), 8)
-    shared = estimate_memory(load_recipe("recipes/llama8b_gsm_lora.yaml", [
-        "coconut.step_supervision.enabled=true", "coconut.step_supervision.decoder=shared"]), 8)
-    assert copy["weights"] == pytest.approx(2 * plain["weights"]) and shared["weights"] == plain["weights"]
-    assert plain["total"] < shared["total"] < copy["total"]
+    recipe = "recipes/llama8b_gsm_lora.yaml"
+    plain = estimate_memory(load_recipe(recipe), 8)
+    copy = estimate_memory(load_recipe(recipe, ["coconut.step_supervision.enabled=true"]), 8)
+    shared = load_recipe(recipe, ["coconut.step_supervision.enabled=true", "coconut.step_supervision.decoder=shared"])
+    assert copy["weights"] == pytest.approx(2 * plain["weights"])
+    assert estimate_memory(shared, 8)["weights"] == plain["weights"]
+    # The decoder's call is one more moment of the step (after the passes, before backward); the step's peak sits
+    # in backward, after the decoder's backward has freed what it kept, unless the decoder's call is the larger.
+    train = estimate_phases(shared, 8)["train"]
+    assert plain["total"] <= estimate_memory(shared, 8)["total"] < copy["total"]
+    assert train["total"] >= estimate_phases(load_recipe(recipe), 8)["train"]["total"]
 
 
 def test_export_without_decoder_then_beside_it_and_decode_latents(tmp_path):
