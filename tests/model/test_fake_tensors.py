@@ -5,7 +5,6 @@ import contextlib
 
 import pytest
 import torch
-from conftest import latent_batch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from coconut_scale.config.fake_model import to_fake
@@ -13,6 +12,7 @@ from coconut_scale.data.collate import left_pad_for_generation
 from coconut_scale.model.coconut import Coconut
 from coconut_scale.model.kv_cache import PassCache
 from coconut_scale.model.step_supervision import decoder_inputs, step_loss_from_hidden
+from coconut_scale.testing import latent_batch
 from coconut_scale.model.tokens import LatentTokens, resize_and_init_embeddings
 from coconut_scale.testing import tiny_config, tiny_model, tiny_tokenizer
 
