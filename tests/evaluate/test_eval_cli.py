@@ -17,7 +17,7 @@ from tiny_export import MAX_NEW, N_PLANTED, N_RECORDS, STAGE, curriculum, expect
 from coconut_scale import distributed as dist
 from coconut_scale.cli.eval import main as eval_main
 from coconut_scale.data.collate import LatentAlignedCollator
-from coconut_scale.data.curriculum import build_stage_dataset
+from coconut_scale.data.curriculum import build_eval_examples, build_stage_dataset
 from coconut_scale.data.tokenized import tokenize_records
 from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.generation import validation_loss
