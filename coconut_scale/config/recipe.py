@@ -146,8 +146,30 @@ class ProsQASyntheticCfg(_Section):
         return self.model_dump(exclude={"kind", "n_train", "n_val", "seed"})
 
 
+class ArithmeticSyntheticCfg(_Section):
+    """`data.generate: {kind: arithmetic_synthetic, ...}`: GSM8k-Aug-style word problems with iCoT steps
+    (data/arithmetic_synthetic.py), numeric answers as CODI needs them."""
+
+    kind: Literal["arithmetic_synthetic"]
+    n_train: PositiveInt = 2000
+    n_val: PositiveInt = 200
+    seed: NonNegativeInt = 0
+    min_steps: PositiveInt = 2
+    max_steps: PositiveInt = 3
+    max_value: Annotated[int, Field(ge=10)] = 100
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"data.generate: min_steps {self.min_steps} > max_steps {self.max_steps}")
+        return self
+
+    def generator_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"kind", "n_train", "n_val", "seed"})
+
+
 # The generators `data.generate` can name, told apart by `kind` (one class per kind).
-GenerateCfg = Annotated[ProsQASyntheticCfg, Field(discriminator="kind")]
+GenerateCfg = Annotated[ProsQASyntheticCfg | ArithmeticSyntheticCfg, Field(discriminator="kind")]
 
 
 class DataCfg(_Section):
@@ -225,6 +247,27 @@ class CoconutCfg(_Section):
         from coconut_scale.data.curriculum import CurriculumConfig
 
         return CurriculumConfig.from_recipe(self).max_passes
+
+
+class CodiCfg(_Section):
+    """`method: codi` (model/codi.py, data/codi_data.py): every switch of the released scripts that changes the
+    math, with the released code's default (zhenyi4/codi src/model.py TrainingArguments); the GSM8k-Aug scripts
+    pass use_prj true, prj_dim = the hidden size, distill_loss_div_std true, remove_eos true, num_latent 6."""
+
+    num_latent: PositiveInt = 5  # continuous thoughts; evaluation runs as many (their inf_latent_iterations)
+    use_prj: bool = False  # feed back prj(h) instead of h
+    prj_dim: PositiveInt = 2048
+    prj_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    prj_no_ln: bool = False  # drop the projection's final LayerNorm
+    distill_loss_type: Literal["smooth_l1", "l2"] = "smooth_l1"
+    distill_loss_div_std: bool = False
+    distill_loss_factor: float = Field(1.0, ge=0.0)  # the Llama-1B script: 20
+    ref_loss_factor: float = Field(1.0, ge=0.0)  # the teacher CE's weight
+    include_last_cot: bool = False  # False: the teacher CoT drops its last step (train.py:270-272)
+    remove_eos: bool = False  # True: eos only after the answer; False: also after the question and the CoT
+    max_token_num: PositiveInt = 1000  # records longer than this are dropped (the Llama-1B script: 200)
+    bos_rule: Literal["record0", "per_row"] = "record0"  # data/codi_data.py: record 0 decides BOS stripping
+    lone_space_rule: Literal["model_name", "token"] = "model_name"  # data/codi_data.py: the answer position
 
 
 class BatchCfg(_Section):
@@ -339,6 +382,10 @@ class Recipe(_Section):
     lora: LoraCfg = Field(default_factory=LoraCfg)
     data: DataCfg
     coconut: CoconutCfg = Field(default_factory=CoconutCfg)
+    # coconut: the latent curriculum (the coconut section). codi: CODI's self-distillation (the codi section;
+    # no curriculum: every epoch trains num_latent thoughts).
+    method: Literal["coconut", "codi"] = "coconut"
+    codi: CodiCfg = Field(default_factory=CodiCfg)
     batch: BatchCfg
     optim: OptimCfg
     deepspeed: DeepSpeedCfg
@@ -352,6 +399,15 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _cross_section(self):
         self.output_dir = self.output_dir.replace("{name}", self.name)
+        if self.method == "codi":
+            if self.coconut.mode != "coconut":
+                raise ValueError(f"method codi trains its own layout; coconut.mode {self.coconut.mode!r} must stay "
+                                 f"'coconut'")
+            if self.coconut.step_supervision.enabled:
+                raise ValueError("coconut.step_supervision.enabled: not available with method codi")
+            if self.checkpoint.init_from:
+                raise ValueError("checkpoint.init_from: method codi starts from model.name_or_path (its teacher is "
+                                 "the model itself)")
         if self.checkpoint.resume_from_epoch >= self.optim.epochs:
             raise ValueError(f"checkpoint.resume_from_epoch {self.checkpoint.resume_from_epoch} must be below "
                              f"optim.epochs {self.optim.epochs} (epochs are counted from 0)")
