@@ -25,6 +25,12 @@ def codi_token_ids(tokens: LatentTokens) -> CodiTokenIds:
     return CodiTokenIds(bot_id=tokens.start_id, eot_id=tokens.end_id, pad_id=tokens.pad_id, eos_id=tokens.eos_id)
 
 
+def codi_data_options(section: dict) -> CodiDataOptions:
+    """The data rules of a recipe's `codi` section (or an export's copy of it, with `model_name`)."""
+    keys = ("include_last_cot", "remove_eos", "max_token_num", "bos_rule", "lone_space_rule", "model_name")
+    return CodiDataOptions(**{k: section[k] for k in keys if k in section})
+
+
 def codi_feature(row: dict, tokens: LatentTokens, num_latent: int) -> dict:
     encoder, decoder = list(row["encoder_input_ids"]), list(row["decoder_input_ids"])
     prefix = encoder + [tokens.latent_id] * num_latent
@@ -52,7 +58,8 @@ def codi_eval_examples(records: list[dict], tokenizer, tokens: LatentTokens, num
     """Generation prompts as their test.py builds them: the encoder ids (question, eos without remove_eos, bot),
     num_latent latents and the decoder's opening ([eot], or [eot, eos] without remove_eos); generation decodes
     the answer from there. Scored on the answer's last word (evaluate/generation.py reads after the last '#',
-    so the gold is the bare number and the prediction the text after "The answer is:")."""
+    so the gold is the bare number; `answer_rule` "last_number" makes the scorer read the prediction as their
+    test.py does: the last number of the decoded text)."""
     rows, _ = build_codi_rows(records, tokenizer, codi_token_ids(tokens), options, source=source)
     opening = 1 if options.remove_eos else 2
     examples = []
@@ -61,7 +68,7 @@ def codi_eval_examples(records: list[dict], tokenizer, tokens: LatentTokens, num
         prompt = list(row["encoder_input_ids"]) + [tokens.latent_id] * num_latent
         examples.append({"input_ids": prompt + list(row["decoder_input_ids"][:opening]), "n_latents": num_latent,
                          "stage": 0, "idx": int(row["index"]), "answer": answer_value(record["answer"]),
-                         "steps": list(record.get("steps", []))})
+                         "steps": list(record.get("steps", [])), "answer_rule": "last_number"})
     return examples
 
 

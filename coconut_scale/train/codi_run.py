@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coconut_scale.data.codi_data import CodiDataOptions, CodiDataError
-from coconut_scale.data.codi_features import CodiPartCollator, codi_eval_examples, codi_features
+from coconut_scale.data.codi_features import CodiPartCollator, codi_data_options, codi_eval_examples, codi_features
 from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.data.records import load_records
 from coconut_scale.model.codi import CodiPart
@@ -19,10 +19,7 @@ from coconut_scale.model.tokens import LatentTokens
 
 
 def codi_options(recipe) -> CodiDataOptions:
-    c = recipe.codi
-    return CodiDataOptions(include_last_cot=c.include_last_cot, remove_eos=c.remove_eos,
-                           max_token_num=c.max_token_num, bos_rule=c.bos_rule, lone_space_rule=c.lone_space_rule,
-                           model_name=recipe.model.name_or_path)
+    return codi_data_options({**recipe.codi.model_dump(), "model_name": recipe.model.name_or_path})
 
 
 @dataclass
@@ -55,8 +52,6 @@ def load_codi_data(recipe, tokenizer, tokens: LatentTokens, collate: LatentAlign
     if recipe.data.eval_max_examples:
         val_records = val_records[: recipe.data.eval_max_examples]
     examples = codi_eval_examples(val_records, tokenizer, tokens, n, options, source=str(recipe.data.val_file))
-    for example in examples:
-        example["answer_rule"] = "last_number"  # their test.py: the last number of the decoded text
     # The plan: the prefix up to the first latent, then one pass per latent column (the last one runs on to the
     # end: eot and the answer), i.e. num_latent + 1 calls, the same for every batch and rank.
     return CodiData(train=sets["train"][1], val=sets["validation"][1], eval_examples=examples,

@@ -1,0 +1,103 @@
+"""`method: codi` trained end to end on CPU (recipes/tiny_cpu_codi.yaml, ZeRO-3 on gloo): one process, and two ranks
+that must equal it (losses, weights, the projection); the export records the method, carries the projection, loads
+with load_exported and scores through `coconut-scale eval` as training scored it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from child_process import subprocess_env
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "tiny_cpu_codi.yaml"
+TIMEOUT = 420
+
+
+def _overrides(out: Path, data: Path, **extra) -> list[str]:
+    base = {"output_dir": str(out), "data.train_file": str(data / "train.json"), "data.val_file": str(data / "val.json"),
+            "data.generate": "{kind: arithmetic_synthetic, n_train: 24, n_val: 7, seed: 1}",
+            "batch.global_batch_size": 4, "batch.micro_batch_size": 2, "batch.eval_batch_size": 4,
+            "eval.max_new_tokens": 8, "logging.log_every_steps": 1, "optim.grad_clip": 0.0}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _train(launcher: str, out: Path, data: Path) -> None:
+    args = ["-m", "coconut_scale.train", str(RECIPE), *_overrides(out, data)]
+    if launcher == "torchrun":
+        args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, f"{launcher} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("codi")
+    data = root / "data"
+    _train("python", root / "one", data)
+    _train("torchrun", root / "two", data)
+    return root / "one", root / "two", data
+
+
+def test_the_run_logs_codi_terms_and_exports_the_method_and_projection(runs):
+    one, _, _ = runs
+    train = _records(one, "train")
+    assert len(train) == 2 * 6  # 24 records / global batch 4, two epochs
+    for r in train:
+        assert {"coconut_loss", "teacher_loss", "distill_loss"} <= r.keys()
+        # the weights of tiny_cpu_codi: 1 x student CE + 1 x distill + 1 x teacher CE
+        assert abs(r["loss"] - (r["coconut_loss"] + r["distill_loss"] + r["teacher_loss"])) < 1e-4
+    assert train[-1]["teacher_loss"] < train[0]["teacher_loss"]
+    export = one / "hf" / "stage0"
+    meta = json.loads((export / "coconut_config.json").read_text())
+    assert meta["method"] == "codi" and meta["codi"]["num_latent"] == 2 and meta["codi"]["use_prj"] is True
+    projection = load_file(str(export / "codi_projection.safetensors"))
+    assert {"prj.1.weight", "prj.3.weight", "prj.ln.weight"} <= projection.keys()
+    assert not any(k.startswith("codi.") for k in load_file(str(export / "model.safetensors")))
+
+
+def test_two_ranks_zero3_equal_one_process(runs):
+    one, two, _ = runs
+    l1 = {r["global_step"]: r for r in _records(one, "train")}
+    l2 = {r["global_step"]: r for r in _records(two, "train")}
+    assert l1.keys() == l2.keys()
+    for step in l1:
+        for key in ("loss", "coconut_loss", "teacher_loss", "distill_loss"):
+            assert abs(l1[step][key] - l2[step][key]) < 1e-4, (step, key, l1[step][key], l2[step][key])
+    for name in ("model.safetensors", "codi_projection.safetensors"):
+        a, b = load_file(str(one / "hf" / "stage0" / name)), load_file(str(two / "hf" / "stage0" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_the_export_loads_and_the_eval_cli_scores_as_training_did(runs, tmp_path):
+    from coconut_scale.model.loading import load_exported
+
+    one, _, data = runs
+    model, _, meta = load_exported(one / "hf" / "stage0")
+    assert meta.method == "codi" and model.part("codi") is not None
+    trained = load_file(str(one / "hf" / "stage0" / "codi_projection.safetensors"))
+    for key, value in model.part("codi").state_dict().items():
+        torch.testing.assert_close(value, trained[key])
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "coconut_scale", "eval", str(one / "hf" / "stage0"),
+                           str(data / "val.json"), "--max-new-tokens", "8", "--out", str(out)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = _records(one, "eval")[-1]
+    summary = json.loads(next(out.glob("*.json")).read_text())
+    assert summary["n_examples"] == logged["n_examples"] == 7
+    assert summary["accuracy"] == pytest.approx(logged["accuracy"])
