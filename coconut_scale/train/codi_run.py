@@ -40,14 +40,19 @@ def load_codi_data(recipe, tokenizer, tokens: LatentTokens, collate: LatentAlign
     for role, path in (("train", recipe.data.train_file), ("validation", recipe.data.val_file)):
         records = load_records(path)
         features, summary = codi_features(records, tokenizer, tokens, n, options, source=str(path))
+        # data.max_seq_len bounds both sequences of a row (the memory estimate and the batch plan assume it).
+        limit = recipe.data.max_seq_len
+        kept = [f for f in features if max(len(f["input_ids"]), len(f["teacher_input_ids"])) <= limit]
+        too_long, features = len(features) - len(kept), kept
         if not features:
             raise CodiDataError(path, None, "answer", f"no {role} record is left after CODI's filters: "
                                 f"{len(summary.dropped_too_long)} longer than codi.max_token_num "
                                 f"{options.max_token_num}, {len(summary.dropped_non_digit_answer)} with an answer "
-                                f"that does not start with a digit, of {len(records)}")
+                                f"that does not start with a digit, {too_long} longer than data.max_seq_len "
+                                f"{limit}, of {len(records)}")
         sets[role] = (records, features)
         lines.append(f"{len(features)} {role} ({len(summary.dropped_too_long)} dropped > codi.max_token_num, "
-                     f"{len(summary.dropped_non_digit_answer)} non-digit answers)")
+                     f"{len(summary.dropped_non_digit_answer)} non-digit answers, {too_long} > data.max_seq_len)")
     val_records = sets["validation"][0]
     if recipe.data.eval_max_examples:
         val_records = val_records[: recipe.data.eval_max_examples]
