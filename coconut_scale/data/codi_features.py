@@ -6,9 +6,10 @@ A feature is what the Coconut core trains on, in its aligned layout (data/collat
     labels    = -100 up to and including <eot>, then the answer and <eos>   (CODI's labels[:, 1:] after eot)
 
 with bot / eot the Coconut start / end markers. It also keeps the teacher's ids, labels and answer position, and
-`student_offset`, the student's answer position counted from the row's first token. `CodiPartCollator` turns a
-micro-batch of features into the part's inputs (model/codi.py CODI_KEYS): the teacher batch right-padded (pad,
-labels -100), its mask, and `student_column`, the offset moved by the row's left padding in the core's batch.
+`student_offset`, the student's answer position counted from the row's first token, and `last_latent_offset`.
+`CodiPartCollator` turns a micro-batch of features into the part's inputs (model/codi.py CODI_KEYS): the teacher
+batch right-padded (pad, labels -100), its mask, and `student_column` / `last_latent_column`, the offsets moved by
+the row's left padding in the core's batch.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def codi_feature(row: dict, tokens: LatentTokens, num_latent: int) -> dict:
         "teacher_labels": list(row["teacher_labels"]),
         "teacher_position": int(row["teacher_answer_position"]),
         "student_offset": len(prefix) + int(row["student_answer_position"]),
+        "last_latent_offset": len(prefix) - 1,
         "idx": int(row["index"]),
         "n_latents": num_latent,
     }
@@ -100,4 +102,6 @@ class CodiPartCollator:
             "teacher_position": torch.tensor([f["teacher_position"] for f in features], dtype=torch.long),
             "student_column": torch.tensor([lp + f["student_offset"] for lp, f in zip(left, features)],
                                            dtype=torch.long),
+            "last_latent_column": torch.tensor([lp + f["last_latent_offset"] for lp, f in zip(left, features)],
+                                               dtype=torch.long),
         }

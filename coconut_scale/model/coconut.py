@@ -150,15 +150,16 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def column_states_of(states: Sequence[torch.Tensor], columns: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
-    """Each entry of a pass's hidden states [B, T_pass, H] at row r's column `columns[r]` (absolute, in the pass
-    that starts at `start`): a tuple of [B, H]. A column outside that pass is refused when it is on the host (no
-    device sync for that check)."""
+    """Each entry of a pass's hidden states [B, T_pass, H] at row r's columns `columns[r]` (absolute, [B] or [B, K],
+    in the pass that starts at `start`): a tuple of [B, H] (or [B, K, H]). A column outside that pass is refused
+    when it is on the host (no device sync for that check)."""
     width = states[0].shape[1]
     offsets = columns.to(states[0].device) - start
     if offsets.device.type == "cpu" and holds_data(offsets) and bool(((offsets < 0) | (offsets >= width)).any()):
         raise ValueError(f"state columns {columns.tolist()} are not all in the last pass (columns {start} to "
                          f"{start + width - 1})")
     rows = torch.arange(offsets.shape[0], device=offsets.device)
+    rows = rows[:, None] if offsets.dim() == 2 else rows
     return tuple(s[rows, offsets] for s in states)
 
 

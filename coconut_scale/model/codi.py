@@ -35,14 +35,15 @@ from torch import nn
 from coconut_scale.model.chunked_loss import chunked_shifted_cross_entropy
 from coconut_scale.model.method_part import MethodPart
 
-CODI_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_position", "student_column")
+CODI_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_position", "student_column",
+             "last_latent_column")
 DISTILL_LOSS_TYPES = ("smooth_l1", "l2")
 
 
 @dataclass(frozen=True)
 class CodiSpec:
-    """The switches of the released scripts that change CODI's model (their defaults; the loss factors are loss
-    weights, config/model_spec.py)."""
+    """The switches of the released scripts that change CODI's model, defaulting to the GSM8k-Aug scripts' values
+    (the recipe's `codi` section defaults to the code's; the loss factors are loss weights, config/model_spec.py)."""
 
     num_latent: int = 6
     use_prj: bool = True
@@ -106,7 +107,13 @@ class CodiPart(MethodPart):
         return self.prj(hidden)
 
     def state_columns(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return inputs["student_column"]
+        # [B, 2]: the token before the answer value (distillation) and the last latent (z_n, for SIM-CoT's decoder)
+        return torch.stack([inputs["student_column"], inputs["last_latent_column"]], dim=1)
+
+    def last_thought(self, out) -> torch.Tensor:
+        """z_n = prj(state after the last latent) [B, H]: computed by the released loop and never fed; SIM-CoT's
+        step decoder reads it as the thought of the last step."""
+        return self.project_feedback(out.column_states[-1][:, 1])
 
     def loss_terms(self, core, input_ids, inputs: dict[str, torch.Tensor], out) -> dict[str, torch.Tensor]:
         if out.column_states is None:
@@ -122,5 +129,5 @@ class CodiPart(MethodPart):
         rows = torch.arange(teacher_ids.shape[0], device=teacher_ids.device)
         position = inputs["teacher_position"]
         targets = tuple(h[rows, position] for h in teacher.hidden_states)
-        distill = distillation(out.column_states, targets, self.spec.distill_loss_type, self.spec.distill_loss_div_std)
+        distill = distillation(tuple(s[:, 0] for s in out.column_states), targets, self.spec.distill_loss_type, self.spec.distill_loss_div_std)
         return {"teacher": teacher_ce, "distill": distill}
