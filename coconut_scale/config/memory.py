@@ -45,7 +45,8 @@ teacher sequence (question + CoT + answer, at most T tokens), without a cache: t
 activations over B*T tokens (its checkpointed layer inputs (L + 1) * B*T*h*b, which are also the hidden states the
 distillation reads; L * layer_full without checkpointing) and its own chunked-loss logits (the chunk term above).
 Its projection, 2*h*prj_dim + prj_dim + h parameters (+ 2h for the LayerNorm), is always trained: it joins P and
-P_t.
+P_t. SIM-CoT on CODI adds its decoder as above, except that under LoRA the decoder is trained in full (their code
+never wraps it): its parameters join P_t whole.
 
 These are estimates (+-20%): they bound what the recipe needs, they do not replace a first real step.
 """
@@ -103,7 +104,10 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
     projection = codi_projection_params(recipe, dims(shape).hidden) if codi else 0
     P = param_count(shape) * copies + projection
     P_t = trainable_params(recipe, shape) * copies + projection
-    P_frozen = P - projection if recipe.lora.enabled else 0  # the frozen base (the projection always trains)
+    if codi and copies == 2 and recipe.lora.enabled:  # SIM-CoT's CODI decoder: trained in full, never LoRA-wrapped
+        P_t = trainable_params(recipe, shape) + param_count(shape) + projection
+    # the frozen base (the projection always trains; so does SIM-CoT's CODI decoder)
+    P_frozen = (P - projection - (param_count(shape) if codi and copies == 2 else 0)) if recipe.lora.enabled else 0
     opt_bytes = 8 + (4 if b < 4 else 0)
 
     weights = (P_frozen + P_t) * b / (W if stage == 3 else 1)
@@ -116,7 +120,8 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
     if z["offload_optimizer"]:
         host += gradients + optimizer
         gradients = optimizer = 0.0
-    in_model = P + (P_t - projection if recipe.lora.enabled else 0)  # LoRA adds its adapters to the base
+    adapters = trainable_params(recipe, shape) * (1 if codi else copies)
+    in_model = P + (adapters if recipe.lora.enabled else 0)  # LoRA adds its adapters to the base
     gathered = min(in_model, z["max_live_parameters"]) * b if stage == 3 else 0.0
 
     B, T = plan.micro_batch_size, recipe.data.max_seq_len

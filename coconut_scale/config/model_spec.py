@@ -82,7 +82,9 @@ def model_spec(recipe) -> ModelSpec:
     m, c = recipe.model, recipe.coconut
     step = None
     if c.step_supervision.enabled:
-        step = StepSupervisionSpec(decoder=step_decoder_source(recipe), c_thought=c.c_thought)
+        codi = recipe.method == "codi"  # one thought per step, z_0..z_n (model/step_supervision.py layout codi)
+        step = StepSupervisionSpec(decoder=step_decoder_source(recipe), c_thought=1 if codi else c.c_thought,
+                                   layout="codi" if codi else "coconut")
     return ModelSpec(source=base_source(recipe), dtype=m.dtype, attn_implementation=m.attn_implementation,
                      seed=recipe.seed, init_text=m.init_text, gradient_checkpointing=m.gradient_checkpointing,
                      feedback=c.mode == "coconut", lora=lora_spec(recipe), step_supervision=step,
@@ -92,7 +94,8 @@ def model_spec(recipe) -> ModelSpec:
 def loss_weights(recipe) -> dict[str, float]:
     """The weight of each method part's loss term in the training loss (train/losses.py). CODI's total is
     student CE + distill_loss_factor * distill + ref_loss_factor * teacher CE (src/model.py:400)."""
-    if recipe.method == "codi":
-        return {"teacher": recipe.codi.ref_loss_factor, "distill": recipe.codi.distill_loss_factor}
     step = recipe.coconut.step_supervision
-    return {"step": step.weight} if step.enabled else {}
+    weights = {"step": step.weight} if step.enabled else {}  # SIM-CoT's explain_loss_factor
+    if recipe.method == "codi":
+        return {"teacher": recipe.codi.ref_loss_factor, "distill": recipe.codi.distill_loss_factor, **weights}
+    return weights

@@ -268,6 +268,9 @@ class CodiCfg(_Section):
     max_token_num: PositiveInt = 1000  # records longer than this are dropped (the Llama-1B script: 200)
     bos_rule: Literal["record0", "per_row"] = "record0"  # data/codi_data.py: record 0 decides BOS stripping
     lone_space_rule: Literal["model_name", "token"] = "model_name"  # data/codi_data.py: the answer position
+    # SIM-CoT on CODI (coconut.step_supervision.enabled): reproduce their dedup_trailing_pads bug, which cuts every
+    # row's step k to row 0's length (data/codi_steps.py); false gives every row its whole step.
+    step_dedup_bug: bool = True
 
 
 class BatchCfg(_Section):
@@ -403,8 +406,10 @@ class Recipe(_Section):
             if self.coconut.mode != "coconut":
                 raise ValueError(f"method codi trains its own layout; coconut.mode {self.coconut.mode!r} must stay "
                                  f"'coconut'")
-            if self.coconut.step_supervision.enabled:
-                raise ValueError("coconut.step_supervision.enabled: not available with method codi")
+            step = self.coconut.step_supervision
+            if step.enabled and (step.prompt is not None or step.stages is not None):
+                raise ValueError("coconut.step_supervision.prompt and .stages: SIM-CoT's CODI variant has neither "
+                                 "(every step decodes its thought alone, at every epoch); remove them")
             if self.checkpoint.init_from:
                 raise ValueError("checkpoint.init_from: method codi starts from model.name_or_path (its teacher is "
                                  "the model itself)")

@@ -42,6 +42,7 @@ class StepSupervisionSpec:
 
     decoder: ModelSource | None
     c_thought: int
+    layout: str = "coconut"  # "codi": SIM-CoT's CODI variant (its decoder is fully trained, never LoRA-wrapped)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def build_training_model(spec: ModelSpec, tokenizer,
         decoder = _load(step.decoder, spec, len(tokenizer)) if step.decoder is not None else None
         if decoder is not None and spec.gradient_checkpointing:
             enable_latent_safe_checkpointing(decoder)
-        part = model.add_part(StepSupervision(decoder, step.c_thought))
+        part = model.add_part(StepSupervision(decoder, step.c_thought, layout=step.layout))
     if spec.codi is not None:
         config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         model.add_part(CodiPart(config.hidden_size, spec.codi, dtype=DTYPES[spec.dtype]))
@@ -88,6 +89,6 @@ def build_training_model(spec: ModelSpec, tokenizer,
         from coconut_scale.model.lora import apply_lora, wrap_with_lora
 
         apply_lora(model, spec.lora, tokenizer, dtype=DTYPES[spec.dtype])
-        if part is not None and part.decoder is not None:
+        if part is not None and part.decoder is not None and part.layout != "codi":
             part.decoder = wrap_with_lora(part.decoder, spec.lora)
     return model

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from coconut_scale.data.codi_data import CodiDataOptions, CodiDataError
 from coconut_scale.data.codi_features import CodiPartCollator, codi_data_options, codi_eval_examples, codi_features
+from coconut_scale.data.codi_steps import CodiStepCollator, step_ids
 from coconut_scale.data.collate import LatentAlignedCollator
 from coconut_scale.data.records import load_records
 from coconut_scale.model.codi import CodiPart
@@ -65,6 +66,12 @@ def load_codi_data(recipe, tokenizer, tokens: LatentTokens, collate: LatentAlign
 
 
 PART_NAME = CodiPart.name
+
+
+def codi_step_collator(recipe, tokenizer, tokens: LatentTokens) -> CodiStepCollator:
+    """SIM-CoT's CODI step targets (data/codi_steps.py), from the tokenizer's "<<" / " <<" / ">>" tokens."""
+    ids = step_ids(tokenizer, tokens.eos_id, tokens.pad_id)
+    return CodiStepCollator(ids, recipe.codi.num_latent, recipe.codi.step_dedup_bug)
 
 
 def codi_export_meta(recipe, tokens: LatentTokens, metrics: dict) -> ExportMeta:

@@ -43,7 +43,8 @@ from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train import storage
 from coconut_scale.train.checkpoints import CheckpointManager
-from coconut_scale.train.codi_run import PART_NAME as CODI_PART, CodiData, codi_export_meta, load_codi_data
+from coconut_scale.train.codi_run import (PART_NAME as CODI_PART, CodiData, codi_export_meta, codi_step_collator,
+                                          load_codi_data)
 from coconut_scale.train.data_identity import DATA_FILE, check_data, check_tokenizer, data_identity, token_identity
 from coconut_scale.train.engine import build_engine
 from coconut_scale.train.export import export_hf
@@ -205,8 +206,10 @@ class Trainer:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         step = recipe.coconut.step_supervision
         # SIM-CoT's per-step decoder targets, built once from the records' step texts (data/step_targets.py).
-        self.step_collate = (StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
-                             if step.enabled else None)
+        if step.enabled and self.codi is not None:  # SIM-CoT's CODI variant: steps cut from the teacher ids
+            self.step_collate = codi_step_collator(recipe, self.tokenizer, self.tokens)
+        elif step.enabled:
+            self.step_collate = StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
 
     def _check_data(self, latest: Path | None) -> None:
         """Rank 0 reads the data files' identity and compares it with the checkpoint's; every rank stops together on
@@ -388,8 +391,10 @@ class Trainer:
         part_inputs = None
         if self.step_collate is not None and self.recipe.coconut.step_supervision.applies_to(stage):
             part_inputs = {StepSupervision.name: self.step_collate(features)}  # the same on every rank
-        if self.codi is not None:
+        if self.codi is not None:  # every stage: CODI has no curriculum
             part_inputs = {CODI_PART: self.codi.collate(features)}
+            if self.step_collate is not None:
+                part_inputs[StepSupervision.name] = self.step_collate(features)
         # From the features, not the batch: no tensor is read back (on a GPU each read stalls the stream).
         self.window.tokens += sum(len(f["input_ids"]) for f in features)
         columns = self.collate.latent_columns(features)  # the pass plan's input

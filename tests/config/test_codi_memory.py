@@ -53,3 +53,16 @@ def test_student_passes_follow_num_latent_without_checkpointing():
     many = estimate_memory(recipe("codi", checkpointing=False, num_latent=6), 1)["activations"]
     L, B, T, kv, b = 2, 2, 32, 32, 2
     assert (many - few) * GIB == pytest.approx(2 * L * B * T * kv * b * 5)
+
+
+def test_simcot_on_codi_trains_its_decoder_in_full_under_lora():
+    from coconut_scale.model.shapes import param_count
+
+    base = recipe("codi", lora=True, use_prj=True, prj_dim=48)
+    data = base.model_dump()
+    data["coconut"]["step_supervision"] = {"enabled": True, "decoder": "pretrained"}
+    with_decoder = recipe_from_dict(data)
+    plain, simcot = estimate_memory(base, 1), estimate_memory(with_decoder, 1)
+    decoder = param_count(SHAPE)
+    assert (simcot["weights"] - plain["weights"]) * GIB == pytest.approx(decoder * 2)  # bf16, once
+    assert (simcot["optimizer"] - plain["optimizer"]) * GIB == pytest.approx(decoder * 12)  # fp32 m, v, master

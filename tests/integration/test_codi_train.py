@@ -29,8 +29,8 @@ def _overrides(out: Path, data: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def _train(launcher: str, out: Path, data: Path) -> None:
-    args = ["-m", "coconut_scale.train", str(RECIPE), *_overrides(out, data)]
+def _train(launcher: str, out: Path, data: Path, **extra) -> None:
+    args = ["-m", "coconut_scale.train", str(RECIPE), *_overrides(out, data, **extra)]
     if launcher == "torchrun":
         args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
@@ -101,3 +101,20 @@ def test_the_export_loads_and_the_eval_cli_scores_as_training_did(runs, tmp_path
     summary = json.loads(next(out.glob("*.json")).read_text())
     assert summary["n_examples"] == logged["n_examples"] == 7
     assert summary["accuracy"] == pytest.approx(logged["accuracy"])
+
+
+def test_simcot_on_codi_two_ranks_zero3_equal_one_process(tmp_path):
+    """SIM-CoT's step decoder on CODI's latents (a second, fully trained model under ZeRO-3): the step term is
+    logged and weighted into the loss, and two ranks equal one process."""
+    data = tmp_path / "data"
+    simcot = {"coconut.step_supervision.enabled": "true", "coconut.step_supervision.weight": 0.5, "optim.epochs": 1}
+    _train("python", tmp_path / "one", data, **simcot)
+    _train("torchrun", tmp_path / "two", data, **simcot)
+    l1 = {r["global_step"]: r for r in _records(tmp_path / "one", "train")}
+    l2 = {r["global_step"]: r for r in _records(tmp_path / "two", "train")}
+    assert l1.keys() == l2.keys() and len(l1) == 6
+    for step, r in l1.items():
+        assert r["step_loss"] > 0
+        assert abs(r["loss"] - (r["coconut_loss"] + r["distill_loss"] + r["teacher_loss"] + 0.5 * r["step_loss"])) < 1e-4
+        for key in ("loss", "coconut_loss", "teacher_loss", "distill_loss", "step_loss"):
+            assert abs(r[key] - l2[step][key]) < 1e-4, (step, key, r[key], l2[step][key])
