@@ -3,8 +3,11 @@ that must equal it (losses, weights, the projection); the export records the met
 with load_exported and scores through `coconut-scale eval` as training scored it."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,13 +32,18 @@ def _overrides(out: Path, data: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def _train(launcher: str, out: Path, data: Path, **extra) -> None:
+def _train(launcher: str, out: Path, data: Path, **extra) -> subprocess.CompletedProcess:
     args = ["-m", "coconut_scale.train", str(RECIPE), *_overrides(out, data, **extra)]
     if launcher == "torchrun":
         args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                           timeout=TIMEOUT)
     assert proc.returncode == 0, f"{launcher} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _command(out: Path, data: Path, **extra) -> list[str]:
+    return [sys.executable, "-m", "coconut_scale.train", str(RECIPE), *_overrides(out, data, **extra)]
 
 
 def _records(out: Path, kind: str) -> list[dict]:
@@ -118,3 +126,30 @@ def test_simcot_on_codi_two_ranks_zero3_equal_one_process(tmp_path):
         assert abs(r["loss"] - (r["coconut_loss"] + r["distill_loss"] + r["teacher_loss"] + 0.5 * r["step_loss"])) < 1e-4
         for key in ("loss", "coconut_loss", "teacher_loss", "distill_loss", "step_loss"):
             assert abs(r[key] - l2[step][key]) < 1e-4, (step, key, r[key], l2[step][key])
+
+
+def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs, tmp_path):
+    """SIGKILL right after the mid-epoch checkpoint at step 3 (of 6 per epoch), rerun: the same logged terms and the
+    same final weights and projection as the uninterrupted run."""
+    one, _, data = runs
+    out, every = tmp_path / "killed", {"checkpoint.save_every_steps": 3}
+    proc = subprocess.Popen(_command(out, data, **every), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    target, deadline = out / "checkpoints" / "step-00000003", time.time() + TIMEOUT
+    while not target.exists():
+        assert proc.poll() is None, "the run ended before the checkpoint to kill at"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "hf" / "stage0").exists()
+    assert "resumed from" in _train("python", out, data, **every).stdout
+    l1 = {r["global_step"]: r for r in _records(one, "train")}
+    lk = {r["global_step"]: r for r in _records(out, "train")}
+    for step in l1:
+        for key in ("loss", "teacher_loss", "distill_loss"):
+            assert abs(l1[step][key] - lk[step][key]) < 1e-4, (step, key)
+    for name in ("model.safetensors", "codi_projection.safetensors"):
+        a, b = load_file(str(one / "hf" / "stage0" / name)), load_file(str(out / "hf" / "stage0" / name))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} {key}: {m}")
