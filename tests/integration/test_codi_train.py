@@ -4,6 +4,7 @@ with load_exported and scores through `coconut-scale eval` as training scored it
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,6 +150,31 @@ def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs, tmp_path)
     for step in l1:
         for key in ("loss", "teacher_loss", "distill_loss"):
             assert abs(l1[step][key] - lk[step][key]) < 1e-4, (step, key)
+    for name in ("model.safetensors", "codi_projection.safetensors"):
+        a, b = load_file(str(one / "hf" / "stage0" / name)), load_file(str(out / "hf" / "stage0" / name))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_universal_copy_resumes_a_two_rank_run_on_one_process(runs, tmp_path):
+    """2 ranks -> 1: the ZeRO-3 checkpoint after epoch 0 (the CODI part partitioned with the base), converted to
+    DeepSpeed's universal format, resumes in one process and ends where the single-process run ends."""
+    one, two, data = runs
+    out = tmp_path / "two_then_one"
+    shutil.copytree(two, out)
+    final, boundary = sorted((out / "checkpoints").glob("step-*"))[::-1][:2]
+    shutil.rmtree(final)
+    for export in ("stage0", "best"):
+        shutil.rmtree(out / "hf" / export, ignore_errors=True)
+    assert json.loads((boundary / "loop_state.json").read_text())["world_size"] == 2
+    convert = subprocess.run([sys.executable, "-m", "coconut_scale.universal", str(out)], cwd=REPO,
+                             env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert convert.returncode == 0, convert.stdout[-2000:] + convert.stderr[-4000:]
+    assert "(universal copy)" in _train("python", out, data).stdout
+    l1 = {r["global_step"]: r for r in _records(one, "train")}
+    lu = {r["global_step"]: r for r in _records(out, "train")}
+    for step in range(7, 13):  # epoch 1, trained by the resumed single process
+        assert abs(l1[step]["loss"] - lu[step]["loss"]) < 1e-4, (step, l1[step]["loss"], lu[step]["loss"])
     for name in ("model.safetensors", "codi_projection.safetensors"):
         a, b = load_file(str(one / "hf" / "stage0" / name)), load_file(str(out / "hf" / "stage0" / name))
         for key in a:
