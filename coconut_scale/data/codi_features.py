@@ -68,9 +68,13 @@ def codi_eval_examples(records: list[dict], tokenizer, tokens: LatentTokens, num
     for row in rows:
         record = records[row["index"]]
         prompt = list(row["encoder_input_ids"]) + [tokens.latent_id] * num_latent
+        steps = list(record.get("steps", []))
+        # The analyses' gold continuation (evaluate/ablations.py): no steps left in text, then the answer + eos
+        # exactly as the student is trained on it.
         examples.append({"input_ids": prompt + list(row["decoder_input_ids"][:opening]), "n_latents": num_latent,
                          "stage": 0, "idx": int(row["index"]), "answer": answer_value(record["answer"]),
-                         "steps": list(record.get("steps", [])), "answer_rule": "last_number"})
+                         "steps": steps, "n_skipped_steps": len(steps), "steps_ids": [[] for _ in steps],
+                         "answer_ids": list(row["decoder_input_ids"][opening:]), "answer_rule": "last_number"})
     return examples
 
 

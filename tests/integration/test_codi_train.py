@@ -179,3 +179,19 @@ def test_universal_copy_resumes_a_two_rank_run_on_one_process(runs, tmp_path):
         a, b = load_file(str(one / "hf" / "stage0" / name)), load_file(str(out / "hf" / "stage0" / name))
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_the_analyses_run_on_a_codi_export(runs, tmp_path):
+    """ablations' teacher-forced loss of the full model is the student CE training logged as val_loss (the same
+    answer tokens under the same latents); noise-sweep and probing run on the export."""
+    one, _, data = runs
+    export = one / "hf" / "stage0"
+    for tool in ("ablations", "noise-sweep", "probing"):
+        out = tmp_path / tool
+        proc = subprocess.run([sys.executable, "-m", "coconut_scale", tool, str(export), str(data / "val.json"),
+                               "--max-new-tokens", "8", "--out", str(out)], cwd=REPO, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, f"{tool}: {proc.stderr[-3000:]}"
+    rows = json.loads((tmp_path / "ablations" / "ablations.json").read_text())["rows"]
+    full = next(r for r in rows if r["variant"] == "full")
+    assert full["loss"] == pytest.approx(_records(one, "eval")[-1]["val_loss"], rel=1e-5)
