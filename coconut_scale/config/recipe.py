@@ -464,29 +464,53 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def _sections(annotation) -> list[type]:
+    """The BaseModel section classes a field annotation admits, through Optional, Annotated and unions (a tagged
+    union of sections, e.g. data.generate: one class per kind)."""
+    found, todo = [], [annotation]
+    while todo:
+        c = todo.pop(0)
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            found.append(c)
+        else:
+            todo.extend(typing.get_args(c))
+    return found
+
+
 def _unwrap(annotation) -> tuple[type | None, bool]:
     """(BaseModel section class or None, whether it is a free-form mapping) for a field annotation; sees through
-    Optional and Annotated (a tagged union of one section, e.g. data.generate)."""
+    Optional and Annotated. For a tagged union of sections the first; `_sections` gives them all."""
+    found = _sections(annotation)
+    if found:
+        return found[0], False
     candidates = [annotation, *typing.get_args(annotation)]
-    candidates += [typing.get_args(c)[0] for c in candidates if typing.get_origin(c) is Annotated]
-    for c in candidates:
-        if isinstance(c, type) and issubclass(c, BaseModel):
-            return c, False
     free = any(c is Any or c is dict or typing.get_origin(c) is dict for c in candidates)
     return None, free
+
+
+def _fields_of(classes: list[type]) -> dict:
+    """The fields of one section, or of every member of a tagged union (the first member's wins a shared name)."""
+    fields: dict = {}
+    for cls in classes:
+        for name, info in cls.model_fields.items():
+            fields.setdefault(name, info)
+    return fields
 
 
 def _without_tags(loc: Sequence) -> list:
     """An error location without the tag pydantic inserts after a tagged union's field
     (data.generate.prosqa_synthetic.n_train -> data.generate.n_train)."""
-    cls: type[BaseModel] | None = Recipe
+    classes: list[type] = [Recipe]
     out = []
     for part in loc:
-        fields = cls.model_fields if cls is not None else {}
-        if "kind" in fields and part in typing.get_args(fields["kind"].annotation):
+        fields = _fields_of(classes)
+        tags = {t for cls in classes if "kind" in cls.model_fields
+                for t in typing.get_args(cls.model_fields["kind"].annotation)}
+        if part in tags:
+            classes = [c for c in classes if part in typing.get_args(c.model_fields["kind"].annotation)]
             continue  # the tag of the section's kind
         out.append(part)
-        cls = _unwrap(fields[part].annotation)[0] if part in fields else None
+        classes = _sections(fields[part].annotation) if part in fields else []
     return out
 
 
@@ -498,20 +522,20 @@ def _unknown_key_message(known: Sequence[str], key: str, prefix: str) -> str:
 
 
 def _check_override_key(parts: list[str], source: str, text: str) -> None:
-    cls: type[BaseModel] = Recipe
+    classes: list[type] = [Recipe]
     for i, part in enumerate(parts):
         prefix = "".join(p + "." for p in parts[:i])
-        fields = cls.model_fields
+        fields = _fields_of(classes)
         if part not in fields:
             raise RecipeError(f"{source}: unknown key '{'.'.join(parts)}' in override {text!r}; "
                               + _unknown_key_message(list(fields), part, prefix))
-        section, free = _unwrap(fields[part].annotation)
-        if section is None:
-            if i < len(parts) - 1 and not free:
+        sections = _sections(fields[part].annotation)
+        if not sections:
+            if i < len(parts) - 1 and not _unwrap(fields[part].annotation)[1]:
                 raise RecipeError(f"{source}: cannot set '{'.'.join(parts)}' in override {text!r}: "
                                   f"'{prefix}{part}' is a single value, not a section")
             return
-        cls = section
+        classes = sections
 
 
 def apply_overrides(data: dict, overrides: Sequence[str], source: str = "<recipe>") -> dict[str, str]:
@@ -543,15 +567,20 @@ def apply_overrides(data: dict, overrides: Sequence[str], source: str = "<recipe
 
 
 def _fields_at(loc: Sequence) -> list[str] | None:
-    cls: type[BaseModel] = Recipe
+    classes: list[type] = [Recipe]
     for part in loc:
-        if not isinstance(part, str) or part not in cls.model_fields:
+        tags = {t for cls in classes if "kind" in cls.model_fields
+                for t in typing.get_args(cls.model_fields["kind"].annotation)}
+        if part in tags:  # a tagged union's member, named in pydantic's error location
+            classes = [c for c in classes if part in typing.get_args(c.model_fields["kind"].annotation)]
+            continue
+        fields = _fields_of(classes)
+        if not isinstance(part, str) or part not in fields:
             return None
-        section, _ = _unwrap(cls.model_fields[part].annotation)
-        if section is None:
+        classes = _sections(fields[part].annotation)
+        if not classes:
             return None
-        cls = section
-    return list(cls.model_fields)
+    return list(_fields_of(classes))
 
 
 def _describe(error: dict) -> str:
