@@ -6,24 +6,17 @@ greedy loop row by row."""
 import pytest
 import torch
 
+from codi_model import NUM_LATENT, RECORDS, build, grads, hf_model
 from codi_reference import CodiSettings, codi_losses, greedy_answer
 from coconut_scale.data.codi_data import CodiCollator, CodiDataOptions, build_codi_rows
 from coconut_scale.data.codi_features import CodiPartCollator, codi_eval_examples, codi_feature, codi_token_ids
 from coconut_scale.data.collate import LatentAlignedCollator, left_pad_for_generation
 from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
-from coconut_scale.model.codi import CodiPart, CodiSpec
-from coconut_scale.model.coconut import Coconut
+from coconut_scale.model.codi import CodiSpec
 from coconut_scale.model.tokens import LatentTokens
-from coconut_scale.testing import tiny_config, tiny_tokenizer
+from coconut_scale.testing import tiny_tokenizer
 from coconut_scale.train.losses import training_loss
 
-NUM_LATENT = 2
-RECORDS = [
-    {"question": "Janet had 3 apples and bought 4 more.", "steps": ["<<3+4=7>>", "<<7*2=14>>"], "answer": "14"},
-    {"question": "Q: 12 + 30 = ?", "steps": ["<<12+30=42>>", "<<42*1=42>>"], "answer": "42"},
-    {"question": "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus?",
-     "steps": ["<<1+1=2>>", "<<2+5=7>>", "<<7*2=14>>"], "answer": "7"},
-]
 WEIGHTS = {"distill": 20.0, "teacher": 0.5}  # distill_loss_factor (the Llama-1B script), ref_loss_factor
 
 
@@ -52,31 +45,6 @@ def rows(tokenizer, tokens):
     return built
 
 
-def build(arch, tokenizer, tokens, spec=CodiSpec(num_latent=NUM_LATENT, prj_dim=48), lora=False):
-    torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(arch, vocab_size=len(tokenizer), eos_id=tokens.eos_id, pad_token_id=None)
-    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
-    model.add_part(CodiPart(config.hidden_size, spec))
-    if lora:
-        from coconut_scale.model.lora import apply_lora
-        from coconut_scale.model.spec import LoraSpec
-
-        apply_lora(model, LoraSpec(rank=4, alpha=8, dropout=0.0), tokenizer)
-        with torch.no_grad():  # B starts at zero: give the adapters something to differentiate through
-            for name, p in model.named_parameters():
-                if "lora_B" in name or "coconut_new_rows" in name:
-                    p.normal_(0.0, 0.05)
-    return model
-
-
-def hf_model(model):
-    base = model.base_causallm
-    return base.get_base_model() if hasattr(base, "get_base_model") else base
-
-
 def ours(model, features, tokens):
     collate = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)
     batch = collate(features)
@@ -90,12 +58,6 @@ def reference(model, rows, tokens, spec):
                             ref_loss_factor=WEIGHTS["teacher"], distill_loss_type=spec.distill_loss_type,
                             distill_loss_div_std=spec.distill_loss_div_std, strip_padding=True)
     return codi_losses(hf_model(model), model.part("codi").prj, CodiCollator(tokens.pad_id)(rows), settings)
-
-
-def grads(model):
-    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
 
 
 def _close(a, b):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from codi_reference import CodiSettings, codi_losses
 from simcot_reference import get_steps as reference_get_steps, pad_steps, step_decoder_loss
-from test_codi_part import RECORDS, build, grads, hf_model
+from codi_model import RECORDS, build, grads, hf_model
 from coconut_scale.data.codi_data import CodiCollator, CodiDataOptions, build_codi_rows
 from coconut_scale.data.codi_features import CodiPartCollator, codi_feature, codi_token_ids
 from coconut_scale.data.codi_steps import PAD, CodiStepCollator, get_steps, step_ids
