@@ -93,6 +93,9 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
     c = recipe.coconut
     passes = (f"{c.max_passes} forward passes per step (c_thought {c.c_thought} x max_latent_stage "
               f"{c.max_latent_stage} + 1)" if c.mode == "coconut" else f"mode {c.mode}: 1 forward pass per step")
+    if recipe.method == "codi":
+        passes = (f"method codi: {recipe.codi.num_latent + 1} student passes (num_latent {recipe.codi.num_latent} "
+                  f"+ 1) and 1 teacher pass per step")
     training = f"LoRA r{recipe.lora.rank}: {P_t / 1e6:.1f}M trainable" if recipe.lora.enabled else "full fine-tune"
     size = f"{P / 1e9:.2f}B" if P >= 1e9 else f"{P / 1e6:.1f}M"
     out(f"{recipe.name}: {recipe.model.name_or_path} ({d.model_type}, {size} params, hidden {d.hidden}, "

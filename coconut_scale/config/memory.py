@@ -40,6 +40,14 @@ reads at most the tokens of the rows (the replaced steps, plus c_thought thought
 activations and its labelled-token logits are bounded by one more base-model pass over B*T tokens: the checkpointed
 layer inputs (L + 1) * B*T*h*b (L * layer_full without checkpointing) and B*T*V*(b + 12).
 
+CODI (`method: codi`) runs n = num_latent + 1 student passes and one teacher pass of the same weights over the
+teacher sequence (question + CoT + answer, at most T tokens), without a cache: the teacher adds one more pass's
+activations over B*T tokens (its checkpointed layer inputs (L + 1) * B*T*h*b, which are also the hidden states the
+distillation reads; L * layer_full without checkpointing) and its own chunked-loss logits (the chunk term above).
+Its projection, 2*h*prj_dim + prj_dim + h parameters (+ 2h for the LayerNorm), is always trained: it joins P and
+P_t. SIM-CoT on CODI adds its decoder as above, except that under LoRA the decoder is trained in full (their code
+never wraps it): its parameters join P_t whole.
+
 These are estimates (+-20%): they bound what the recipe needs, they do not replace a first real step.
 """
 
@@ -65,6 +73,14 @@ def step_decoder_is_separate(recipe) -> bool:
     return step.enabled and step.decoder != "shared"
 
 
+def codi_projection_params(recipe, hidden: int) -> int:
+    """CODI's projection: Linear(h, prj_dim), Linear(prj_dim, h), LayerNorm(h) (0 without use_prj)."""
+    c = recipe.codi
+    if not c.use_prj:
+        return 0
+    return 2 * hidden * c.prj_dim + c.prj_dim + hidden + (0 if c.prj_no_ln else 2 * hidden)
+
+
 def trainable_params(recipe, shape: dict) -> int:
     """Parameters the optimizer updates: the LoRA adapters, or every parameter."""
     if recipe.lora.enabled:
@@ -84,9 +100,14 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
     b = 4 if recipe.model.dtype == "fp32" else 2
 
     copies = 2 if step_decoder_is_separate(recipe) else 1  # the base, and SIM-CoT's decoder when it is a copy
-    P = param_count(shape) * copies
-    P_t = trainable_params(recipe, shape) * copies
-    P_frozen = P if recipe.lora.enabled else 0
+    codi = recipe.method == "codi"
+    projection = codi_projection_params(recipe, dims(shape).hidden) if codi else 0
+    P = param_count(shape) * copies + projection
+    P_t = trainable_params(recipe, shape) * copies + projection
+    if codi and copies == 2 and recipe.lora.enabled:  # SIM-CoT's CODI decoder: trained in full, never LoRA-wrapped
+        P_t = trainable_params(recipe, shape) + param_count(shape) + projection
+    # the frozen base (the projection always trains; so does SIM-CoT's CODI decoder)
+    P_frozen = (P - projection - (param_count(shape) if codi and copies == 2 else 0)) if recipe.lora.enabled else 0
     opt_bytes = 8 + (4 if b < 4 else 0)
 
     weights = (P_frozen + P_t) * b / (W if stage == 3 else 1)
@@ -99,12 +120,13 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
     if z["offload_optimizer"]:
         host += gradients + optimizer
         gradients = optimizer = 0.0
-    in_model = P + (P_t if recipe.lora.enabled else 0)  # LoRA adds its adapters to the base
+    adapters = trainable_params(recipe, shape) * (1 if codi else copies)
+    in_model = P + (adapters if recipe.lora.enabled else 0)  # LoRA adds its adapters to the base
     gathered = min(in_model, z["max_live_parameters"]) * b if stage == 3 else 0.0
 
     B, T = plan.micro_batch_size, recipe.data.max_seq_len
     L, h, q, kv, I = d.layers, d.hidden, d.q_dim, d.kv_dim, d.intermediate
-    n = recipe.coconut.max_passes
+    n = recipe.codi.num_latent + 1 if codi else recipe.coconut.max_passes
     layer_full = B * T * b * (4 * h + 3 * q + 4 * kv + 4 * I)
     if recipe.model.attn_implementation == "eager":
         layer_full += 2 * B * d.heads * T * T * b
@@ -119,6 +141,9 @@ def estimate_memory(recipe, world_size: int, *, shape: dict | None = None, ds_co
     if recipe.coconut.step_supervision.enabled:  # the decoder's one call: at most one more pass over B*T tokens
         activations += (L + 1) * B * T * h * b if recipe.model.gradient_checkpointing else L * layer_full
         logits += B * T * d.vocab * (b + 12)  # its labelled positions' logits, unchunked
+    if codi:  # the teacher pass: one more pass over B*T tokens, and its chunked CE
+        activations += (L + 1) * B * T * h * b if recipe.model.gradient_checkpointing else L * layer_full
+        logits += math.ceil(B * (T - 1) / DEFAULT_LOSS_CHUNKS) * d.vocab * (b + 12) + B * T * h * b
 
     if stage >= 2:
         buffers = 2 * z["reduce_bucket_size"] * b + (z["prefetch_bucket_size"] * b if stage == 3 else 0)

@@ -15,7 +15,8 @@ from typing import Any, Callable, ContextManager, Mapping
 import torch
 
 from coconut_scale.model import Coconut
-from coconut_scale.model.export_meta import (COCONUT_CONFIG, STEP_DECODER_DIR, ExportFormatError, ExportMeta,
+from coconut_scale.model.export_meta import (CODI_PROJECTION, COCONUT_CONFIG, STEP_DECODER_DIR, ExportFormatError,
+                                             ExportMeta,
                                              StepDecoderMeta)
 from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LATENT, LatentTokens, add_latent_tokens, resize_and_init_embeddings
@@ -213,7 +214,40 @@ def load_exported(directory: str | Path, dtype: str = "fp32", attn_implementatio
         raise ExportFormatError(f"{directory}: the tokenizer's {LATENT} id {tokens.latent_id} differs from "
                                 f"latent_id {meta.tokens.latent_id} in its {COCONUT_CONFIG}")
     model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
+    if meta.method == "codi":
+        attach_codi(model, directory, meta, dtype)
     return model, tokenizer, meta
+
+
+def attach_codi(model: Coconut, directory: str | Path, meta: ExportMeta, dtype: str = "fp32") -> Coconut:
+    """Give a loaded Coconut the CODI projection of a `method: codi` export (`<directory>/codi_projection.safetensors`,
+    the part's state dict), so that generation feeds back prj(h) as in training; eot is never generated."""
+    from dataclasses import fields as dataclass_fields
+
+    from safetensors.torch import load_file
+
+    from coconut_scale.model.codi import CodiPart, CodiSpec
+
+    names = {f.name for f in dataclass_fields(CodiSpec)}
+    try:
+        spec = CodiSpec(**{k: v for k, v in meta.codi.items() if k in names})
+    except (TypeError, ValueError) as e:
+        raise ExportFormatError(f"{Path(directory) / COCONUT_CONFIG}: field 'codi': {e}") from None
+    config = model.base_causallm.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    part = CodiPart(config.hidden_size, spec, dtype=DTYPES[dtype])
+    path = Path(directory) / CODI_PROJECTION
+    if spec.use_prj:
+        if not path.is_file():
+            raise ExportFormatError(f"{path} not found: a method codi export with use_prj needs its projection")
+        state = load_verified(directory, lambda d: load_file(str(path)))
+        missing, unexpected = part.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ExportFormatError(f"{path}: keys do not match the projection of its codi settings (missing "
+                                    f"{sorted(missing)}, unexpected {sorted(unexpected)})")
+    model.add_part(part)
+    model.suppressed_token_ids = (model.end_latent_id,)
+    return model
 
 
 def attach_step_decoder(model: Coconut, directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):

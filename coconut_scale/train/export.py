@@ -17,13 +17,21 @@ from pathlib import Path
 from coconut_scale import distributed as dist
 from coconut_scale.atomic_files import atomic_dir
 from coconut_scale.file_manifest import write_manifest_here
-from coconut_scale.model.export_meta import STEP_DECODER_DIR, ExportMeta, StepDecoderMeta
+from coconut_scale.model.codi import CodiPart
+from coconut_scale.model.export_meta import CODI_PROJECTION, STEP_DECODER_DIR, ExportMeta, StepDecoderMeta
 from coconut_scale.model.lora import LoraExport, merged_plain_model
 from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.train import storage
 
 BASE_PREFIX = "base_causallm."  # the Coconut wrapper's name for the HF model
 DECODER_PREFIX = StepSupervision.name + ".decoder."  # the step decoder's keys in the wrapper's state dict
+
+
+def split_codi_state(state: dict) -> tuple[dict, dict]:
+    """A wrapper state dict -> (the other keys, the CODI part's keys without the wrapper's prefix)."""
+    prefix = CodiPart.name + "."
+    return ({k: v for k, v in state.items() if not k.startswith(prefix)},
+            {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def split_decoder_state(state: dict) -> tuple[dict, dict]:
@@ -71,6 +79,7 @@ def _write_export(model, state, tokenizer, out_dir: Path, meta: ExportMeta, lora
                   step_decoder: StepDecoderMeta | None) -> None:
     """Rank 0, with the consolidated state: the export, its manifest last (train/../file_manifest.py)."""
     state, decoder_state = split_decoder_state(state)
+    state, codi_state = split_codi_state(state)
     state = {k[len(BASE_PREFIX):] if k.startswith(BASE_PREFIX) else k: v for k, v in state.items()}
     base = model.base_causallm
     with atomic_dir(out_dir) as tmp:
@@ -81,6 +90,10 @@ def _write_export(model, state, tokenizer, out_dir: Path, meta: ExportMeta, lora
             lora_export.write_extras(state, tmp, tokenizer)
             base, state = lora_export(state)
         base.save_pretrained(str(tmp), state_dict=state)
+        if codi_state:  # method codi: the projection beside the HF model (model/loading.py attach_codi reads it)
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in codi_state.items()}, str(tmp / CODI_PROJECTION))
         tokenizer.save_pretrained(str(tmp))
         meta.write(tmp)
         write_manifest_here(tmp)  # read back from disk: what the export holds is what eval will verify

@@ -43,6 +43,8 @@ from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train import storage
 from coconut_scale.train.checkpoints import CheckpointManager
+from coconut_scale.train.codi_run import (PART_NAME as CODI_PART, CodiData, codi_export_meta, codi_step_collator,
+                                          load_codi_data)
 from coconut_scale.train.data_identity import DATA_FILE, check_data, check_tokenizer, data_identity, token_identity
 from coconut_scale.train.engine import build_engine
 from coconut_scale.train.export import export_hf
@@ -102,6 +104,7 @@ class Trainer:
         self.steps_per_epoch = 0
         self.collate: LatentAlignedCollator | None = None
         self.step_collate: StepTargetCollator | None = None  # SIM-CoT's per-step decoder targets
+        self.codi: CodiData | None = None  # method codi: its features, prompts and part collator (train/codi_run.py)
         # The engine (_setup_engine)
         self.strategy: DeepSpeedStrategy | None = None
         self.model = None  # the Coconut wrapper the engine trains
@@ -189,17 +192,24 @@ class Trainer:
         if recipe.model.bpe_vocab_size is not None:  # staged or not, the run's tokenizer/ (the cache key names it)
             self.tokenizer.name_or_path = str(self.out / "tokenizer")
         self.tokens = LatentTokens.from_tokenizer(self.tokenizer)
-        self._tokenize()
+        self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
+        if recipe.method == "codi":
+            self.codi = load_codi_data(recipe, self.tokenizer, self.tokens, self.collate)
+            self.train_recs, self.val_recs = self.codi.train, self.codi.val
+            self.log.print(self.codi.summary)
+        else:
+            self._tokenize()
         if dist.is_main():
             self.identity.update(token_identity(recipe, self.tokenizer))
         dist.refuse_together(lambda: check_tokenizer(latest, self.identity, recipe) if dist.is_main() else None)
         self.sampler = GlobalBatchSampler(len(self.train_recs), self.plan, dist.rank(), seed=recipe.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
         step = recipe.coconut.step_supervision
         # SIM-CoT's per-step decoder targets, built once from the records' step texts (data/step_targets.py).
-        self.step_collate = (StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
-                             if step.enabled else None)
+        if step.enabled and self.codi is not None:  # SIM-CoT's CODI variant: steps cut from the teacher ids
+            self.step_collate = codi_step_collator(recipe, self.tokenizer, self.tokens)
+        elif step.enabled:
+            self.step_collate = StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
 
     def _check_data(self, latest: Path | None) -> None:
         """Rank 0 reads the data files' identity and compares it with the checkpoint's; every rank stops together on
@@ -280,7 +290,10 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def planned_passes(self, stage: int) -> int:
         """Base-model calls per batch at `stage`, the same for every batch and rank. A uniform re-draw can give
-        a row any stage up to max_latent_stage, so then every batch gets the most any stage needs."""
+        a row any stage up to max_latent_stage, so then every batch gets the most any stage needs. CODI: always
+        num_latent + 1."""
+        if self.codi is not None:
+            return self.codi.passes
         return self.cfg.max_passes if self.cfg.uniform_prob > 0 else self.cfg.passes_for_stage(stage)
 
     def fit(self) -> TrainState:
@@ -289,7 +302,7 @@ class Trainer:
         if self.stop.agreed():  # a signal during setup: nothing trained since the checkpoint there is
             raise Preempted(self.stop.name(), self.last_checkpoint, state, None)
         for epoch in range(state.epoch, recipe.optim.epochs):
-            stage = stage_for_epoch(epoch, self.cfg)
+            stage = self.stage_of(epoch)
             if state.stage is not None and stage != state.stage and recipe.coconut.reset_optimizer \
                     and state.step_in_epoch == 0:
                 self.strategy.reset_optimizer()
@@ -306,7 +319,7 @@ class Trainer:
                 state.best_accuracy = accuracy
             # Exports first: a kill before the checkpoint below re-runs this epoch's tail and exports again.
             if recipe.checkpoint.export_hf:
-                if epoch + 1 == recipe.optim.epochs or stage_for_epoch(epoch + 1, self.cfg) != stage:
+                if epoch + 1 == recipe.optim.epochs or self.stage_of(epoch + 1) != stage:
                     self.export(f"stage{stage}", stage, metrics)
                 if is_best:
                     self.export("best", stage, metrics)
@@ -316,9 +329,18 @@ class Trainer:
         self.log.print(f"done: best accuracy {state.best_accuracy:.4f}; outputs in {self.out}")
         return state
 
+    def stage_of(self, epoch: int) -> int:
+        """The curriculum stage of `epoch`; CODI has no curriculum (stage 0 throughout)."""
+        return 0 if self.codi is not None else stage_for_epoch(epoch, self.cfg)
+
+    def _epoch_data(self, records: list[dict], stage: int, epoch: int):
+        if self.codi is not None:
+            return records  # CODI's features are the training examples, the same every epoch
+        return build_stage_dataset(records, stage, self.cfg, self.tokens, seed=self.recipe.seed * 1000 + epoch)
+
     def train_epoch(self, epoch: int, stage: int) -> None:
         recipe, state = self.recipe, self.state
-        data = build_stage_dataset(self.train_recs, stage, self.cfg, self.tokens, seed=recipe.seed * 1000 + epoch)
+        data = self._epoch_data(self.train_recs, stage, epoch)
         passes = self.planned_passes(stage)
         bar = self.log.progress(self.steps_per_epoch, f"epoch {epoch} stage {stage}", initial=state.step_in_epoch)
         micro_batches = self.sampler.micro_batches(epoch, state.step_in_epoch)
@@ -369,6 +391,10 @@ class Trainer:
         part_inputs = None
         if self.step_collate is not None and self.recipe.coconut.step_supervision.applies_to(stage):
             part_inputs = {StepSupervision.name: self.step_collate(features)}  # the same on every rank
+        if self.codi is not None:  # every stage: CODI has no curriculum
+            part_inputs = {CODI_PART: self.codi.collate(features)}
+            if self.step_collate is not None:
+                part_inputs[StepSupervision.name] = self.step_collate(features)
         # From the features, not the batch: no tensor is read back (on a GPU each read stalls the stream).
         self.window.tokens += sum(len(f["input_ids"]) for f in features)
         columns = self.collate.latent_columns(features)  # the pass plan's input
@@ -409,12 +435,13 @@ class Trainer:
     def evaluate(self, epoch: int, stage: int) -> dict:
         """Validation loss and (if the recipe asks) generation accuracy at `stage`, over every rank's shard."""
         recipe = self.recipe
-        val_data = build_stage_dataset(self.val_recs, stage, self.cfg, self.tokens, seed=recipe.seed * 1000 + epoch)
+        val_data = self._epoch_data(self.val_recs, stage, epoch)
         passes = self.planned_passes(stage)
         metrics = {"val_loss": validation_loss(self.strategy.engine, list(val_data), recipe.batch.eval_batch_size,
                                                self.collate, self.strategy.device, num_passes_fn=lambda ids: passes)}
         if recipe.eval.generation:
-            examples = build_eval_examples(self.val_recs, stage, self.cfg, self.tokens)
+            examples = (self.codi.eval_examples if self.codi is not None
+                        else build_eval_examples(self.val_recs, stage, self.cfg, self.tokens))
             result = generate_and_score(self.model, examples, self.tokenizer, recipe.batch.eval_batch_size,
                                         recipe.eval.max_new_tokens, self.strategy.device)
             rows = result.pop("rows")
@@ -446,10 +473,13 @@ class Trainer:
 
     def export(self, name: str, stage: int, metrics: dict) -> None:
         cfg = self.cfg
-        meta = ExportMeta(c_thought=cfg.c_thought, tokens=self.tokens, stage=stage, mode=cfg.mode,
-                          max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
-                          no_thoughts_markers=cfg.no_thoughts_markers,
-                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.codi is not None:
+            meta = codi_export_meta(self.recipe, self.tokens, metrics)
+        else:
+            meta = ExportMeta(c_thought=cfg.c_thought, tokens=self.tokens, stage=stage, mode=cfg.mode,
+                              max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
+                              no_thoughts_markers=cfg.no_thoughts_markers, metrics=metrics)
         step = self.recipe.coconut.step_supervision
         decoder = None
         if step.enabled and step.export_decoder:
