@@ -1,0 +1,203 @@
+"""Coconut's train step against its fair floor: the same decoder body and the same loss on the same tokens (CPU).
+
+bench_overhead.py compares Coconut with HF's own step, which pays for full [B, T, V] logits that Coconut's
+chunked/fused loss never builds. Here the yardstick is the floor Coconut could reach: the same model, through the
+same wrapper with `feedback=False` (latents are then ordinary tokens, one pass over the whole sequence), so the
+decoder body runs once over the same T tokens and the loss is the project's own chunked/fused one
+(chunked_loss.py) on the same hidden states and labels. The two steps differ only by the latent passes: the
+cut into one pass per latent column, the carried K/V, the fill.
+
+  variants:  floor (feedback=False) and coconut (6 latents per row, one pass per latent); with --compare-rev REV
+             also `before`, the Coconut wrapper as the package was at REV (bench_overhead.coconut_class_at), so
+             before/after come from one interleaved run. Each with checkpointing off and on (the harness's
+             latent-safe layer checkpointing, for the floor too).
+  shapes:    GPT-2-small (12 x 768, batch 8 x 200) and a Llama-shaped decoder (8 x 512, GQA, SwiGLU, RMSNorm,
+             batch 8 x 200, vocab 32000).
+  --profile: torch.profiler over one step of floor and of coconut on the first shape; prints both top tables and
+             the ops whose self CPU time differs most (coconut minus floor): where the latent passes' cost sits.
+
+Timing: one warm-up per variant, then rounds in which the variants run back to back in alternating order;
+medians and the median of the per-round ratios to the floor. The load averages are recorded before and after.
+
+    python benchmarks/bench_fair_floor.py --quick                      # tiny shapes, < 1 min
+    python benchmarks/bench_fair_floor.py --compare-rev main --repeats 5  # -> results/bench_fair_floor.json
+    python benchmarks/bench_fair_floor.py --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_overhead import NO_EOS, Shape, build_model, coconut_class_at, load_average, median, train_batch  # noqa: E402
+
+from coconut_scale.atomic_files import write_json_atomic  # noqa: E402
+from coconut_scale.model.activation_checkpointing import (  # noqa: E402
+    disable_latent_safe_checkpointing,
+    enable_latent_safe_checkpointing,
+)
+from coconut_scale.model.coconut import Coconut  # noqa: E402
+
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_fair_floor.json"
+SHAPES = (
+    Shape("gpt2-small 12x768", "gpt2", 12, 768, 50257 + 3, 8, 200),
+    Shape("llama 8x512", "llama", 8, 512, 32000, 8, 200),
+)
+QUICK_SHAPES = (Shape("quick gpt2 2x128", "gpt2", 2, 128, 2000, 4, 64, latents=3, answer_len=8),
+                Shape("quick llama 2x128", "llama", 2, 128, 2000, 4, 64, latents=3, answer_len=8))
+
+
+class Steps:
+    """One train step (zero_grad, forward, backward) per variant, over one model and one batch."""
+
+    def __init__(self, shape: Shape, compare_rev: str | None):
+        self.shape = shape
+        self.model, t = build_model(shape)
+        self.batch = train_batch(shape, t)
+        self.wrappers = {"floor": Coconut(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS, feedback=False),
+                         "coconut": Coconut(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS)}
+        if compare_rev:
+            self.wrappers["before"] = coconut_class_at(compare_rev)(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS)
+
+    def variants(self) -> list[str]:
+        return [f"{name}{suffix}" for suffix in ("", "_ckpt") for name in self.wrappers]
+
+    def run(self, variant: str) -> float:
+        disable_latent_safe_checkpointing(self.model)
+        if variant.endswith("_ckpt"):
+            enable_latent_safe_checkpointing(self.model)
+        wrapper = self.wrappers[variant.removesuffix("_ckpt")]
+        self.model.zero_grad(set_to_none=True)
+        loss = wrapper(**self.batch).loss
+        loss.backward()
+        return float(loss.detach())
+
+
+def interleaved(steps: Steps, group: list[str], repeats: int, log) -> dict[str, list[float]]:
+    times = {v: [] for v in group}
+    for v in group:  # warm-up
+        steps.run(v)
+    for r in range(repeats):
+        for v in group if r % 2 == 0 else reversed(group):
+            t0 = time.perf_counter()
+            steps.run(v)
+            times[v].append(time.perf_counter() - t0)
+        log(f"  {steps.shape.name} round {r + 1}/{repeats}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in group))
+    return times
+
+
+def summarise(times: dict[str, list[float]], floor: str) -> list[dict]:
+    return [{"variant": v, "median_s": median(ts), "x_floor_medians": median(ts) / median(times[floor]),
+             "x_floor_paired": median([a / b for a, b in zip(ts, times[floor])])} for v, ts in times.items()]
+
+
+def losses_agree(steps: Steps) -> dict[str, float]:
+    """Each variant's loss (a benchmark of a wrong step is worthless: coconut and before must agree)."""
+    return {v: steps.run(v) for v in steps.variants()}
+
+
+def profile_difference(steps: Steps, rows: int) -> str:
+    """Top self-CPU ops of floor and coconut (checkpointing off), and the ops that differ most between them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables, totals = [], {}
+    for variant in ("floor", "coconut"):
+        steps.run(variant)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps.run(variant)
+        averages = prof.key_averages()
+        tables.append(f"## {variant} ({steps.shape.name})\n" + averages.table(sort_by="self_cpu_time_total", row_limit=rows))
+        totals[variant] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in averages}
+    keys = set(totals["floor"]) | set(totals["coconut"])
+    diff = sorted(keys, key=lambda k: -(totals["coconut"].get(k, (0, 0))[0] - totals["floor"].get(k, (0, 0))[0]))
+    lines = ["## coconut minus floor, self CPU ms (top ops by difference)",
+             "| op | floor ms | coconut ms | difference ms | calls floor | calls coconut |", "|---|---:|---:|---:|---:|---:|"]
+    for k in diff[:rows]:
+        (fm, fc), (cm, cc) = totals["floor"].get(k, (0.0, 0)), totals["coconut"].get(k, (0.0, 0))
+        lines.append(f"| {k} | {fm:.1f} | {cm:.1f} | {cm - fm:+.1f} | {fc} | {cc} |")
+    total = {v: sum(ms for ms, _ in t.values()) for v, t in totals.items()}
+    lines.append(f"| **all ops** | {total['floor']:.1f} | {total['coconut']:.1f} | {total['coconut'] - total['floor']:+.1f} | | |")
+    return "\n\n".join([*tables, "\n".join(lines)])
+
+
+def format_table(timing: dict) -> str:
+    lines = ["| shape | variant | median s | x floor (medians) | x floor (paired) |", "|---|---|---:|---:|---:|"]
+    for shape_name, rows in timing.items():
+        for r in rows:
+            lines.append(f"| {shape_name} | {r['variant']} | {r['median_s']:.3f} | {r['x_floor_medians']:.3f}x "
+                         f"| {r['x_floor_paired']:.3f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, well under a minute")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up per variant)")
+    p.add_argument("--compare-rev", default=None, help="also time the Coconut wrapper of this git revision")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="PREFIX", help="only shapes whose name starts so")
+    p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    p.add_argument("--profile", action="store_true", help="instead of timing: the profile of the difference")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT.with_name("bench_fair_floor_quick.json") if args.quick else DEFAULT_OUT
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = tuple(s for s in shapes if any(s.name.startswith(p) for p in args.shapes))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.profile:
+        print(profile_difference(Steps(shapes[0], None), rows=20))
+        return None
+    load_before = load_average()
+    timing, raw, losses = {}, {}, {}
+    for shape in shapes:
+        steps = Steps(shape, args.compare_rev)
+        losses[shape.name] = losses_agree(steps)
+        raw[shape.name], timing[shape.name] = {}, []
+        for suffix in {"off": [""], "on": ["_ckpt"], "both": ["", "_ckpt"]}[args.checkpointing]:
+            group = [v for v in steps.variants() if v.endswith("_ckpt") == (suffix == "_ckpt")]
+            times = interleaved(steps, group, args.repeats, log)
+            raw[shape.name].update(times)
+            timing[shape.name] += summarise(times, "floor" + suffix)
+    table = format_table(timing)
+    print(table)
+    result = {
+        "benchmark": "bench_fair_floor",
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "load_average_1_5_15": {"before": load_before, "after": load_average()},
+        "config": {"quick": args.quick, "repeats": args.repeats, "compare_rev": args.compare_rev,
+                   "threads": args.threads, "shapes": [asdict(s) for s in shapes]},
+        "environment": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                        "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "method": "floor: the Coconut wrapper with feedback=False (one pass over the same tokens, the same "
+                  "chunked/fused loss). 1 warm-up per variant, then rounds alternating the order (A/B/C, C/B/A); "
+                  "medians and the median of per-round ratios to the floor of the same checkpointing mode.",
+        "losses": losses, "timings_s": raw, "timing": timing, "table_markdown": table,
+    }
+    write_json_atomic(args.out, result)
+    log(f"wrote {args.out}; load average before {load_before}, after {result['load_average_1_5_15']['after']}")
+
+
+if __name__ == "__main__":
+    main()
