@@ -16,8 +16,10 @@ cut into one pass per latent column, the carried K/V, the fill.
   --profile: torch.profiler over one step of floor and of coconut on the first shape; prints both top tables and
              the ops whose self CPU time differs most (coconut minus floor): where the latent passes' cost sits.
 
-Timing: one warm-up per variant, then rounds in which the variants run back to back in alternating order;
-medians and the median of the per-round ratios to the floor. The load averages are recorded before and after.
+Timing: one warm-up per variant (its loss is recorded: coconut and before must agree), then rounds in which the
+variants run back to back in alternating order; medians and the median of the per-round ratios to the floor, of
+wall time and of the process's CPU time (with one thread, the step's own work: on a shared machine wall time
+also counts the waits for a core). The load averages are recorded before and after.
 
     python benchmarks/bench_fair_floor.py --quick                      # tiny shapes, < 1 min
     python benchmarks/bench_fair_floor.py --compare-rev main --repeats 5  # -> results/bench_fair_floor.json
@@ -86,27 +88,24 @@ class Steps:
         return float(loss.detach())
 
 
-def interleaved(steps: Steps, group: list[str], repeats: int, log) -> dict[str, list[float]]:
-    times = {v: [] for v in group}
-    for v in group:  # warm-up
-        steps.run(v)
+def interleaved(steps: Steps, group: list[str], repeats: int, log) -> tuple[dict, dict, dict]:
+    """Wall and CPU seconds per round and variant, and each variant's loss (from the warm-up)."""
+    wall, cpu = {v: [] for v in group}, {v: [] for v in group}
+    losses = {v: steps.run(v) for v in group}  # warm-up
     for r in range(repeats):
         for v in group if r % 2 == 0 else reversed(group):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps.run(v)
-            times[v].append(time.perf_counter() - t0)
-        log(f"  {steps.shape.name} round {r + 1}/{repeats}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in group))
-    return times
+            wall[v].append(time.perf_counter() - t0)
+            cpu[v].append(time.process_time() - c0)
+        log(f"  {steps.shape.name} round {r + 1}/{repeats}: "
+            + ", ".join(f"{v} {wall[v][-1]:.2f}s (cpu {cpu[v][-1]:.2f}s)" for v in group))
+    return wall, cpu, losses
 
 
 def summarise(times: dict[str, list[float]], floor: str) -> list[dict]:
     return [{"variant": v, "median_s": median(ts), "x_floor_medians": median(ts) / median(times[floor]),
              "x_floor_paired": median([a / b for a, b in zip(ts, times[floor])])} for v, ts in times.items()]
-
-
-def losses_agree(steps: Steps) -> dict[str, float]:
-    """Each variant's loss (a benchmark of a wrong step is worthless: coconut and before must agree)."""
-    return {v: steps.run(v) for v in steps.variants()}
 
 
 def profile_difference(steps: Steps, rows: int) -> str:
@@ -133,12 +132,14 @@ def profile_difference(steps: Steps, rows: int) -> str:
     return "\n\n".join([*tables, "\n".join(lines)])
 
 
-def format_table(timing: dict) -> str:
-    lines = ["| shape | variant | median s | x floor (medians) | x floor (paired) |", "|---|---|---:|---:|---:|"]
+def format_table(timing: dict, cpu: dict) -> str:
+    lines = ["| shape | variant | wall s | x floor (medians) | x floor (paired) | CPU s | x floor CPU (medians) "
+             "| x floor CPU (paired) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for shape_name, rows in timing.items():
-        for r in rows:
-            lines.append(f"| {shape_name} | {r['variant']} | {r['median_s']:.3f} | {r['x_floor_medians']:.3f}x "
-                         f"| {r['x_floor_paired']:.3f}x |")
+        for r, c in zip(rows, cpu[shape_name]):
+            lines.append(f"| {shape_name} | {r['variant']} | {r['median_s']:.2f} | {r['x_floor_medians']:.3f}x "
+                         f"| {r['x_floor_paired']:.3f}x | {c['median_s']:.2f} | {c['x_floor_medians']:.3f}x "
+                         f"| {c['x_floor_paired']:.3f}x |")
     return "\n".join(lines)
 
 
@@ -169,17 +170,20 @@ def main(argv=None):
         print(profile_difference(Steps(shapes[0], None), rows=20))
         return None
     load_before = load_average()
-    timing, raw, losses = {}, {}, {}
+    timing, cpu_timing, raw, raw_cpu, losses = {}, {}, {}, {}, {}
     for shape in shapes:
         steps = Steps(shape, args.compare_rev)
-        losses[shape.name] = losses_agree(steps)
-        raw[shape.name], timing[shape.name] = {}, []
+        raw[shape.name], raw_cpu[shape.name], losses[shape.name] = {}, {}, {}
+        timing[shape.name], cpu_timing[shape.name] = [], []
         for suffix in {"off": [""], "on": ["_ckpt"], "both": ["", "_ckpt"]}[args.checkpointing]:
             group = [v for v in steps.variants() if v.endswith("_ckpt") == (suffix == "_ckpt")]
-            times = interleaved(steps, group, args.repeats, log)
-            raw[shape.name].update(times)
-            timing[shape.name] += summarise(times, "floor" + suffix)
-    table = format_table(timing)
+            wall, cpu, loss = interleaved(steps, group, args.repeats, log)
+            raw[shape.name].update(wall)
+            raw_cpu[shape.name].update(cpu)
+            losses[shape.name].update(loss)
+            timing[shape.name] += summarise(wall, "floor" + suffix)
+            cpu_timing[shape.name] += summarise(cpu, "floor" + suffix)
+    table = format_table(timing, cpu_timing)
     print(table)
     result = {
         "benchmark": "bench_fair_floor",
@@ -192,8 +196,11 @@ def main(argv=None):
                         "python": platform.python_version(), "cpu_count": os.cpu_count()},
         "method": "floor: the Coconut wrapper with feedback=False (one pass over the same tokens, the same "
                   "chunked/fused loss). 1 warm-up per variant, then rounds alternating the order (A/B/C, C/B/A); "
-                  "medians and the median of per-round ratios to the floor of the same checkpointing mode.",
-        "losses": losses, "timings_s": raw, "timing": timing, "table_markdown": table,
+                  "medians and the median of per-round ratios to the floor of the same checkpointing mode. CPU: "
+                  "time.process_time of the step (one thread: the process's own work, less sensitive to load than "
+                  "wall time on a shared machine).",
+        "losses": losses, "timings_s": raw, "cpu_times_s": raw_cpu, "timing": timing, "cpu_timing": cpu_timing,
+        "table_markdown": table,
     }
     write_json_atomic(args.out, result)
     log(f"wrote {args.out}; load average before {load_before}, after {result['load_average_1_5_15']['after']}")
