@@ -13,8 +13,9 @@ cut into one pass per latent column, the carried K/V, the fill.
              latent-safe layer checkpointing, for the floor too).
   shapes:    GPT-2-small (12 x 768, batch 8 x 200) and a Llama-shaped decoder (8 x 512, GQA, SwiGLU, RMSNorm,
              batch 8 x 200, vocab 32000).
-  --profile: torch.profiler over one step of floor and of coconut on the first shape; prints both top tables and
-             the ops whose self CPU time differs most (coconut minus floor): where the latent passes' cost sits.
+  --profile: torch.profiler over one step of floor and of coconut (and before, with --compare-rev) on the first
+             shape; prints the top tables and the ops whose self CPU time differs most from the floor's (where the
+             latent passes' cost sits) and, with before, between before and coconut (what the change moved).
 
 Timing: one warm-up per variant (its loss is recorded: coconut and before must agree), then rounds in which the
 variants run back to back in alternating order; medians and the median of the per-round ratios to the floor, of
@@ -109,27 +110,33 @@ def summarise(times: dict[str, list[float]], floor: str) -> list[dict]:
 
 
 def profile_difference(steps: Steps, rows: int) -> str:
-    """Top self-CPU ops of floor and coconut (checkpointing off), and the ops that differ most between them."""
+    """Top self-CPU ops of each variant (checkpointing off), and the ops whose self CPU time differs most from the
+    floor's (and, with a `before` variant, from before's: the lines the change moved)."""
     from torch.profiler import ProfilerActivity, profile
 
+    names = [v for v in ("floor", "before", "coconut") if v in steps.wrappers]
     tables, totals = [], {}
-    for variant in ("floor", "coconut"):
+    for variant in names:
         steps.run(variant)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             steps.run(variant)
         averages = prof.key_averages()
         tables.append(f"## {variant} ({steps.shape.name})\n" + averages.table(sort_by="self_cpu_time_total", row_limit=rows))
         totals[variant] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in averages}
-    keys = set(totals["floor"]) | set(totals["coconut"])
-    diff = sorted(keys, key=lambda k: -(totals["coconut"].get(k, (0, 0))[0] - totals["floor"].get(k, (0, 0))[0]))
-    lines = ["## coconut minus floor, self CPU ms (top ops by difference)",
-             "| op | floor ms | coconut ms | difference ms | calls floor | calls coconut |", "|---|---:|---:|---:|---:|---:|"]
-    for k in diff[:rows]:
-        (fm, fc), (cm, cc) = totals["floor"].get(k, (0.0, 0)), totals["coconut"].get(k, (0.0, 0))
-        lines.append(f"| {k} | {fm:.1f} | {cm:.1f} | {cm - fm:+.1f} | {fc} | {cc} |")
-    total = {v: sum(ms for ms, _ in t.values()) for v, t in totals.items()}
-    lines.append(f"| **all ops** | {total['floor']:.1f} | {total['coconut']:.1f} | {total['coconut'] - total['floor']:+.1f} | | |")
-    return "\n\n".join([*tables, "\n".join(lines)])
+    sections = []
+    for base, other in [("floor", v) for v in names[1:]] + ([("before", "coconut")] if "before" in names else []):
+        a, b = totals[base], totals[other]
+        keys = sorted(set(a) | set(b), key=lambda k: -abs(b.get(k, (0, 0))[0] - a.get(k, (0, 0))[0]))
+        lines = [f"## {other} minus {base}, self CPU ms (top ops by difference)",
+                 f"| op | {base} ms | {other} ms | difference ms | calls {base} | calls {other} |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for k in keys[:rows]:
+            (am, ac), (bm, bc) = a.get(k, (0.0, 0)), b.get(k, (0.0, 0))
+            lines.append(f"| {k} | {am:.1f} | {bm:.1f} | {bm - am:+.1f} | {ac} | {bc} |")
+        ta, tb = (sum(ms for ms, _ in t.values()) for t in (a, b))
+        lines.append(f"| **all ops** | {ta:.1f} | {tb:.1f} | {tb - ta:+.1f} | | |")
+        sections.append("\n".join(lines))
+    return "\n\n".join([*tables, *sections])
 
 
 def format_table(timing: dict, cpu: dict) -> str:
@@ -167,7 +174,7 @@ def main(argv=None):
         shapes = tuple(s for s in shapes if any(s.name.startswith(p) for p in args.shapes))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.profile:
-        print(profile_difference(Steps(shapes[0], None), rows=20))
+        print(profile_difference(Steps(shapes[0], args.compare_rev), rows=20))
         return None
     load_before = load_average()
     timing, cpu_timing, raw, raw_cpu, losses = {}, {}, {}, {}, {}
