@@ -97,17 +97,19 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+        # Only calls whose input carries a gradient: the weight's gradient then flows through that input's graph
+        # to the anchor. Any other call (keyword arguments, addmm's beta/alpha) runs as it is.
+        if func is F.linear and len(args) >= 2 and set(kwargs) <= {"bias"}:
+            x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             i = self.store.index.get(id(weight))
-            if i is not None:
+            if i is not None and x.requires_grad:
                 out = _DeferredMatmul.apply(x, weight.detach(), self.store, i, False)
                 return out if bias is None else out + bias
         elif func is torch.addmm and not kwargs and len(args) == 3:
             bias, x, weight = args
             i = self.store.index.get(id(weight))
-            if i is not None:
+            if i is not None and x.requires_grad:
                 return bias + _DeferredMatmul.apply(x, weight.detach(), self.store, i, True)
         return func(*args, **kwargs)
 
