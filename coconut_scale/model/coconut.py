@@ -28,6 +28,7 @@ How it is computed (no Python loop over rows or positions):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import zlib
@@ -41,6 +42,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from coconut_scale.model.activation_checkpointing import decoder_layers
 from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS, chunked_shifted_cross_entropy
+from coconut_scale.model.deferred_grad import DeferredGrads, anchor, can_defer, deferrable_weights, deferring
 from coconut_scale.model.kv_cache import PassCache
 from coconut_scale.model.method_part import MethodPart
 from coconut_scale.model.perturb import Perturbation
@@ -183,6 +185,9 @@ class Coconut(nn.Module):
     the "no continuous feedback" ablation at inference). `perturbation` adds noise to fed-back states.
     """
 
+    # One weight-gradient matmul per linear over all one-column passes (deferred_grad.py); False: each pass its own.
+    defer_weight_grads: bool = True
+
     def __init__(
         self,
         base_causallm: nn.Module,
@@ -268,6 +273,11 @@ class Coconut(nn.Module):
         decoder = self.base_causallm.get_decoder()
         cache = PassCache(self.num_layers)
         hiddens, filled, states = [], [], None
+        # Deferred passes need the fill: it chains each later pass to the first one's (anchored) hidden states.
+        deferred = None
+        if (self.defer_weight_grads and self.feedback and torch.is_grad_enabled() and len(plan.ranges) > 2
+                and can_defer(decoder)):
+            deferred = DeferredGrads(deferrable_weights(decoder))
         for i, (start, end) in enumerate(plan.ranges):
             chunk = embeds[:, start:end]
             # Every pass after the first runs the fill (a no-op where its column holds no latent), whatever this
@@ -277,10 +287,13 @@ class Coconut(nn.Module):
                 chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], hiddens[-1][:, -1], row_keys)
             filled.append(chunk)
             extra = {"output_hidden_states": True} if last_states and i == len(plan.ranges) - 1 else {}
-            result = decoder(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
-                             position_ids=position_ids[:, start:end], use_cache=True,
-                             **{cache_kwarg(self.base_causallm): cache}, **extra)
-            hiddens.append(result.last_hidden_state)
+            defer = deferred is not None and i > 0 and end - start == 1
+            with deferring(deferred) if defer else contextlib.nullcontext():
+                result = decoder(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
+                                 position_ids=position_ids[:, start:end], use_cache=True,
+                                 **{cache_kwarg(self.base_causallm): cache}, **extra)
+            hidden = result.last_hidden_state
+            hiddens.append(anchor(hidden, deferred) if deferred is not None and i == 0 else hidden)
             if extra:
                 states = result.hidden_states
             cache = cache.extended()
