@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from child_process import subprocess_env
+from child_process import default_sigint, subprocess_env
 from training_runs import REPO, TIMEOUT, command, kill_at_checkpoint, overrides, run
 
 pytestmark = pytest.mark.slow
@@ -163,7 +163,10 @@ def test_ctrl_c_stops_with_one_line_naming_the_last_checkpoint(runs):
     root, data, _ = runs
     out = root / "interrupted"
     cmd = command("python", overrides(out, data, **{"checkpoint.save_every_steps": 2}))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The interrupt lands once checkpoint 2 is on disk, 34 optimizer steps before the run's end; the child takes
+    # SIGINT whatever the disposition the suite was started with (default_sigint).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     target = out / "checkpoints" / "step-00000002"
     deadline = time.time() + TIMEOUT
     while not target.exists():
