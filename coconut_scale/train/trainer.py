@@ -42,7 +42,7 @@ from coconut_scale.model.loading import verify_export
 from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train import storage
-from coconut_scale.train.checkpoints import CheckpointManager
+from coconut_scale.train.checkpoints import LOOP_STATE, CheckpointManager, read_json
 from coconut_scale.train.data_identity import DATA_FILE, check_data, check_tokenizer, data_identity, token_identity
 from coconut_scale.train.engine import build_engine
 from coconut_scale.train.export import export_hf
@@ -65,6 +65,21 @@ def _expected_checkpoint_bytes(recipe) -> int | None:
         return checkpoint_bytes(recipe)
     except (ValueError, KeyError):  # a model whose shape is unknown here: no estimate
         return None
+
+
+class RunComplete(Exception):
+    """The checkpoint to resume from ends the recipe's last epoch: nothing is left to train."""
+
+    def __init__(self, checkpoint: Path, loop_state: dict, epochs: int, out: Path):
+        self.checkpoint, self.loop_state, self.epochs, self.out = checkpoint, loop_state, epochs, out
+
+    def line(self) -> str:
+        state, best = self.loop_state, self.loop_state.get("best_accuracy", -1.0)
+        return (f"run already complete: {self.checkpoint} ends epoch {self.epochs - 1}, the last of optim.epochs = "
+                f"{self.epochs} (global step {state.get('global_step')}"
+                f"{f', best accuracy {best:.4f}' if best >= 0 else ''}); nothing to train, exports in "
+                f"{self.out / 'hf'}. To train on, raise optim.epochs and allow it: "
+                f"checkpoint.allow_changes=[optim.epochs]")
 
 
 def _say(message: str) -> None:
@@ -157,6 +172,10 @@ class Trainer:
         latest = self.ckpts.resume_point(log=_say) if recipe.checkpoint.auto_resume else None
         # Before anything is written or loaded: another recipe stops the run here, naming every key it changes.
         self.recipe_changes = check_resume(recipe, latest) if latest is not None else {}
+        if latest is not None:  # a finished run: said before the data, the model or anything in output_dir
+            done = read_json(latest / LOOP_STATE)
+            if done.get("epoch", 0) >= recipe.optim.epochs:
+                raise RunComplete(latest, done, recipe.optim.epochs, self.out)
         if recipe.checkpoint.init_from:  # the export it starts from, against its manifest
             dist.refuse_together(lambda: verify_export(recipe.checkpoint.init_from, log=_say)
                                  if dist.is_main() else None)
