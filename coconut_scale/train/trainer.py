@@ -38,14 +38,14 @@ from coconut_scale.data.step_targets import StepTargetCollator
 from coconut_scale.data.tokenized import cache_file, load_tokenized
 from coconut_scale.evaluate.generation import generate_and_score, validation_loss
 from coconut_scale.model.export_meta import ExportMeta, StepDecoderMeta
-from coconut_scale.model.loading import verify_export
+from coconut_scale.model.loading import DTYPES, verify_export
 from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train import storage
 from coconut_scale.train.checkpoints import LOOP_STATE, CheckpointManager, read_json
 from coconut_scale.train.data_identity import DATA_FILE, check_data, check_tokenizer, data_identity, token_identity
 from coconut_scale.train.engine import build_engine
-from coconut_scale.train.export import export_hf
+from coconut_scale.train.export import export_hf, point_export
 from coconut_scale.train.losses import logged_parts, training_loss
 from coconut_scale.train.nonfinite_guard import NonFiniteError, NonFiniteGuard
 from coconut_scale.train.preemption import Preempted, StopSignals, timed
@@ -325,9 +325,13 @@ class Trainer:
                 state.best_accuracy = accuracy
             # Exports first: a kill before the checkpoint below re-runs this epoch's tail and exports again.
             if recipe.checkpoint.export_hf:
-                if epoch + 1 == recipe.optim.epochs or stage_for_epoch(epoch + 1, self.cfg) != stage:
+                stage_ends = epoch + 1 == recipe.optim.epochs or stage_for_epoch(epoch + 1, self.cfg) != stage
+                if stage_ends:
                     self.export(f"stage{stage}", stage, metrics)
-                if is_best:
+                if is_best and stage_ends:  # the same weights: best names the stage's export, no second copy
+                    point_export(self.out / "hf" / "best", self.out / "hf" / f"stage{stage}")
+                    self.log.print(f"best -> {self.out / 'hf' / f'stage{stage}'}")
+                elif is_best:
                     self.export("best", stage, metrics)
             _, save_s = timed(self.save)
             if epoch + 1 < recipe.optim.epochs and self.stop.agreed():
@@ -474,7 +478,8 @@ class Trainer:
         if step.enabled and step.export_decoder:
             decoder = StepDecoderMeta(c_thought=cfg.c_thought, weight=step.weight, prompt=step.prompt,
                                       shared=step.decoder == "shared")
+        dtype = DTYPES[self.recipe.checkpoint.export_dtype or self.recipe.model.dtype]
         path = export_hf(self.strategy, self.tokenizer, self.out / "hf" / name, meta, lora=self.recipe.lora.enabled,
-                         step_decoder=decoder)
+                         step_decoder=decoder, dtype=dtype)
         if path:
             self.log.print(f"exported HF model -> {path}")

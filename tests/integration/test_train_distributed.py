@@ -5,6 +5,7 @@ so that ranks hold different latent counts in the same step, uneven evaluation s
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from child_process import default_sigint, subprocess_env
+from coconut_scale.atomic_files import current_umask
 from training_runs import REPO, TIMEOUT, command, kill_at_checkpoint, overrides, run
 
 pytestmark = pytest.mark.slow
@@ -55,6 +57,10 @@ def test_single_process_run_trains_evaluates_and_exports(runs, train_losses):
         cfg = json.loads((single / "hf" / f"stage{stage}" / "coconut_config.json").read_text())
         assert cfg["stage"] == stage and cfg["c_thought"] == 1
     assert (single / "samples" / "epoch002.jsonl").exists()
+    # Every epoch ends a stage here: best names the best stage's export (first of equals), no second copy.
+    best = max(evals, key=lambda e: e["accuracy"])["stage"]
+    assert (single / "hf" / "best").is_symlink() and os.readlink(single / "hf" / "best") == f"stage{best}"
+    assert (single / "hf" / "best" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     ckpt = sorted((single / "checkpoints").iterdir())[-1]
     assert {"loop_state.json", "recipe.resolved.yaml", "batch_table.txt"} <= {p.name for p in ckpt.iterdir()}
 
