@@ -317,6 +317,7 @@ class Trainer:
             self.train_epoch(epoch, stage)
             metrics = {"epoch": epoch, "stage": stage, "global_step": state.global_step}
             if (epoch + 1) % recipe.eval.every_epochs == 0 or epoch + 1 == recipe.optim.epochs:
+                self.log.print(f"epoch {epoch} stage {stage}: evaluating on {len(self.val_recs)} validation records")
                 metrics.update(self.evaluate(epoch, stage))
             state.epoch, state.step_in_epoch = epoch + 1, 0
             accuracy = metrics.get("accuracy")
@@ -350,6 +351,8 @@ class Trainer:
             batches = [[data[i] for i in next(micro_batches)] for _ in range(self.plan.grad_accum)]
             result = self.train_step(batches, epoch, stage, passes)
             bar.update(1)
+            self.log.heartbeat(bar, state.global_step, self.steps_per_epoch * recipe.optim.epochs,
+                               f"epoch {epoch} stage {stage}")
             # Nothing to log when every step since the last line was skipped (the same on every rank).
             if window.n_losses and (state.global_step % recipe.logging.log_every_steps == 0
                                     or step + 1 == self.steps_per_epoch):
