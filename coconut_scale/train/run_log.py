@@ -117,6 +117,20 @@ def drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def cpu_threads_note() -> str | None:
+    """A line for a CPU run whose torch threads outnumber the idle cores: every op then waits at its barrier for
+    the thread the scheduler set aside (benchmarks/bench_cpu_threads.py: one thread 6.7x faster than two at load 8
+    on 2 cores). None on a GPU, with one thread, or on idle cores."""
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    if torch.cuda.is_available() or threads < 2 or not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    if load < cores - 0.5:
+        return None
+    return (f"note: {threads} torch threads on {cores} cores at load {load:.1f}: on busy cores each op waits for its "
+            f"slowest thread; OMP_NUM_THREADS=1 runs such a machine several times faster")
+
+
 def peak_memory_gb() -> float:
     """Peak memory of this process: CUDA allocations on a GPU, else the resident set's high-water mark."""
     if torch.cuda.is_available():

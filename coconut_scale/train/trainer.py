@@ -52,7 +52,7 @@ from coconut_scale.train.preemption import Preempted, StopSignals, timed
 from coconut_scale.train.recipe_guard import CHANGES_FILE, RECIPE_FILE, change_history, check_resume
 from coconut_scale.train.run_data import prepare_data, recipe_tokenizer
 from coconut_scale.train.run_lock import RunLock, RunLockError
-from coconut_scale.train.run_log import RunLog, peak_memory_gb
+from coconut_scale.train.run_log import RunLog, cpu_threads_note, peak_memory_gb
 from coconut_scale.train.save_cost import checkpoint_bytes, save_line
 from coconut_scale.train.staged_setup import StagedSetup
 from coconut_scale.train.state import LogWindow, StepResult, TrainState
@@ -183,6 +183,9 @@ class Trainer:
         self.log.print(f"coconut_scale: {recipe.name} | world size {world} | output {self.out}")
         self.log.print(format_batch_table([self.plan]))
         self.log.print(save_line(recipe, world))
+        note = cpu_threads_note()
+        if note:
+            self.log.print(note)
         return latest
 
     def _take_output_dir(self) -> None:

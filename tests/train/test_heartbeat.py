@@ -1,5 +1,5 @@
 """Without a terminal, a slow run prints a line at least every HEARTBEAT_S while it trains, from rank 0's own clock:
-no collective, nothing read from the device."""
+no collective, nothing read from the device; and a CPU run with more torch threads than idle cores is told so."""
 
 from types import SimpleNamespace
 
@@ -36,3 +36,17 @@ def test_no_heartbeat_on_a_terminal_where_the_bar_shows_progress(tmp_path, capsy
     clock[0] += 10 * run_log.HEARTBEAT_S
     log.heartbeat(SimpleNamespace(disable=False), 2, 48, "epoch 0 stage 0")
     assert capsys.readouterr().out == ""
+
+
+def test_a_cpu_run_with_more_threads_than_idle_cores_is_told_to_use_one(monkeypatch):
+    monkeypatch.setattr(run_log.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run_log.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(run_log.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(run_log.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    note = run_log.cpu_threads_note()
+    assert note.startswith("note: 2 torch threads on 2 cores at load 5.0") and "OMP_NUM_THREADS=1" in note
+    monkeypatch.setattr(run_log.os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert run_log.cpu_threads_note() is None  # idle cores: two threads are the faster
+    monkeypatch.setattr(run_log.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(run_log.torch, "get_num_threads", lambda: 1)
+    assert run_log.cpu_threads_note() is None
