@@ -119,7 +119,7 @@ def drop_torn_tail(path: Path) -> None:
 
 def cpu_threads_note() -> str | None:
     """A line for a CPU run whose torch threads outnumber the idle cores: every op then waits at its barrier for
-    the thread the scheduler set aside (benchmarks/bench_cpu_threads.py: one thread 6.7x faster than two at load 8
+    the thread the scheduler set aside (benchmarks/bench_cpu_threads.py: one thread 6.5x faster than two at load 8
     on 2 cores). None on a GPU, with one thread, or on idle cores."""
     threads, cores = torch.get_num_threads(), os.cpu_count() or 1
     if torch.cuda.is_available() or threads < 2 or not hasattr(os, "getloadavg"):
