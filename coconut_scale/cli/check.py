@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -144,6 +145,15 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
     return failures
 
 
+def quiet_accelerator_guess() -> None:
+    """The check runs nothing on an accelerator; DeepSpeed, left to guess one on a machine without a GPU, warns
+    "Setting accelerator to CPU" into the report. Told so up front, it says nothing (a set DS_ACCELERATOR wins)."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coconut-scale check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -157,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as for coconut_scale.train (repeatable), e.g. --set lora.enabled=true")
     args = parser.parse_args(argv)
+    quiet_accelerator_guess()
     # What would fail every recipe the same way is one error, before any report: missing files, bad overrides.
     missing = [p for p in args.recipes if not Path(p).is_file()]
     if missing:

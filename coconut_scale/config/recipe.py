@@ -336,6 +336,8 @@ class CheckpointCfg(_Section):
     save_every_steps: NonNegativeInt = 0  # 0: at the end of each epoch only
     keep_last: PositiveInt = 2
     export_hf: bool = True  # also write an HF-format model (from_pretrained-able) at each save
+    # The exports' weight dtype; None: model.dtype, what training holds the weights in (train/export.py).
+    export_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     init_from: str | None = None  # HF-format export dir to start from (e.g. the CoT stage-0 model)
     # Start the curriculum at this epoch (the official GSM8K recipe's `resume: 3` skips stage 0 when
     # init_from is a CoT-trained model).

@@ -10,6 +10,7 @@ the CLI reproduces the accuracy logged during training.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def default_out_dir(checkpoint: str | Path, tool: str, stage: int) -> Path:
 
     Never inside the export itself: re-exporting a stage replaces that directory wholesale.
     """
-    ckpt = Path(checkpoint).resolve()
+    ckpt = Path(os.path.abspath(checkpoint))  # not resolve(): hf/best may be a link to hf/stageK, and keeps its name
     base = ckpt.parent.parent / "eval" / ckpt.name if ckpt.parent.name == "hf" else ckpt.with_name(ckpt.name + "-eval")
     return base / f"{tool}-stage{stage}"
 

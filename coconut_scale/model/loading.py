@@ -7,7 +7,10 @@ before `from_pretrained`, a GatheredParameters `gather` for the embedding rows);
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
@@ -118,9 +121,29 @@ def load_causal_lm(
     from transformers import GgufConfig
 
     # Unpack every GGUF block into dense weights: packed blocks cannot be trained or sharded by ZeRO.
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn,
-                                                 gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    with gguf_bar_on_terminal_only():
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn,
+                                                     gguf_file=gguf_file,
+                                                     quantization_config=GgufConfig(dequantize=True))
     return _forget_gguf_origin(model, f"{name_or_path}/{gguf_file}")
+
+
+@contextlib.contextmanager
+def gguf_bar_on_terminal_only():
+    """transformers' "Converting and de-quantizing GGUF tensors" bar is a plain tqdm, outside the switch that
+    silences its other bars; in a log file it becomes one line of carriage returns. Off unless stderr is a
+    terminal."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    if sys.stderr.isatty():
+        yield
+        return
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _forget_gguf_origin(model, source: str):

@@ -38,23 +38,23 @@ from coconut_scale.data.step_targets import StepTargetCollator
 from coconut_scale.data.tokenized import cache_file, load_tokenized
 from coconut_scale.evaluate.generation import generate_and_score, validation_loss
 from coconut_scale.model.export_meta import ExportMeta, StepDecoderMeta
-from coconut_scale.model.loading import verify_export
+from coconut_scale.model.loading import DTYPES, verify_export
 from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train import storage
-from coconut_scale.train.checkpoints import CheckpointManager
+from coconut_scale.train.checkpoints import LOOP_STATE, CheckpointManager, read_json
 from coconut_scale.train.codi_run import (PART_NAME as CODI_PART, CodiData, codi_export_meta, codi_step_collator,
                                           load_codi_data)
 from coconut_scale.train.data_identity import DATA_FILE, check_data, check_tokenizer, data_identity, token_identity
 from coconut_scale.train.engine import build_engine
-from coconut_scale.train.export import export_hf
+from coconut_scale.train.export import export_hf, point_export
 from coconut_scale.train.losses import logged_parts, training_loss
 from coconut_scale.train.nonfinite_guard import NonFiniteError, NonFiniteGuard
 from coconut_scale.train.preemption import Preempted, StopSignals, timed
 from coconut_scale.train.recipe_guard import CHANGES_FILE, RECIPE_FILE, change_history, check_resume
 from coconut_scale.train.run_data import prepare_data, recipe_tokenizer
 from coconut_scale.train.run_lock import RunLock, RunLockError
-from coconut_scale.train.run_log import RunLog, peak_memory_gb
+from coconut_scale.train.run_log import RunLog, cpu_threads_note, peak_memory_gb
 from coconut_scale.train.save_cost import checkpoint_bytes, save_line
 from coconut_scale.train.staged_setup import StagedSetup
 from coconut_scale.train.state import LogWindow, StepResult, TrainState
@@ -67,6 +67,21 @@ def _expected_checkpoint_bytes(recipe) -> int | None:
         return checkpoint_bytes(recipe)
     except (ValueError, KeyError):  # a model whose shape is unknown here: no estimate
         return None
+
+
+class RunComplete(Exception):
+    """The checkpoint to resume from ends the recipe's last epoch: nothing is left to train."""
+
+    def __init__(self, checkpoint: Path, loop_state: dict, epochs: int, out: Path):
+        self.checkpoint, self.loop_state, self.epochs, self.out = checkpoint, loop_state, epochs, out
+
+    def line(self) -> str:
+        state, best = self.loop_state, self.loop_state.get("best_accuracy", -1.0)
+        return (f"run already complete: {self.checkpoint} ends epoch {self.epochs - 1}, the last of optim.epochs = "
+                f"{self.epochs} (global step {state.get('global_step')}"
+                f"{f', best accuracy {best:.4f}' if best >= 0 else ''}); nothing to train, exports in "
+                f"{self.out / 'hf'}. To train on, raise optim.epochs and allow it: "
+                f"checkpoint.allow_changes=[optim.epochs]")
 
 
 def _say(message: str) -> None:
@@ -160,6 +175,10 @@ class Trainer:
         latest = self.ckpts.resume_point(log=_say) if recipe.checkpoint.auto_resume else None
         # Before anything is written or loaded: another recipe stops the run here, naming every key it changes.
         self.recipe_changes = check_resume(recipe, latest) if latest is not None else {}
+        if latest is not None:  # a finished run: said before the data, the model or anything in output_dir
+            done = read_json(latest / LOOP_STATE)
+            if done.get("epoch", 0) >= recipe.optim.epochs:
+                raise RunComplete(latest, done, recipe.optim.epochs, self.out)
         if recipe.checkpoint.init_from:  # the export it starts from, against its manifest
             dist.refuse_together(lambda: verify_export(recipe.checkpoint.init_from, log=_say)
                                  if dist.is_main() else None)
@@ -167,6 +186,9 @@ class Trainer:
         self.log.print(f"coconut_scale: {recipe.name} | world size {world} | output {self.out}")
         self.log.print(format_batch_table([self.plan]))
         self.log.print(save_line(recipe, world))
+        note = cpu_threads_note()
+        if note:
+            self.log.print(note)
         return latest
 
     def _take_output_dir(self) -> None:
@@ -311,6 +333,7 @@ class Trainer:
             self.train_epoch(epoch, stage)
             metrics = {"epoch": epoch, "stage": stage, "global_step": state.global_step}
             if (epoch + 1) % recipe.eval.every_epochs == 0 or epoch + 1 == recipe.optim.epochs:
+                self.log.print(f"epoch {epoch} stage {stage}: evaluating on {len(self.val_recs)} validation records")
                 metrics.update(self.evaluate(epoch, stage))
             state.epoch, state.step_in_epoch = epoch + 1, 0
             accuracy = metrics.get("accuracy")
@@ -319,9 +342,13 @@ class Trainer:
                 state.best_accuracy = accuracy
             # Exports first: a kill before the checkpoint below re-runs this epoch's tail and exports again.
             if recipe.checkpoint.export_hf:
-                if epoch + 1 == recipe.optim.epochs or self.stage_of(epoch + 1) != stage:
+                stage_ends = epoch + 1 == recipe.optim.epochs or self.stage_of(epoch + 1) != stage
+                if stage_ends:
                     self.export(f"stage{stage}", stage, metrics)
-                if is_best:
+                if is_best and stage_ends:  # the same weights: best names the stage's export, no second copy
+                    point_export(self.out / "hf" / "best", self.out / "hf" / f"stage{stage}")
+                    self.log.print(f"best -> {self.out / 'hf' / f'stage{stage}'}")
+                elif is_best:
                     self.export("best", stage, metrics)
             _, save_s = timed(self.save)
             if epoch + 1 < recipe.optim.epochs and self.stop.agreed():
@@ -349,6 +376,8 @@ class Trainer:
             batches = [[data[i] for i in next(micro_batches)] for _ in range(self.plan.grad_accum)]
             result = self.train_step(batches, epoch, stage, passes)
             bar.update(1)
+            self.log.heartbeat(bar, state.global_step, self.steps_per_epoch * recipe.optim.epochs,
+                               f"epoch {epoch} stage {stage}")
             # Nothing to log when every step since the last line was skipped (the same on every rank).
             if window.n_losses and (state.global_step % recipe.logging.log_every_steps == 0
                                     or step + 1 == self.steps_per_epoch):
@@ -485,7 +514,8 @@ class Trainer:
         if step.enabled and step.export_decoder:
             decoder = StepDecoderMeta(c_thought=cfg.c_thought, weight=step.weight, prompt=step.prompt,
                                       shared=step.decoder == "shared")
+        dtype = DTYPES[self.recipe.checkpoint.export_dtype or self.recipe.model.dtype]
         path = export_hf(self.strategy, self.tokenizer, self.out / "hf" / name, meta, lora=self.recipe.lora.enabled,
-                         step_decoder=decoder)
+                         step_decoder=decoder, dtype=dtype)
         if path:
             self.log.print(f"exported HF model -> {path}")
