@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 
+from coconut_scale.data.synthetic_splits import disjoint_splits
+
 NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "June")
 THINGS = ("apples", "coins", "books", "stamps", "shells", "pens")
 
@@ -63,12 +65,5 @@ def generate(n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 3, max_
 
 def generate_splits(sizes: dict[str, int], seed: int = 0, exclude_questions: set[str] | None = None,
                     only: list[str] | None = None, **kwargs) -> dict[str, list[dict]]:
-    """Disjoint splits, each from its own derived seed (as data/prosqa_synthetic.py)."""
-    out: dict[str, list[dict]] = {}
-    seen: set[str] = set(exclude_questions or ())
-    for k, (split, n) in enumerate(sizes.items()):
-        if only is not None and split not in only:
-            continue
-        out[split] = generate(n, seed=seed * 1000 + k, exclude_questions=seen, **kwargs)
-        seen.update(r["question"] for r in out[split])
-    return out
+    """Disjoint splits of `generate`'s records (data/synthetic_splits.py: seeds, exclusion, `only`)."""
+    return disjoint_splits(generate, sizes, seed, exclude_questions, only, **kwargs)

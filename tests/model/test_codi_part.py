@@ -20,12 +20,7 @@ from coconut_scale.train.losses import training_loss
 WEIGHTS = {"distill": 20.0, "teacher": 0.5}  # distill_loss_factor (the Llama-1B script), ref_loss_factor
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ MORE = RECORDS + [{"question": "Q: 12 + 30 = ?", "answer": "3",
 WEIGHTS = {"distill": 20.0, "teacher": 0.5, "step": 0.7}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
