@@ -195,3 +195,31 @@ def test_the_analyses_run_on_a_codi_export(runs, tmp_path):
     rows = json.loads((tmp_path / "ablations" / "ablations.json").read_text())["rows"]
     full = next(r for r in rows if r["variant"] == "full")
     assert full["loss"] == pytest.approx(_records(one, "eval")[-1]["val_loss"], rel=1e-5)
+
+
+def test_lora_under_zero3_two_ranks_equal_one_process(tmp_path):
+    """CODI with LoRA (teacher and student share the adapters) under ZeRO-3: two ranks equal one process in every
+    logged term and in the trained adapter and projection; the export holds the merged model, the adapter and the
+    projection, and loads as a CODI model."""
+    from coconut_scale.model.loading import load_exported
+
+    data = tmp_path / "data"
+    lora = {"lora.enabled": "true", "lora.rank": 4, "lora.alpha": 8, "lora.dropout": 0.0, "optim.epochs": 1}
+    _train("python", tmp_path / "one", data, **lora)
+    _train("torchrun", tmp_path / "two", data, **lora)
+    l1 = {r["global_step"]: r for r in _records(tmp_path / "one", "train")}
+    l2 = {r["global_step"]: r for r in _records(tmp_path / "two", "train")}
+    assert l1.keys() == l2.keys() and len(l1) == 6
+    for step, r in l1.items():
+        for key in ("loss", "coconut_loss", "teacher_loss", "distill_loss"):
+            assert abs(r[key] - l2[step][key]) < 1e-4, (step, key, r[key], l2[step][key])
+    exports = [tmp_path / run / "hf" / "stage0" for run in ("one", "two")]
+    for name in ("adapter/adapter_model.safetensors", "codi_projection.safetensors", "model.safetensors"):
+        a, b = (load_file(str(e / name)) for e in exports)
+        assert a.keys() == b.keys() and a, name
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} {key}: {m}")
+    adapter = load_file(str(exports[0] / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and bool(v.abs().sum() > 0) for k, v in adapter.items())  # the adapters trained
+    model, _, meta = load_exported(exports[0])
+    assert meta.method == "codi" and model.part("codi") is not None
