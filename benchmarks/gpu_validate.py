@@ -17,6 +17,8 @@ DIR/gpu_validate.log (the stages' output). Stages, each timed, each allowed to f
                      batched generation (KV cache) vs batch-1 reference generation without a cache
   memory_estimate    the memory estimator vs the measured peak: llama8b_lora's largest micro batch, and a
                      Qwen3-4B-shaped full fine-tune (ZeRO-3, one GPU, micro batch of recipes/qwen3_4b_gsm.yaml)
+  fair_floor         a full fine-tune (Llama-3.1-8B widths, 8 layers, bf16, no ZeRO): Coconut's step vs the same body
+                     and loss in one pass, and the latent passes' share, deferred weight gradients on and off
   profile            where a figure misses its target: torch.profiler's top kernels of one 8B step and the
                      time of every latent and full pass (in the smoke run: always, to keep the code alive)
   fake_vs_real       the real peak (allocated, reserved + CUDA context) of a step, a validation and a generation
@@ -459,6 +461,79 @@ def stage_memory_estimate(ctx: StageContext) -> dict:
         f"{key}: estimate {_fmt(out[key].get('estimate_gib'), '{:.1f}')} vs measured "
         f"{_fmt(out[key].get('measured_gib'), '{:.1f}')} GiB ({_fmt(out[key].get('error'), '{:+.0%}')})"
         for key in ("llama8b_lora", "qwen3_4b_full"))
+    return out
+
+
+@stage(limit_s=45)
+def stage_fair_floor(ctx: StageContext) -> dict:
+    """A full fine-tune's Coconut step vs its fair floor (the same body and loss on the same tokens, one pass), and
+    the latent passes' share of the step, with the deferred weight gradients (model/deferred_grad.py) and without.
+
+    Plain PyTorch, one GPU, bf16, latent-safe checkpointing: Llama-3.1-8B's widths at 8 layers (2.8B parameters:
+    weights and gradients fit without ZeRO, which would turn the deferral off), micro 16 x 512, 6 latents. Forward
+    and backward only: the optimizer step is the same for every variant. Variants interleaved, medians.
+    """
+    torch = _torch()
+    import statistics
+
+    from transformers import AutoModelForCausalLM
+
+    from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
+    from coconut_scale.model.coconut import Coconut, plan_passes
+    from coconut_scale.model.shapes import hf_config
+    from coconut_scale.model.tokens import LatentTokens
+    from coconut_scale.testing import tiny_tokenizer
+    from step_timing import PassTimer
+
+    w, cuda = ctx.w, on_cuda()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    shape = {**w["llama"], "num_hidden_layers": 1 if ctx.smoke else 8}
+    micro = 2 if ctx.smoke else 16
+    tokens = LatentTokens.from_tokenizer(tiny_tokenizer())
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(hf_config(shape), dtype=dtype, attn_implementation="sdpa").train()
+    enable_latent_safe_checkpointing(base)
+    ids = dict(latent_token_id=tokens.latent_id, start_latent_id=tokens.start_id, end_latent_id=tokens.end_id, eos_token_id=-1)
+    per_pass = Coconut(base, **ids)
+    per_pass.defer_weight_grads = False
+    wrappers = {"floor": Coconut(base, feedback=False, **ids), "coconut": Coconut(base, **ids), "coconut_per_pass": per_pass}
+    batch = to_device(gsm_like_batch(tokens, micro, w["seq"]), device)
+    plan = plan_passes(batch["input_ids"].cpu(), tokens.latent_id)
+    latent = [i for i, ((a, b), fill) in enumerate(zip(plan.ranges, plan.fills)) if fill and b - a == 1]
+    clock = Clock()
+    times = {name: [] for name in wrappers}
+    shares = {}
+    for rnd in range(1 + (1 if ctx.smoke else 4)):
+        for name in wrappers if rnd % 2 == 0 else reversed(list(wrappers)):
+            timer = PassTimer(base.get_decoder(), clock) if name != "floor" else None
+            base.zero_grad(set_to_none=True)
+            start = clock.now()
+            loss = wrappers[name](**batch).loss
+            bwd_start = clock.now()
+            loss.backward()
+            end = clock.now()
+            clock.sync()
+            if timer is not None:
+                fwd, bwd = timer.per_pass_ms(bwd_start, end)
+                timer.remove()
+                shares.setdefault(name, []).append(sum(fwd[i] + bwd[i] for i in latent) / clock.ms(start, end))
+            if rnd:  # the first round is warm-up
+                times[name].append(clock.ms(start, end))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    out = {"shape_layers": shape["num_hidden_layers"], "micro_batch": micro, "seq": w["seq"], "dtype": str(dtype),
+           "latent_passes": latent, "step_ms": med, "times_ms": times,
+           "x_floor": {name: med[name] / med["floor"] for name in med},
+           "latent_share": statistics.median(shares["coconut"]),
+           "latent_share_per_pass": statistics.median(shares["coconut_per_pass"]),
+           "note": "with the deferral, the one weight-gradient matmul over all latent passes' rows runs in the first "
+                   "pass's backward, so latent_share leaves it out; x_floor counts everything"}
+    del base, wrappers
+    if cuda:
+        torch.cuda.empty_cache()
+    out["headline"] = (f"coconut {out['x_floor']['coconut']:.3f}x the floor (per-pass gradients "
+                       f"{out['x_floor']['coconut_per_pass']:.3f}x); latent passes {out['latent_share']:.1%} of the "
+                       f"step ({out['latent_share_per_pass']:.1%} per-pass; target < {TARGETS['latent_share']:.0%})")
     return out
 
 

@@ -1,6 +1,9 @@
 """Atomic writes: written beside the target, then renamed, so a reader (or a run that crashed mid-write) never
 sees a half-written file or directory. The one place the harness writes JSON, JSON Lines and text files, and the
-one temporary-directory-then-rename writer (`AtomicDir`, `atomic_dir`) of checkpoints and exports."""
+one temporary-directory-then-rename writer (`AtomicDir`, `atomic_dir`) of checkpoints and exports, and of the
+symbolic link that names one export by another's name (`atomic_symlink`: `hf/best` -> `stageK`). Everything
+they leave has the permissions the umask gives a plain `open(path, "w")`, also the files that libraries write
+into an `AtomicDir` with mode 0600 (safetensors' writer creates its files that way)."""
 
 from __future__ import annotations
 
@@ -78,6 +81,52 @@ def fsync_dir(path: str | Path) -> None:
         pass
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(root: str | Path) -> None:
+    """Give every file under `root` 0o666 & ~umask (0o777 & ~umask for directories and executables), whatever mode
+    its writer chose; links are left alone. Called on a complete directory before it is renamed into place."""
+    mask = current_umask()
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        wanted = (0o777 if path.is_dir() or mode & 0o111 else 0o666) & ~mask
+        if mode != wanted:
+            os.chmod(path, wanted)
+
+
+def atomic_symlink(path: str | Path, target: str) -> Path:
+    """Make `path` a symbolic link to `target` (relative to path's folder), replacing a link, a file or a directory
+    there. A link or a file is replaced in one rename; a directory is first moved aside to `.tmp-<name>-old` (a
+    leftover the next run removes), so a crash never leaves a half-removed directory under the final name."""
+    path = Path(path)
+    link = path.with_name(f".tmp-{path.name}-link")
+    link.unlink(missing_ok=True)
+    os.symlink(target, link)
+    old = None
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".tmp-{path.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.replace(link, path)
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+    return path
+
+
 class AtomicDir:
     """A directory written under `.tmp-<name>` beside its final path and renamed into place when complete.
 
@@ -97,8 +146,11 @@ class AtomicDir:
         return self.tmp
 
     def commit(self) -> Path:
+        honour_umask(self.tmp)
         fsync_dir(self.tmp)
-        if self.final.exists():
+        if self.final.is_symlink():  # a pointer to another directory (atomic_symlink): the link goes, not its target
+            self.final.unlink()
+        elif self.final.exists():
             shutil.rmtree(self.final)
         os.rename(self.tmp, self.final)
         fsync_dir(self.final.parent)

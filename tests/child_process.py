@@ -1,6 +1,7 @@
 """The environment of a child process that runs this checkout's package (a training run, a script by path)."""
 
 import os
+import signal
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,3 +17,10 @@ def subprocess_env(**extra) -> dict:
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child that a test interrupts with SIGINT. A shell that starts the suite in the background
+    (`pytest ... &` without job control, a CI step, nohup under sh) sets SIGINT to ignored, children inherit that,
+    and Python then never raises KeyboardInterrupt: the child would run on to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -33,3 +33,13 @@ def _train_losses(out: Path) -> dict[int, float]:
 def train_losses():
     """`train_losses(output_dir)`: {global step: logged train loss} of the run's metrics.jsonl."""
     return _train_losses
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: torch's threads fight over the cores (one call up to 100x slower).
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

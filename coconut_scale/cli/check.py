@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
     c = recipe.coconut
     passes = (f"{c.max_passes} forward passes per step (c_thought {c.c_thought} x max_latent_stage "
               f"{c.max_latent_stage} + 1)" if c.mode == "coconut" else f"mode {c.mode}: 1 forward pass per step")
+    if recipe.method == "codi":
+        passes = (f"method codi: {recipe.codi.num_latent + 1} student passes (num_latent {recipe.codi.num_latent} "
+                  f"+ 1) and 1 teacher pass per step")
     training = f"LoRA r{recipe.lora.rank}: {P_t / 1e6:.1f}M trainable" if recipe.lora.enabled else "full fine-tune"
     size = f"{P / 1e9:.2f}B" if P >= 1e9 else f"{P / 1e6:.1f}M"
     out(f"{recipe.name}: {recipe.model.name_or_path} ({d.model_type}, {size} params, hidden {d.hidden}, "
@@ -153,6 +157,15 @@ def check_recipe(path: str, world_sizes: list[int] | None = None, gpu_memory_gb:
     return failures
 
 
+def quiet_accelerator_guess() -> None:
+    """The check runs nothing on an accelerator; DeepSpeed, left to guess one on a machine without a GPU, warns
+    "Setting accelerator to CPU" into the report. Told so up front, it says nothing (a set DS_ACCELERATOR wins)."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coconut-scale check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -169,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as for coconut_scale.train (repeatable), e.g. --set lora.enabled=true")
     args = parser.parse_args(argv)
+    quiet_accelerator_guess()
     # What would fail every recipe the same way is one error, before any report: missing files, bad overrides.
     missing = [p for p in args.recipes if not Path(p).is_file()]
     if missing:

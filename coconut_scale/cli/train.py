@@ -44,7 +44,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     from coconut_scale.train.preemption import PREEMPTED_EXIT, Preempted
-    from coconut_scale.train.trainer import Trainer
+    from coconut_scale.train.trainer import RunComplete, Trainer
 
     # torch.distributed deprecation notices fire on every ZeRO collective; they drown the training log.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -54,6 +54,11 @@ def main(argv=None) -> int:
     trainer = Trainer(recipe)
     try:
         trainer.setup().fit()
+    except RunComplete as complete:  # every rank read the same checkpoint: all exit 0 alike
+        if dist.is_main():
+            print(complete.line(), flush=True)
+        dist.finish()
+        return 0
     except Preempted as stopped:  # checkpoint.on_signal: saved at a step boundary, every rank exits alike
         if dist.is_main():
             print(stopped.line(), file=sys.stderr, flush=True)

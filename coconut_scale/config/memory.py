@@ -138,6 +138,14 @@ def step_decoder_is_separate(recipe) -> bool:
     return step.enabled and step.decoder != "shared"
 
 
+def codi_projection_params(recipe, hidden: int) -> int:
+    """CODI's projection: Linear(h, prj_dim), Linear(prj_dim, h), LayerNorm(h) (0 without use_prj)."""
+    c = recipe.codi
+    if not c.use_prj:
+        return 0
+    return 2 * hidden * c.prj_dim + c.prj_dim + hidden + (0 if c.prj_no_ln else 2 * hidden)
+
+
 def trainable_params(recipe, shape: dict) -> int:
     """Parameters the optimizer updates: the LoRA adapters, or every parameter."""
     if recipe.lora.enabled:
@@ -150,11 +158,15 @@ def pass_widths(recipe, max_seq_len: int | None = None) -> list[int]:
     from coconut_scale.data.curriculum import CurriculumConfig
 
     T = max_seq_len or recipe.data.max_seq_len
+    q = ROW_LAYOUT.question(T)
+    if recipe.method == "codi":  # question <bot> latents <eot> answer <eos> (the teacher's row is T long)
+        n = recipe.codi.num_latent + 1
+        return [q + 1] + [1] * (n - 2) + [1 + 1 + ROW_LAYOUT.answer_tokens + 1]
     cfg = CurriculumConfig.from_recipe(recipe.coconut)
     n = cfg.max_passes if recipe.coconut.mode == "coconut" else 1
     if n <= 1:
         return [T]
-    w0 = ROW_LAYOUT.question(T) + 1  # the question and <|start-latent|>
+    w0 = q + 1  # the question and <|start-latent|>
     return [w0] + [1] * (n - 2) + [T - w0 - (n - 2)]
 
 
@@ -212,9 +224,14 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
     lora = recipe.lora.enabled
 
     copies = 2 if step_decoder_is_separate(recipe) else 1  # the base, and SIM-CoT's decoder when it is a copy
+    codi = recipe.method == "codi"
+    projection = codi_projection_params(recipe, d.hidden) if codi else 0  # always trained
     P1, Pt1 = param_count(shape), trainable_params(recipe, shape)
-    P, P_t = P1 * copies, Pt1 * copies
-    P_frozen = P if lora else 0
+    P, P_t = P1 * copies + projection, Pt1 * copies + projection
+    if codi and copies == 2 and lora:  # SIM-CoT's CODI decoder: trained in full, never LoRA-wrapped
+        P_t = Pt1 + P1 + projection
+    # the frozen base (the projection always trains; so does SIM-CoT's CODI decoder)
+    P_frozen = (P - projection - (P1 if codi and copies == 2 else 0)) if lora else 0
     opt_bytes = 8 + (4 if b < 4 else 0)
     shard_weights = W if stage == 3 else 1
     shard_grads = W if stage >= 2 else 1
@@ -231,7 +248,7 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
         host += all_grads + optimizer
         all_grads = optimizer = 0.0
     grad_scale = 0.0 if z["offload_optimizer"] else 1.0 / shard_grads  # a finished .grad per GPU, per byte
-    in_model = P + (P_t if lora else 0)  # LoRA adds its adapters to the base
+    in_model = P + (Pt1 * (1 if codi else copies) if lora else 0)  # LoRA adds its adapters to the base
     gathered = min(in_model, z["max_live_parameters"]) * b if stage == 3 else 0.0
     states = {"weights": weights, "optimizer": optimizer, "gathered": gathered}
 
@@ -243,9 +260,10 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
         buffers = min(5e8, P_t) * b if W > 1 else 0.0
         buffers += P_t * 4 if b < 4 and not z["offload_optimizer"] else 0.0
 
-    B, T, L, h, q, kv, I, V = (plan.micro_batch_size, recipe.data.max_seq_len, d.layers, d.hidden, d.q_dim,
-                              d.kv_dim, d.intermediate, d.vocab)
     widths = pass_widths(recipe)
+    # T: the student's row (a CODI student row is shorter than data.max_seq_len, its teacher's row as long)
+    B, T, L, h, q, kv, I, V = (plan.micro_batch_size, sum(widths), d.layers, d.hidden, d.q_dim, d.kv_dim,
+                              d.intermediate, d.vocab)
     n, w0, Tl = len(widths), widths[0], widths[-1]
     Te = T - Tl
     K = DEFAULT_LOSS_CHUNKS

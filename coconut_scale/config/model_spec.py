@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from coconut_scale.model.codi import CodiSpec
 from coconut_scale.model.loading import ModelSource
 from coconut_scale.model.spec import LoraSpec, ModelSpec, StepSupervisionSpec
 
@@ -66,18 +67,35 @@ def lora_spec(recipe) -> LoraSpec | None:
     return LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
 
 
+def codi_spec(recipe) -> CodiSpec | None:
+    """method codi: the model's CODI switches (the loss factors are loss weights); None for Coconut."""
+    if recipe.method != "codi":
+        return None
+    c = recipe.codi
+    return CodiSpec(num_latent=c.num_latent, use_prj=c.use_prj, prj_dim=c.prj_dim, prj_dropout=c.prj_dropout,
+                    prj_no_ln=c.prj_no_ln, distill_loss_type=c.distill_loss_type,
+                    distill_loss_div_std=c.distill_loss_div_std)
+
+
 def model_spec(recipe) -> ModelSpec:
     """What `model.spec.build_training_model` builds for this recipe."""
     m, c = recipe.model, recipe.coconut
     step = None
     if c.step_supervision.enabled:
-        step = StepSupervisionSpec(decoder=step_decoder_source(recipe), c_thought=c.c_thought)
+        codi = recipe.method == "codi"  # one thought per step, z_0..z_n (model/step_supervision.py layout codi)
+        step = StepSupervisionSpec(decoder=step_decoder_source(recipe), c_thought=1 if codi else c.c_thought,
+                                   layout="codi" if codi else "coconut")
     return ModelSpec(source=base_source(recipe), dtype=m.dtype, attn_implementation=m.attn_implementation,
                      seed=recipe.seed, init_text=m.init_text, gradient_checkpointing=m.gradient_checkpointing,
-                     feedback=c.mode == "coconut", lora=lora_spec(recipe), step_supervision=step)
+                     feedback=c.mode == "coconut", lora=lora_spec(recipe), step_supervision=step,
+                     codi=codi_spec(recipe))
 
 
 def loss_weights(recipe) -> dict[str, float]:
-    """The weight of each method part's loss term in the training loss (train/losses.py)."""
+    """The weight of each method part's loss term in the training loss (train/losses.py). CODI's total is
+    student CE + distill_loss_factor * distill + ref_loss_factor * teacher CE (src/model.py:400)."""
     step = recipe.coconut.step_supervision
-    return {"step": step.weight} if step.enabled else {}
+    weights = {"step": step.weight} if step.enabled else {}  # SIM-CoT's explain_loss_factor
+    if recipe.method == "codi":
+        return {"teacher": recipe.codi.ref_loss_factor, "distill": recipe.codi.distill_loss_factor, **weights}
+    return weights

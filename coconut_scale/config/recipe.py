@@ -146,8 +146,30 @@ class ProsQASyntheticCfg(_Section):
         return self.model_dump(exclude={"kind", "n_train", "n_val", "seed"})
 
 
+class ArithmeticSyntheticCfg(_Section):
+    """`data.generate: {kind: arithmetic_synthetic, ...}`: GSM8k-Aug-style word problems with iCoT steps
+    (data/arithmetic_synthetic.py), numeric answers as CODI needs them."""
+
+    kind: Literal["arithmetic_synthetic"]
+    n_train: PositiveInt = 2000
+    n_val: PositiveInt = 200
+    seed: NonNegativeInt = 0
+    min_steps: PositiveInt = 2
+    max_steps: PositiveInt = 3
+    max_value: Annotated[int, Field(ge=10)] = 100
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"data.generate: min_steps {self.min_steps} > max_steps {self.max_steps}")
+        return self
+
+    def generator_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"kind", "n_train", "n_val", "seed"})
+
+
 # The generators `data.generate` can name, told apart by `kind` (one class per kind).
-GenerateCfg = Annotated[ProsQASyntheticCfg, Field(discriminator="kind")]
+GenerateCfg = Annotated[ProsQASyntheticCfg | ArithmeticSyntheticCfg, Field(discriminator="kind")]
 
 
 class DataCfg(_Section):
@@ -227,6 +249,30 @@ class CoconutCfg(_Section):
         return CurriculumConfig.from_recipe(self).max_passes
 
 
+class CodiCfg(_Section):
+    """`method: codi` (model/codi.py, data/codi_data.py): every switch of the released scripts that changes the
+    math, with the released code's default (zhenyi4/codi src/model.py TrainingArguments); the GSM8k-Aug scripts
+    pass use_prj true, prj_dim = the hidden size, distill_loss_div_std true, remove_eos true, num_latent 6."""
+
+    num_latent: PositiveInt = 5  # continuous thoughts; evaluation runs as many (their inf_latent_iterations)
+    use_prj: bool = False  # feed back prj(h) instead of h
+    prj_dim: PositiveInt = 2048
+    prj_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    prj_no_ln: bool = False  # drop the projection's final LayerNorm
+    distill_loss_type: Literal["smooth_l1", "l2"] = "smooth_l1"
+    distill_loss_div_std: bool = False
+    distill_loss_factor: float = Field(1.0, ge=0.0)  # the Llama-1B script: 20
+    ref_loss_factor: float = Field(1.0, ge=0.0)  # the teacher CE's weight
+    include_last_cot: bool = False  # False: the teacher CoT drops its last step (train.py:270-272)
+    remove_eos: bool = False  # True: eos only after the answer; False: also after the question and the CoT
+    max_token_num: PositiveInt = 1000  # records longer than this are dropped (the Llama-1B script: 200)
+    bos_rule: Literal["record0", "per_row"] = "record0"  # data/codi_data.py: record 0 decides BOS stripping
+    lone_space_rule: Literal["model_name", "token"] = "model_name"  # data/codi_data.py: the answer position
+    # SIM-CoT on CODI (coconut.step_supervision.enabled): reproduce their dedup_trailing_pads bug, which cuts every
+    # row's step k to row 0's length (data/codi_steps.py); false gives every row its whole step.
+    step_dedup_bug: bool = True
+
+
 class BatchCfg(_Section):
     global_batch_size: PositiveInt  # constant across world sizes: micro x world x grad_accum
     micro_batch_size: PositiveInt  # per GPU, per forward; the default for world sizes not listed below
@@ -290,6 +336,8 @@ class CheckpointCfg(_Section):
     save_every_steps: NonNegativeInt = 0  # 0: at the end of each epoch only
     keep_last: PositiveInt = 2
     export_hf: bool = True  # also write an HF-format model (from_pretrained-able) at each save
+    # The exports' weight dtype; None: model.dtype, what training holds the weights in (train/export.py).
+    export_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     init_from: str | None = None  # HF-format export dir to start from (e.g. the CoT stage-0 model)
     # Start the curriculum at this epoch (the official GSM8K recipe's `resume: 3` skips stage 0 when
     # init_from is a CoT-trained model).
@@ -339,6 +387,10 @@ class Recipe(_Section):
     lora: LoraCfg = Field(default_factory=LoraCfg)
     data: DataCfg
     coconut: CoconutCfg = Field(default_factory=CoconutCfg)
+    # coconut: the latent curriculum (the coconut section). codi: CODI's self-distillation (the codi section;
+    # no curriculum: every epoch trains num_latent thoughts).
+    method: Literal["coconut", "codi"] = "coconut"
+    codi: CodiCfg = Field(default_factory=CodiCfg)
     batch: BatchCfg
     optim: OptimCfg
     deepspeed: DeepSpeedCfg
@@ -352,6 +404,17 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _cross_section(self):
         self.output_dir = self.output_dir.replace("{name}", self.name)
+        if self.method == "codi":
+            if self.coconut.mode != "coconut":
+                raise ValueError(f"method codi trains its own layout; coconut.mode {self.coconut.mode!r} must stay "
+                                 f"'coconut'")
+            step = self.coconut.step_supervision
+            if step.enabled and (step.prompt is not None or step.stages is not None):
+                raise ValueError("coconut.step_supervision.prompt and .stages: SIM-CoT's CODI variant has neither "
+                                 "(every step decodes its thought alone, at every epoch); remove them")
+            if self.checkpoint.init_from:
+                raise ValueError("checkpoint.init_from: method codi starts from model.name_or_path (its teacher is "
+                                 "the model itself)")
         if self.checkpoint.resume_from_epoch >= self.optim.epochs:
             raise ValueError(f"checkpoint.resume_from_epoch {self.checkpoint.resume_from_epoch} must be below "
                              f"optim.epochs {self.optim.epochs} (epochs are counted from 0)")
@@ -403,29 +466,53 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def _sections(annotation) -> list[type]:
+    """The BaseModel section classes a field annotation admits, through Optional, Annotated and unions (a tagged
+    union of sections, e.g. data.generate: one class per kind)."""
+    found, todo = [], [annotation]
+    while todo:
+        c = todo.pop(0)
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            found.append(c)
+        else:
+            todo.extend(typing.get_args(c))
+    return found
+
+
 def _unwrap(annotation) -> tuple[type | None, bool]:
     """(BaseModel section class or None, whether it is a free-form mapping) for a field annotation; sees through
-    Optional and Annotated (a tagged union of one section, e.g. data.generate)."""
+    Optional and Annotated. For a tagged union of sections the first; `_sections` gives them all."""
+    found = _sections(annotation)
+    if found:
+        return found[0], False
     candidates = [annotation, *typing.get_args(annotation)]
-    candidates += [typing.get_args(c)[0] for c in candidates if typing.get_origin(c) is Annotated]
-    for c in candidates:
-        if isinstance(c, type) and issubclass(c, BaseModel):
-            return c, False
     free = any(c is Any or c is dict or typing.get_origin(c) is dict for c in candidates)
     return None, free
+
+
+def _fields_of(classes: list[type]) -> dict:
+    """The fields of one section, or of every member of a tagged union (the first member's wins a shared name)."""
+    fields: dict = {}
+    for cls in classes:
+        for name, info in cls.model_fields.items():
+            fields.setdefault(name, info)
+    return fields
 
 
 def _without_tags(loc: Sequence) -> list:
     """An error location without the tag pydantic inserts after a tagged union's field
     (data.generate.prosqa_synthetic.n_train -> data.generate.n_train)."""
-    cls: type[BaseModel] | None = Recipe
+    classes: list[type] = [Recipe]
     out = []
     for part in loc:
-        fields = cls.model_fields if cls is not None else {}
-        if "kind" in fields and part in typing.get_args(fields["kind"].annotation):
+        fields = _fields_of(classes)
+        tags = {t for cls in classes if "kind" in cls.model_fields
+                for t in typing.get_args(cls.model_fields["kind"].annotation)}
+        if part in tags:
+            classes = [c for c in classes if part in typing.get_args(c.model_fields["kind"].annotation)]
             continue  # the tag of the section's kind
         out.append(part)
-        cls = _unwrap(fields[part].annotation)[0] if part in fields else None
+        classes = _sections(fields[part].annotation) if part in fields else []
     return out
 
 
@@ -437,20 +524,20 @@ def _unknown_key_message(known: Sequence[str], key: str, prefix: str) -> str:
 
 
 def _check_override_key(parts: list[str], source: str, text: str) -> None:
-    cls: type[BaseModel] = Recipe
+    classes: list[type] = [Recipe]
     for i, part in enumerate(parts):
         prefix = "".join(p + "." for p in parts[:i])
-        fields = cls.model_fields
+        fields = _fields_of(classes)
         if part not in fields:
             raise RecipeError(f"{source}: unknown key '{'.'.join(parts)}' in override {text!r}; "
                               + _unknown_key_message(list(fields), part, prefix))
-        section, free = _unwrap(fields[part].annotation)
-        if section is None:
-            if i < len(parts) - 1 and not free:
+        sections = _sections(fields[part].annotation)
+        if not sections:
+            if i < len(parts) - 1 and not _unwrap(fields[part].annotation)[1]:
                 raise RecipeError(f"{source}: cannot set '{'.'.join(parts)}' in override {text!r}: "
                                   f"'{prefix}{part}' is a single value, not a section")
             return
-        cls = section
+        classes = sections
 
 
 def apply_overrides(data: dict, overrides: Sequence[str], source: str = "<recipe>") -> dict[str, str]:
@@ -482,15 +569,20 @@ def apply_overrides(data: dict, overrides: Sequence[str], source: str = "<recipe
 
 
 def _fields_at(loc: Sequence) -> list[str] | None:
-    cls: type[BaseModel] = Recipe
+    classes: list[type] = [Recipe]
     for part in loc:
-        if not isinstance(part, str) or part not in cls.model_fields:
+        tags = {t for cls in classes if "kind" in cls.model_fields
+                for t in typing.get_args(cls.model_fields["kind"].annotation)}
+        if part in tags:  # a tagged union's member, named in pydantic's error location
+            classes = [c for c in classes if part in typing.get_args(c.model_fields["kind"].annotation)]
+            continue
+        fields = _fields_of(classes)
+        if not isinstance(part, str) or part not in fields:
             return None
-        section, _ = _unwrap(cls.model_fields[part].annotation)
-        if section is None:
+        classes = _sections(fields[part].annotation)
+        if not classes:
             return None
-        cls = section
-    return list(cls.model_fields)
+    return list(_fields_of(classes))
 
 
 def _describe(error: dict) -> str:

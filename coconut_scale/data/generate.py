@@ -16,11 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from coconut_scale.data import prosqa_synthetic
+from coconut_scale.data import arithmetic_synthetic, prosqa_synthetic
 from coconut_scale.data.records import load_records, write_records
 from coconut_scale.errors import UserError
 
 SPLITS = ("train", "val")  # the order generate_splits derives their seeds in
+GENERATORS = {"prosqa_synthetic": (prosqa_synthetic, "ProsQA-style"),
+              "arithmetic_synthetic": (arithmetic_synthetic, "arithmetic")}
 
 
 class DataGenerationError(UserError):
@@ -35,13 +37,14 @@ def generate_missing(cfg, train_file: str | Path, val_file: str | Path, log: Cal
     missing = [split for split in SPLITS if not paths[split].exists()]
     if not missing:
         return []
-    if cfg.kind != "prosqa_synthetic":  # the recipe schema admits no other kind; a direct caller might
-        raise DataGenerationError(f"data.generate.kind={cfg.kind!r}: only prosqa_synthetic can be generated")
+    if cfg.kind not in GENERATORS:  # the recipe schema admits no other kind; a direct caller might
+        raise DataGenerationError(f"data.generate.kind={cfg.kind!r}: only {sorted(GENERATORS)} can be generated")
+    generator, label = GENERATORS[cfg.kind]
     sizes = {"train": cfg.n_train, "val": cfg.n_val}
     kept = [split for split in SPLITS if split not in missing]
     exclude = {r["question"] for split in kept for r in load_records(paths[split])}
     try:
-        splits = prosqa_synthetic.generate_splits(sizes, seed=cfg.seed, exclude_questions=exclude,
+        splits = generator.generate_splits(sizes, seed=cfg.seed, exclude_questions=exclude,
                                                   only=missing, **cfg.generator_options())
     except (ValueError, RuntimeError) as e:  # the generator's own checks (depths, n_concepts, ...)
         raise DataGenerationError(f"data.generate ({cfg.kind}): {e}") from None
@@ -50,5 +53,5 @@ def generate_missing(cfg, train_file: str | Path, val_file: str | Path, log: Cal
         write_records(splits[split], paths[split])
         beside = (f" (kept the existing {kept[0]} file {paths[kept[0]]}; no question of it is reused)"
                   if kept else "")
-        log(f"generated {sizes[split]} ProsQA-style records -> {paths[split]}{beside}")
+        log(f"generated {sizes[split]} {label} records -> {paths[split]}{beside}")
     return missing

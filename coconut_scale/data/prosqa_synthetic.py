@@ -24,6 +24,7 @@ from collections import deque
 from pathlib import Path
 
 from coconut_scale.data.converters import finish
+from coconut_scale.data.synthetic_splits import disjoint_splits
 
 PEOPLE = ("Tom", "Alex", "Davis", "Sally", "Max", "Polly", "Rex", "Stella", "Bob", "Oliver", "Fae", "Jack",
           "Carol", "Eva", "Sam", "Wren", "Gabriel")
@@ -204,18 +205,8 @@ def generate(n: int, seed: int = 0, n_concepts: int = 10, min_depth: int = 2, ma
 
 def generate_splits(sizes: dict[str, int], seed: int = 0, exclude_questions: set[str] | None = None,
                     only: list[str] | None = None, **kwargs) -> dict[str, list[dict]]:
-    """Disjoint splits (no question shared), each from its own derived seed so one split's size does not change
-    another's contents. `only`: generate just these splits, with `exclude_questions` holding the questions of the
-    ones that already exist; a split regenerated beside the other generated split is then the one a full call
-    writes (each split excludes the questions of the splits before it, which never held its own)."""
-    out: dict[str, list[dict]] = {}
-    seen: set[str] = set(exclude_questions or ())
-    for k, (split, n) in enumerate(sizes.items()):
-        if only is not None and split not in only:
-            continue
-        out[split] = generate(n, seed=seed * 1000 + k, exclude_questions=seen, **kwargs)
-        seen.update(r["question"] for r in out[split])
-    return out
+    """Disjoint splits of `generate`'s records (data/synthetic_splits.py: seeds, exclusion, `only`)."""
+    return disjoint_splits(generate, sizes, seed, exclude_questions, only, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ loss alike), the pass count is all-reduced per batch, and the decode loop stops 
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable, Sequence
 
@@ -38,8 +39,19 @@ def gold_cot(example: dict) -> str:
     return "\n".join(s.strip() for s in steps[example.get("n_skipped_steps", 0):]).strip()
 
 
+def last_number(generated: str) -> str:
+    """CODI's test.py (extract_answer_number): the last match of -?\\d+\\.?\\d* in the text without commas, compared
+    as a number there, written here without a fractional part when it is whole ("14.0" -> "14"); "" for none."""
+    found = re.findall(r"-?\d+\.?\d*", generated.replace(",", ""))
+    if not found:
+        return ""
+    value = float(found[-1])
+    return str(int(value)) if value.is_integer() else str(value)
+
+
 def score_example(example: dict, generated_text: str) -> dict:
-    answer = extract_answer(generated_text)
+    """`example["answer_rule"]` "last_number" (CODI's prompts) reads the last number; else the text after '#'."""
+    answer = last_number(generated_text) if example.get("answer_rule") == "last_number" else extract_answer(generated_text)
     gold = str(example.get("answer", "")).replace(",", "").strip()
     return {
         "idx": example.get("idx", -1),

@@ -10,6 +10,7 @@ the CLI reproduces the accuracy logged during training.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,10 +96,28 @@ def load_inputs(checkpoint: str | Path, data: str | Path, stage: int | None = No
     # pause_as_thought checkpoints were trained with latents as plain tokens: evaluate them that way too.
     model.feedback = curriculum.latent_feedback
     model.to(dist.device()).eval()
+    if meta.method == "codi":
+        return _codi_inputs(model, tokenizer, meta, raw[:max_examples] if max_examples else raw, checkpoint, data)
     return EvalInputs(model=model, tokenizer=tokenizer, config=meta.to_dict(), curriculum=curriculum, tokens=tokens,
                       stage=stage, examples=build_eval_examples(tokenized, stage, curriculum, tokens),
                       records=[raw[r["idx"]] for r in tokenized], checkpoint=checkpoint, data=data,
                       n_dropped=n_dropped)
+
+
+def _codi_inputs(model, tokenizer, meta: ExportMeta, raw: list[dict], checkpoint: Path, data: Path) -> EvalInputs:
+    """A `method: codi` export: their test.py's prompts (question, bot, num_latent latents, eot) under the data
+    rules it was trained with; records CODI's filters drop are counted in n_dropped."""
+    from coconut_scale.data.codi_features import codi_data_options, codi_eval_examples
+
+    tokens = LatentTokens.from_tokenizer(tokenizer)
+    n = meta.codi["num_latent"]
+    examples = codi_eval_examples(raw, tokenizer, tokens, n, codi_data_options(meta.codi), source=str(data))
+    if not examples:
+        raise InputError(f"{data}: no record is left after CODI's filters (codi.max_token_num, numeric answers)")
+    curriculum = CurriculumConfig.from_export(meta)
+    return EvalInputs(model=model, tokenizer=tokenizer, config=meta.to_dict(), curriculum=curriculum, tokens=tokens,
+                      stage=meta.stage, examples=examples, records=[raw[e["idx"]] for e in examples],
+                      checkpoint=checkpoint, data=data, n_dropped=len(raw) - len(examples))
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +146,7 @@ def default_out_dir(checkpoint: str | Path, tool: str, stage: int) -> Path:
 
     Never inside the export itself: re-exporting a stage replaces that directory wholesale.
     """
-    ckpt = Path(checkpoint).resolve()
+    ckpt = Path(os.path.abspath(checkpoint))  # not resolve(): hf/best may be a link to hf/stageK, and keeps its name
     base = ckpt.parent.parent / "eval" / ckpt.name if ckpt.parent.name == "hf" else ckpt.with_name(ckpt.name + "-eval")
     return base / f"{tool}-stage{stage}"
 

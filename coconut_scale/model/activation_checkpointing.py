@@ -9,10 +9,19 @@ forward, combined with `PassCache`, which never mutates itself (so a recompute s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from coconut_scale.model.deferred_grad import recompute_context
+
+
+def _contexts():
+    # The recompute runs in the forward's deferral of weight gradients (deferred_grad.py), if any, so it saves
+    # the tensors the forward saved.
+    return contextlib.nullcontext(), recompute_context()
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -48,7 +57,7 @@ def enable_latent_safe_checkpointing(model: torch.nn.Module) -> int:
         def forward(*args, __original=original, **kwargs):
             if not torch.is_grad_enabled():
                 return __original(*args, **kwargs)
-            return checkpoint(__original, *args, use_reentrant=False, **kwargs)
+            return checkpoint(__original, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
 
         layer.forward = forward
         layer._coconut_checkpointed = True

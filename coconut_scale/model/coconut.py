@@ -28,6 +28,7 @@ How it is computed (no Python loop over rows or positions):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import zlib
@@ -41,6 +42,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from coconut_scale.model.activation_checkpointing import decoder_layers
 from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS, chunked_shifted_cross_entropy
+from coconut_scale.model.deferred_grad import DeferredGrads, anchor, can_defer, deferrable_weights, deferring
 from coconut_scale.model.kv_cache import PassCache
 from coconut_scale.model.method_part import MethodPart
 from coconut_scale.model.perturb import Perturbation
@@ -55,6 +57,9 @@ class CoconutOutput(NamedTuple):
     inputs_embeds: torch.Tensor | None = None
     num_passes: int = 1
     terms: dict[str, torch.Tensor] | None = None  # the method parts' loss terms, by name (None: no part ran)
+    # Every hidden-state entry of the last pass (embedding output, each block, the last after the final norm) at
+    # one column per row, each [B, H]: what a part asked for with `state_columns` (None: no part asked).
+    column_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,20 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX) + keep_graph
 
 
+def column_states_of(states: Sequence[torch.Tensor], columns: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+    """Each entry of a pass's hidden states [B, T_pass, H] at row r's columns `columns[r]` (absolute, [B] or [B, K],
+    in the pass that starts at `start`): a tuple of [B, H] (or [B, K, H]). A column outside that pass is refused
+    when it is on the host (no device sync for that check)."""
+    width = states[0].shape[1]
+    offsets = columns.to(states[0].device) - start
+    if offsets.device.type == "cpu" and holds_data(offsets) and bool(((offsets < 0) | (offsets >= width)).any()):
+        raise ValueError(f"state columns {columns.tolist()} are not all in the last pass (columns {start} to "
+                         f"{start + width - 1})")
+    rows = torch.arange(offsets.shape[0], device=offsets.device)
+    rows = rows[:, None] if offsets.dim() == 2 else rows
+    return tuple(s[rows, offsets] for s in states)
+
+
 # Config fields with which an HF causal LM transforms its lm_head output (Gemma 2/3, Cohere, Granite). The logits
 # here are lm_head(hidden), as for GPT-2, Llama, Qwen, Mistral; a model that post-processes them is refused.
 LOGIT_POSTPROCESSING = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
@@ -165,6 +184,9 @@ class Coconut(nn.Module):
     feedback=False turns the latents into ordinary `<|latent|>` tokens (the paper's "pause as thought", and
     the "no continuous feedback" ablation at inference). `perturbation` adds noise to fed-back states.
     """
+
+    # One weight-gradient matmul per linear over all one-column passes (deferred_grad.py); False: each pass its own.
+    defer_weight_grads: bool = True
 
     def __init__(
         self,
@@ -191,13 +213,21 @@ class Coconut(nn.Module):
         self.feedback = feedback
         self.perturbation = perturbation
         self.num_layers = len(decoder_layers(base_causallm))
+        self.feedback_part: str | None = None  # the part whose `project_feedback` maps fed-back states
+        # Tokens generate() never emits (CODI: its eot, which their test.py cuts from the logits).
+        self.suppressed_token_ids: tuple[int, ...] = ()
         refuse_logit_postprocessing(base_causallm.config)
 
     # -- method parts --------------------------------------------------------------------------------
     def add_part(self, part: MethodPart) -> MethodPart:
-        """Make `part` a child module named `part.name` (its parameters join the wrapper's)."""
+        """Make `part` a child module named `part.name` (its parameters join the wrapper's). A part with
+        `projects_feedback` transforms every fed-back hidden state (training and generation alike)."""
         if part.name in self._modules:
             raise ValueError(f"this Coconut already has a child named {part.name!r}")
+        if part.projects_feedback:
+            if self.feedback_part is not None:
+                raise ValueError(f"part {self.feedback_part!r} already projects the fed-back states")
+            self.feedback_part = part.name
         self.add_module(part.name, part)
         return part
 
@@ -220,6 +250,8 @@ class Coconut(nn.Module):
               row_keys: list[int] | None = None):
         """Replace the first column of `chunk` by `prev_hidden` in rows whose token there is a latent."""
         is_latent = ids_col == self.latent_token_id
+        if self.feedback_part is not None:
+            prev_hidden = self._modules[self.feedback_part].project_feedback(prev_hidden)
         fed = prev_hidden.to(chunk.dtype)
         if self.perturbation is not None and bool(is_latent.any()):
             fed = fed.clone()
@@ -230,16 +262,22 @@ class Coconut(nn.Module):
         first = torch.where(is_latent[:, None], fed, chunk[:, 0])
         return torch.cat([first[:, None], chunk[:, 1:]], dim=1)
 
-    def _run_passes(self, input_ids, attention_mask, position_ids, plan: PassPlan):
+    def _run_passes(self, input_ids, attention_mask, position_ids, plan: PassPlan, last_states: bool = False):
         """All passes of the plan through the decoder body alone (no lm_head call per pass); returns each pass's
-        final hidden states (after the final norm), the filled embeddings and the final cache."""
+        final hidden states (after the final norm), the filled embeddings, the final cache and, with
+        `last_states`, every hidden-state entry of the last pass (else None)."""
         embeds = self.base_causallm.get_input_embeddings()(input_ids)
         ordinals = (input_ids == self.latent_token_id).long().cumsum(dim=1) - 1
         # Noise keyed by each row's own tokens: an example gets the same noise in any batch, on any rank.
         row_keys = example_keys(input_ids, attention_mask) if self.perturbation is not None else None
         decoder = self.base_causallm.get_decoder()
         cache = PassCache(self.num_layers)
-        hiddens, filled = [], []
+        hiddens, filled, states = [], [], None
+        # Deferred passes need the fill: it chains each later pass to the first one's (anchored) hidden states.
+        deferred = None
+        if (self.defer_weight_grads and self.feedback and torch.is_grad_enabled() and len(plan.ranges) > 2
+                and can_defer(decoder)):
+            deferred = DeferredGrads(deferrable_weights(decoder))
         for i, (start, end) in enumerate(plan.ranges):
             chunk = embeds[:, start:end]
             # Every pass after the first runs the fill (a no-op where its column holds no latent), whatever this
@@ -248,11 +286,18 @@ class Coconut(nn.Module):
             if i > 0 and self.feedback:
                 chunk = self._fill(chunk, input_ids[:, start], ordinals[:, start], hiddens[-1][:, -1], row_keys)
             filled.append(chunk)
-            hiddens.append(decoder(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
-                                   position_ids=position_ids[:, start:end], use_cache=True,
-                                   **{cache_kwarg(self.base_causallm): cache}).last_hidden_state)
+            extra = {"output_hidden_states": True} if last_states and i == len(plan.ranges) - 1 else {}
+            defer = deferred is not None and i > 0 and end - start == 1
+            with deferring(deferred) if defer else contextlib.nullcontext():
+                result = decoder(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
+                                 position_ids=position_ids[:, start:end], use_cache=True,
+                                 **{cache_kwarg(self.base_causallm): cache}, **extra)
+            hidden = result.last_hidden_state
+            hiddens.append(anchor(hidden, deferred) if deferred is not None and i == 0 else hidden)
+            if extra:
+                states = result.hidden_states
             cache = cache.extended()
-        return hiddens, filled, cache
+        return hiddens, filled, cache, states
 
     # -- training ------------------------------------------------------------------------------------
     def forward(
@@ -268,20 +313,27 @@ class Coconut(nn.Module):
     ) -> CoconutOutput:
         """`return_logits` defaults to `labels is None` (or `loss_chunks is None`): a training step then never
         holds [B, T, V] logits. `part_inputs`: {part name: its batch tensors} for each method part to run."""
-        out = self._forward_core(input_ids, attention_mask, labels, position_ids, num_passes, latent_columns,
-                                 return_logits)
         if not part_inputs:
-            return out
-        terms: dict[str, torch.Tensor] = {}
-        for name, inputs in part_inputs.items():
+            return self._forward_core(input_ids, attention_mask, labels, position_ids, num_passes, latent_columns,
+                                      return_logits)
+        parts = {}
+        for name in part_inputs:
             part = self.part(name)
             if part is None:
                 raise ValueError(f"part_inputs names {name!r}, which is not a method part of this model")
-            terms.update(part.loss_terms(self, input_ids, inputs, out))
+            parts[name] = part
+        columns = [c for name, part in parts.items() if (c := part.state_columns(part_inputs[name])) is not None]
+        if len(columns) > 1:
+            raise ValueError(f"more than one method part asks for hidden states at columns: {sorted(parts)}")
+        out = self._forward_core(input_ids, attention_mask, labels, position_ids, num_passes, latent_columns,
+                                 return_logits, columns[0] if columns else None)
+        terms: dict[str, torch.Tensor] = {}
+        for name, part in parts.items():
+            terms.update(part.loss_terms(self, input_ids, part_inputs[name], out))
         return out._replace(terms=terms)
 
     def _forward_core(self, input_ids, attention_mask, labels, position_ids, num_passes, latent_columns,
-                      return_logits) -> CoconutOutput:
+                      return_logits, state_columns=None) -> CoconutOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -290,23 +342,29 @@ class Coconut(nn.Module):
         if return_logits is None:
             return_logits = full_logits
         plan = self._plan(input_ids, num_passes, latent_columns)
-        hiddens, filled, cache = self._run_passes(input_ids, attention_mask, position_ids, plan)
+        hiddens, filled, cache, states = self._run_passes(input_ids, attention_mask, position_ids, plan,
+                                                          last_states=state_columns is not None)
         # The loss needs neither the keys/values nor the per-pass copies of the hidden states (nothing else keeps
         # them without gradients, nor the hidden states with them): dropped before the loss's logits exist.
         del cache
         hidden, inputs_embeds = torch.cat(hiddens, dim=1), torch.cat(filled, dim=1)
         del hiddens, filled
+        column_states = None
+        if state_columns is not None:
+            column_states = column_states_of(states, state_columns, plan.ranges[-1][0])
+        del states
         head = self.base_causallm.get_output_embeddings()
         if full_logits:
             logits = head(hidden)
             loss = shifted_cross_entropy(logits, labels) if labels is not None else None
             return CoconutOutput(loss=loss, logits=logits if return_logits else None, inputs_embeds=inputs_embeds,
-                                 num_passes=len(plan.ranges))
+                                 num_passes=len(plan.ranges), column_states=column_states)
         # Zero-weighted last column: the shift drops it, and it may be a whole (one-column) pass; this keeps
         # every pass in the backward graph (ZeRO-3 hook order, see shifted_cross_entropy).
         keep_graph = hidden[:, -1].sum() * 0.0
         loss = chunked_shifted_cross_entropy(hidden, labels, head, self.loss_chunks) + keep_graph
-        return CoconutOutput(loss=loss, logits=None, inputs_embeds=inputs_embeds, num_passes=len(plan.ranges))
+        return CoconutOutput(loss=loss, logits=None, inputs_embeds=inputs_embeds, num_passes=len(plan.ranges),
+                             column_states=column_states)
 
     # -- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -335,7 +393,7 @@ class Coconut(nn.Module):
         if input_ids.shape[1] and holds_data(attention_mask) and (attention_mask[:, -1] == 0).any():
             raise ValueError("generate() needs left padding: every row's last column must be a real token")
         plan = self._plan(input_ids, num_passes, latent_columns)
-        hiddens, _, cache = self._run_passes(input_ids, attention_mask, position_ids, plan)
+        hiddens, _, cache, _ = self._run_passes(input_ids, attention_mask, position_ids, plan)
         next_logits = self.base_causallm.get_output_embeddings()(hiddens[-1][:, -1])
         del hiddens, _  # the prompt's hidden states and filled embeddings: not needed while decoding
         batch = input_ids.shape[0]
@@ -343,7 +401,11 @@ class Coconut(nn.Module):
         next_pos = position_ids[:, -1:] + 1
         new_tokens = []
         embed = self.base_causallm.get_input_embeddings()
+        suppressed = list(self.suppressed_token_ids)
         for step in range(max_new_tokens):
+            if suppressed:
+                next_logits = next_logits.clone()
+                next_logits[:, suppressed] = float("-inf")
             token = next_logits.argmax(dim=-1)
             token = torch.where(finished, torch.full_like(token, self.eos_token_id), token)
             new_tokens.append(token)

@@ -23,6 +23,8 @@ from coconut_scale.model.tokens import LatentTokens
 COCONUT_CONFIG = "coconut_config.json"
 STEP_DECODER_DIR = "step_decoder"  # <export>/step_decoder/: the decoder as a plain HF model + STEP_CONFIG
 STEP_CONFIG = "step_supervision.json"
+CODI_PROJECTION = "codi_projection.safetensors"  # method codi: the projection's weights beside the HF model
+METHODS = ("coconut", "codi")
 _TOKEN_FIELDS = ("start_id", "latent_id", "end_id", "eos_id", "pad_id")
 
 
@@ -40,9 +42,14 @@ class ExportMeta:
     pad_latent_to_max: bool = False
     no_thoughts_markers: bool = True  # no_thoughts mode: keep <|start-latent|><|end-latent|> (see curriculum)
     metrics: dict = field(default_factory=dict)  # epoch, accuracy, val_loss, ... at export time
+    method: str = "coconut"  # the training method that made the weights (coconut | codi)
+    # method codi: the recipe's codi section (projection, num_latent, data rules), read back by load_exported
+    codi: dict | None = None
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("tokens", "metrics")}
+        if out["codi"] is None:
+            del out["codi"]
         return {**self.metrics, **out, **asdict(self.tokens)}
 
     def write(self, directory: str | Path) -> Path:
@@ -80,12 +87,20 @@ class ExportMeta:
         if mode not in MODES:
             raise ExportFormatError(f"{source}: field 'mode' is {mode!r}, expected one of {MODES}")
         stage = integer("stage", 0)
+        method = raw.get("method", "coconut")  # exports before the field were all Coconut's
+        if method not in METHODS:
+            raise ExportFormatError(f"{source}: field 'method' is {method!r}, expected one of {METHODS}")
+        codi = raw.get("codi")
+        if method == "codi" and not (isinstance(codi, dict) and isinstance(codi.get("num_latent"), int)):
+            raise ExportFormatError(f"{source}: field 'codi' must be an object with an integer num_latent when "
+                                    f"method is 'codi', got {codi!r}")
         known = {f.name for f in fields(cls)} | set(_TOKEN_FIELDS)
         return cls(c_thought=c_thought, tokens=LatentTokens(**ids), stage=stage, mode=mode,
                    max_latent_stage=integer("max_latent_stage", stage),
                    pad_latent_to_max=bool(raw.get("pad_latent_to_max", False)),
                    no_thoughts_markers=bool(raw.get("no_thoughts_markers", True)),
-                   metrics={k: v for k, v in raw.items() if k not in known})
+                   metrics={k: v for k, v in raw.items() if k not in known}, method=method,
+                   codi=codi if method == "codi" else None)
 
 
 @dataclass(frozen=True)

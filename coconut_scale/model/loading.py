@@ -7,7 +7,10 @@ before `from_pretrained`, a GatheredParameters `gather` for the embedding rows);
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
@@ -15,7 +18,8 @@ from typing import Any, Callable, ContextManager, Mapping
 import torch
 
 from coconut_scale.model import Coconut
-from coconut_scale.model.export_meta import (COCONUT_CONFIG, STEP_DECODER_DIR, ExportFormatError, ExportMeta,
+from coconut_scale.model.export_meta import (CODI_PROJECTION, COCONUT_CONFIG, STEP_DECODER_DIR, ExportFormatError,
+                                             ExportMeta,
                                              StepDecoderMeta)
 from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LATENT, LatentTokens, add_latent_tokens, resize_and_init_embeddings
@@ -117,9 +121,29 @@ def load_causal_lm(
     from transformers import GgufConfig
 
     # Unpack every GGUF block into dense weights: packed blocks cannot be trained or sharded by ZeRO.
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn,
-                                                 gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    with gguf_bar_on_terminal_only():
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn,
+                                                     gguf_file=gguf_file,
+                                                     quantization_config=GgufConfig(dequantize=True))
     return _forget_gguf_origin(model, f"{name_or_path}/{gguf_file}")
+
+
+@contextlib.contextmanager
+def gguf_bar_on_terminal_only():
+    """transformers' "Converting and de-quantizing GGUF tensors" bar is a plain tqdm, outside the switch that
+    silences its other bars; in a log file it becomes one line of carriage returns. Off unless stderr is a
+    terminal."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    if sys.stderr.isatty():
+        yield
+        return
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _forget_gguf_origin(model, source: str):
@@ -213,7 +237,40 @@ def load_exported(directory: str | Path, dtype: str = "fp32", attn_implementatio
         raise ExportFormatError(f"{directory}: the tokenizer's {LATENT} id {tokens.latent_id} differs from "
                                 f"latent_id {meta.tokens.latent_id} in its {COCONUT_CONFIG}")
     model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokens.eos_id)
+    if meta.method == "codi":
+        attach_codi(model, directory, meta, dtype)
     return model, tokenizer, meta
+
+
+def attach_codi(model: Coconut, directory: str | Path, meta: ExportMeta, dtype: str = "fp32") -> Coconut:
+    """Give a loaded Coconut the CODI projection of a `method: codi` export (`<directory>/codi_projection.safetensors`,
+    the part's state dict), so that generation feeds back prj(h) as in training; eot is never generated."""
+    from dataclasses import fields as dataclass_fields
+
+    from safetensors.torch import load_file
+
+    from coconut_scale.model.codi import CodiPart, CodiSpec
+
+    names = {f.name for f in dataclass_fields(CodiSpec)}
+    try:
+        spec = CodiSpec(**{k: v for k, v in meta.codi.items() if k in names})
+    except (TypeError, ValueError) as e:
+        raise ExportFormatError(f"{Path(directory) / COCONUT_CONFIG}: field 'codi': {e}") from None
+    config = model.base_causallm.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    part = CodiPart(config.hidden_size, spec, dtype=DTYPES[dtype])
+    path = Path(directory) / CODI_PROJECTION
+    if spec.use_prj:
+        if not path.is_file():
+            raise ExportFormatError(f"{path} not found: a method codi export with use_prj needs its projection")
+        state = load_verified(directory, lambda d: load_file(str(path)))
+        missing, unexpected = part.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ExportFormatError(f"{path}: keys do not match the projection of its codi settings (missing "
+                                    f"{sorted(missing)}, unexpected {sorted(unexpected)})")
+    model.add_part(part)
+    model.suppressed_token_ids = (model.end_latent_id,)
+    return model
 
 
 def attach_step_decoder(model: Coconut, directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):

@@ -12,6 +12,10 @@ model/step_supervision.py) is a `MethodPart`:
   - `loss_terms(core, input_ids, inputs, out)` returns named loss terms from the batch's token ids, its own inputs,
     the core's output (`CoconutOutput`: the filled input embeddings, the number of passes) and its own modules;
     the wrapper returns them in `CoconutOutput.terms`;
+  - optionally, `projects_feedback = True` with `project_feedback(hidden)`: every hidden state the core feeds back
+    into a latent position goes through it first (CODI's projection, model/codi.py), in training and generation;
+  - optionally, `state_columns(inputs)` -> a [B] LongTensor of columns: the core then returns every hidden-state
+    entry of its last pass at those columns (`CoconutOutput.column_states`), for the part's loss;
   - the trainer combines them (train/losses.py: the core's loss plus each term times its recipe weight) and logs
     each term apart.
 
@@ -35,6 +39,14 @@ class MethodPart(nn.Module):
 
     name: ClassVar[str]  # the wrapper's child name (state-dict prefix) and the key of its part_inputs
     terms: ClassVar[tuple[str, ...]]  # the loss terms it returns, logged as "<term>_loss"
+    projects_feedback: ClassVar[bool] = False  # True: the core feeds back project_feedback(hidden)
+
+    def project_feedback(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_columns(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Columns (one per row, in the last pass) whose hidden states at every layer the part reads; None: none."""
+        return None
 
     def loss_terms(self, core: "Coconut", input_ids: torch.Tensor, inputs: dict[str, torch.Tensor],
                    out: "CoconutOutput") -> dict[str, torch.Tensor]:

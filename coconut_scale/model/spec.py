@@ -6,8 +6,8 @@
 The builder does, in this order (the order fixes which random numbers each part draws, so it is part of the
 result): load the base model from its source (weights, a GGUF, or random from a config, seeded), add the
 Coconut token rows, wrap it in `Coconut`, switch latent feedback, wrap each decoder layer in latent-safe
-checkpointing, add the method parts (SIM-CoT's step decoder: loaded, checkpointed, a `StepSupervision` child),
-then LoRA on the base and on a separate decoder.
+checkpointing, add the method parts (SIM-CoT's step decoder: loaded, checkpointed, a `StepSupervision` child;
+CODI's projection: a `CodiPart` child), then LoRA on the base and on a separate decoder.
 
 Under ZeRO-3 the caller builds inside DeepSpeed's context: an `HfDeepSpeedConfig` alive while the models load (so
 each rank materialises only its partition) and a `gather(params)` context that makes partitioned embedding rows
@@ -22,6 +22,7 @@ from typing import Callable, ContextManager
 from torch import nn
 
 from coconut_scale.model.activation_checkpointing import enable_latent_safe_checkpointing
+from coconut_scale.model.codi import CodiPart, CodiSpec
 from coconut_scale.model.coconut import Coconut
 from coconut_scale.model.loading import DTYPES, ModelSource, build_coconut, load_source
 from coconut_scale.model.step_supervision import StepSupervision
@@ -41,6 +42,7 @@ class StepSupervisionSpec:
 
     decoder: ModelSource | None
     c_thought: int
+    layout: str = "coconut"  # "codi": SIM-CoT's CODI variant (its decoder is fully trained, never LoRA-wrapped)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class ModelSpec:
     feedback: bool = True  # hidden states into the latent positions (False: pause-as-thought)
     lora: LoraSpec | None = None
     step_supervision: StepSupervisionSpec | None = None
+    codi: CodiSpec | None = None  # method codi: CODI's projection, teacher pass and distillation (model/codi.py)
 
 
 def _load(source: ModelSource, spec: ModelSpec, vocab_size: int) -> nn.Module:
@@ -77,11 +80,15 @@ def build_training_model(spec: ModelSpec, tokenizer,
         decoder = _load(step.decoder, spec, len(tokenizer)) if step.decoder is not None else None
         if decoder is not None and spec.gradient_checkpointing:
             enable_latent_safe_checkpointing(decoder)
-        part = model.add_part(StepSupervision(decoder, step.c_thought))
+        part = model.add_part(StepSupervision(decoder, step.c_thought, layout=step.layout))
+    if spec.codi is not None:
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        model.add_part(CodiPart(config.hidden_size, spec.codi, dtype=DTYPES[spec.dtype]))
+        model.suppressed_token_ids = (model.end_latent_id,)  # their test.py never emits eot
     if spec.lora is not None:
         from coconut_scale.model.lora import apply_lora, wrap_with_lora
 
         apply_lora(model, spec.lora, tokenizer, dtype=DTYPES[spec.dtype])
-        if part is not None and part.decoder is not None:
+        if part is not None and part.decoder is not None and part.layout != "codi":
             part.decoder = wrap_with_lora(part.decoder, spec.lora)
     return model

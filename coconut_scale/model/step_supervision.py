@@ -71,9 +71,11 @@ def gather_thoughts(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, latent
 
 
 def decoder_inputs(thoughts: torch.Tensor, embed: nn.Module, targets: torch.Tensor, lengths: torch.Tensor,
-                   prompts: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None) -> DecoderInputs:
+                   prompts: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None,
+                   first_position: int = 1) -> DecoderInputs:
     """The layout of the module doc for N pairs. `targets` [N, Lt] are EOS-padded (Lt > every length);
-    `prompts` [N, P] are left-padded step prompts, `prompt_lengths` [N] their real lengths."""
+    `prompts` [N, P] are left-padded step prompts, `prompt_lengths` [N] their real lengths. `first_position`: the
+    position id of the first attended token (SIM-CoT's Coconut code: 1; its CODI code, HF's default: 0)."""
     n, c = thoughts.shape[0], thoughts.shape[1]
     device = targets.device
     if prompts is None or prompts.shape[1] == 0:
@@ -84,14 +86,16 @@ def decoder_inputs(thoughts: torch.Tensor, embed: nn.Module, targets: torch.Tens
     prompt_mask = torch.arange(p, device=device) >= (p - prompt_lengths)[:, None]
     body_mask = torch.arange(c + lt, device=device) <= (c + lengths)[:, None]  # through the first EOS
     attention = torch.cat([prompt_mask, body_mask], dim=1).long()
-    positions = attention.cumsum(dim=1).clamp_min(1)
+    positions = (attention.cumsum(dim=1) - 1 + first_position).clamp_min(first_position)
     labels = torch.where(torch.arange(lt, device=device) <= lengths[:, None], targets, IGNORE_INDEX)
     return DecoderInputs(embeds, attention, positions, p + c - 1, labels)
 
 
 def step_loss_from_hidden(hidden: torch.Tensor, head: nn.Module, inputs: DecoderInputs, step_index: torch.Tensor,
-                          num_chunks: int = DEFAULT_LOSS_CHUNKS) -> torch.Tensor:
-    """SIM-CoT's reduction (module doc) of the CE of `head(hidden)` on the pairs' labels.
+                          num_chunks: int = DEFAULT_LOSS_CHUNKS, reduction: str = "rows") -> torch.Tensor:
+    """SIM-CoT's reduction (module doc) of the CE of `head(hidden)` on the pairs' labels. `reduction` "rows" is
+    their Coconut code's (per step: the pairs' token-mean CEs summed, over the rows that have the step); "tokens"
+    their CODI code's (per step: one token mean over all the step's labelled tokens); both then average the steps.
 
     Every shape here is known from the input shapes alone: the count of pairs per step is an index_add over N slots
     (step k < K <= N) and the labelled tokens are weighted, not selected, so nothing needs a host sync and the step
@@ -104,7 +108,12 @@ def step_loss_from_hidden(hidden: torch.Tensor, head: nn.Module, inputs: Decoder
     ones = torch.ones(n, dtype=torch.float32, device=hidden.device)
     pairs_per_step = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, step_index, ones)
     steps = (pairs_per_step > 0).sum()
-    pair_weight = 1.0 / (pairs_per_step[step_index] * steps)  # 1 / (rows that have the pair's step * K)
+    if reduction == "tokens":
+        labelled = (labels != IGNORE_INDEX).float().sum(dim=1)
+        per_step = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, step_index, labelled)
+        pair_weight = 1.0 / (per_step[step_index] * steps)  # 1 / (labelled tokens of the pair's step * K)
+    else:
+        pair_weight = 1.0 / (pairs_per_step[step_index] * steps)  # 1 / (rows that have the pair's step * K)
     token_weight = pair_weight[:, None].expand(n, lt)
     return chunked_weighted_cross_entropy(predicting.reshape(n * lt, -1), labels.reshape(-1),
                                           token_weight.reshape(-1), head, num_chunks)
@@ -116,21 +125,41 @@ class StepSupervision(MethodPart):
     name = "step_supervision"
     terms = ("step",)
 
-    def __init__(self, decoder: nn.Module | None, c_thought: int):
+    def __init__(self, decoder: nn.Module | None, c_thought: int, layout: str = "coconut"):
+        """`layout` "codi": SIM-CoT's CODI variant: step k decodes CODI's z_k (k = 0..num_latent: the filled
+        latents, then z_n from the CODI part), positions from 0, the "tokens" reduction (data/codi_steps.py)."""
         super().__init__()
         if c_thought < 1:
             raise ValueError(f"step supervision needs c_thought >= 1 latents per step, got {c_thought}")
+        if layout not in ("coconut", "codi"):
+            raise ValueError(f"step supervision layout must be 'coconut' or 'codi', got {layout!r}")
         self.decoder = decoder  # None: the base model decodes (decoder: shared)
         self.c_thought = int(c_thought)
+        self.layout = layout
 
     def decoder_of(self, core) -> nn.Module:
         return self.decoder if self.decoder is not None else core.base_causallm
 
     def loss_terms(self, core, input_ids, inputs: dict[str, torch.Tensor], out) -> dict[str, torch.Tensor]:
         """The step decoder's loss for the flat (row, step) pairs of data/step_targets.py (`inputs` holds STEP_KEYS)."""
-        return {"step": self.step_loss(core, input_ids, out.inputs_embeds, inputs)}
+        last = None
+        if self.layout == "codi":
+            codi = core.part("codi")
+            if codi is None:
+                raise ValueError("step supervision with layout 'codi' needs the model's CODI part")
+            last = codi.last_thought(out)
+        return {"step": self.step_loss(core, input_ids, out.inputs_embeds, inputs, last)}
 
-    def step_loss(self, core, input_ids, inputs_embeds, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _codi_thoughts(self, core, input_ids, inputs_embeds, last_thought, rows, steps) -> torch.Tensor:
+        """[N, 1, H]: z_steps[i] of row rows[i]; z_0..z_{n-1} are the filled latents, z_n is `last_thought`."""
+        n = core.part("codi").spec.num_latent  # every CODI row holds exactly n latents: no host sync
+        table = latent_column_table(input_ids, core.latent_token_id)[:, :n]
+        latents = inputs_embeds[torch.arange(input_ids.shape[0], device=input_ids.device)[:, None], table]
+        every = torch.cat([latents, last_thought[:, None].to(inputs_embeds.dtype)], dim=1)  # [B, n + 1, H]
+        return every[rows, steps][:, None]
+
+    def step_loss(self, core, input_ids, inputs_embeds, inputs: dict[str, torch.Tensor],
+                  last_thought: torch.Tensor | None = None) -> torch.Tensor:
         targets, lengths, rows, steps = (inputs[k] for k in ("step_targets", "step_lengths", "step_rows", "step_index"))
         prompts, prompt_lengths = inputs.get("step_prompts"), inputs.get("step_prompt_lengths")
         embed = core.base_causallm.get_input_embeddings()
@@ -143,14 +172,19 @@ class StepSupervision(MethodPart):
             lengths = rows = steps = torch.zeros(1, dtype=torch.long, device=input_ids.device)
             prompts = prompt_lengths = None
             weight = 0.0
-        thoughts = gather_thoughts(inputs_embeds, input_ids, core.latent_token_id, self.c_thought, rows, steps)
-        dec_inputs = decoder_inputs(thoughts, embed, targets, lengths, prompts, prompt_lengths)
+        if self.layout == "codi":
+            thoughts = self._codi_thoughts(core, input_ids, inputs_embeds, last_thought, rows, steps)
+            dec_inputs = decoder_inputs(thoughts, embed, targets, lengths, first_position=0)
+        else:
+            thoughts = gather_thoughts(inputs_embeds, input_ids, core.latent_token_id, self.c_thought, rows, steps)
+            dec_inputs = decoder_inputs(thoughts, embed, targets, lengths, prompts, prompt_lengths)
         # use_cache=False: a DynamicCache would be appended to again when checkpointing recomputes a layer.
         dec_out = decoder(inputs_embeds=dec_inputs.embeds, attention_mask=dec_inputs.attention_mask,
                           position_ids=dec_inputs.position_ids, output_hidden_states=True, logits_to_keep=1,
                           use_cache=False)
         # The zero-weighted last-position logits keep the decoder's own lm_head call in the graph (ZeRO-3 hooks).
-        loss = step_loss_from_hidden(dec_out.hidden_states[-1], decoder.get_output_embeddings(), dec_inputs, steps)
+        loss = step_loss_from_hidden(dec_out.hidden_states[-1], decoder.get_output_embeddings(), dec_inputs, steps,
+                                     reduction="tokens" if self.layout == "codi" else "rows")
         return loss * weight + dec_out.logits.float().sum() * 0.0
 
     @torch.no_grad()

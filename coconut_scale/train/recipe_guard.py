@@ -25,7 +25,7 @@ CHANGES_FILE = "recipe_changes.json"
 # Keys that change what is written or when, never what is trained.
 OUTPUT_ONLY = ("name", "output_dir", "gpus_assumed", "gpu_memory_gb", "data.test_file", "data.cache_dir",
                "data.eval_max_examples", "batch.eval_batch_size", "batch.world_sizes", "checkpoint.save_every_steps",
-               "checkpoint.keep_last", "checkpoint.export_hf", "checkpoint.auto_resume", "checkpoint.allow_changes",
+               "checkpoint.keep_last", "checkpoint.export_hf", "checkpoint.export_dtype", "checkpoint.auto_resume", "checkpoint.allow_changes",
                "checkpoint.on_signal", "distributed", "logging", "eval")
 _ABSENT = "(absent)"
 

@@ -14,6 +14,9 @@ import torch
 from coconut_scale import distributed as dist
 
 
+HEARTBEAT_S = 60.0  # the longest a run's log (not a terminal) stays silent while training
+
+
 class RunLog:
     def __init__(self, output_dir: str | Path, wandb_project: str | None = None, run_name: str | None = None,
                  config: dict | None = None):
@@ -22,6 +25,8 @@ class RunLog:
         self.wandb = None
         self._wandb_args = (wandb_project, run_name, config)
         self._started = False
+        self._last_line = time.monotonic()  # when the last line was printed (heartbeat)
+        self._pace: tuple[int, float] | None = None  # (global step, time) the last heartbeat measured from
         if self.main and not sys.stderr.isatty():
             # transformers' own bars (e.g. "Writing model shards" on every export) would fill a batch job's log.
             from transformers.utils import logging as hf_logging
@@ -58,6 +63,7 @@ class RunLog:
     def print(self, message: str) -> None:
         if self.main:
             print(message, flush=True)
+            self._last_line = time.monotonic()
 
     def progress(self, total: int, desc: str, initial: int = 0):
         """A tqdm bar on rank 0 when stderr is a terminal; a no-op object otherwise."""
@@ -76,6 +82,24 @@ class RunLog:
         print(f"step {record['global_step']}/{total_steps} epoch {record['epoch']} stage {record['stage']} "
               f"loss {record['loss']:.4f} lr {record['lr']:.3g} grad_norm {record['grad_norm']:.3g} "
               f"tokens/s {record['tokens_per_s']:.0f} peak_mem {record['peak_mem_gb']:.2f} GB", flush=True)
+        self._last_line = time.monotonic()
+        self._pace = (record["global_step"], self._last_line)
+
+    def heartbeat(self, bar, global_step: int, total_steps: int, what: str) -> None:
+        """Without a terminal, a line once HEARTBEAT_S passed since the last one: a slow machine never leaves the log
+        silent for minutes between logged steps. Local to rank 0: no collective, nothing read from the device."""
+        if not self.main or not bar.disable:
+            return
+        now = time.monotonic()
+        if now - self._last_line < HEARTBEAT_S:
+            return
+        if self._pace is not None and global_step > self._pace[0]:
+            per_step = (now - self._pace[1]) / (global_step - self._pace[0])
+            pace = f", {per_step:.1f} s/step, ~{per_step * (total_steps - global_step) / 60:.0f} min of training left"
+        else:
+            pace = ""
+        print(f"step {global_step}/{total_steps} {what}: training{pace}", flush=True)
+        self._last_line, self._pace = now, (global_step, now)
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -91,6 +115,20 @@ def drop_torn_tail(path: Path) -> None:
     if data and not data.endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
+
+
+def cpu_threads_note() -> str | None:
+    """A line for a CPU run whose torch threads outnumber the idle cores: every op then waits at its barrier for
+    the thread the scheduler set aside (benchmarks/bench_cpu_threads.py: one thread 6.5x faster than two at load 8
+    on 2 cores). None on a GPU, with one thread, or on idle cores."""
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    if torch.cuda.is_available() or threads < 2 or not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    if load < cores - 0.5:
+        return None
+    return (f"note: {threads} torch threads on {cores} cores at load {load:.1f}: on busy cores each op waits for its "
+            f"slowest thread; OMP_NUM_THREADS=1 runs such a machine several times faster")
 
 
 def peak_memory_gb() -> float:

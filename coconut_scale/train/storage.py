@@ -117,6 +117,10 @@ def remove_leftovers(directories: list[Path], log) -> list[Path]:
         return []
     sizes = []
     for p in found:
+        if p.is_symlink():  # a pointer left by atomic_symlink: removed, its target untouched
+            sizes.append(f"{p} (link)")
+            p.unlink()
+            continue
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
         sizes.append(f"{p} ({human_bytes(size)})")
         if p.is_dir():

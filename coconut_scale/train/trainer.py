@@ -38,21 +38,23 @@ from coconut_scale.data.step_targets import StepTargetCollator
 from coconut_scale.data.tokenized import cache_file, load_tokenized
 from coconut_scale.evaluate.generation import generate_and_score, validation_loss
 from coconut_scale.model.export_meta import ExportMeta, StepDecoderMeta
-from coconut_scale.model.loading import verify_export
+from coconut_scale.model.loading import DTYPES, verify_export
 from coconut_scale.model.step_supervision import StepSupervision
 from coconut_scale.model.tokens import LatentTokens
 from coconut_scale.train import storage
-from coconut_scale.train.checkpoints import CheckpointManager
+from coconut_scale.train.checkpoints import LOOP_STATE, CheckpointManager, read_json
+from coconut_scale.train.codi_run import (PART_NAME as CODI_PART, CodiData, codi_export_meta, codi_step_collator,
+                                          load_codi_data)
 from coconut_scale.train.data_identity import DATA_FILE, check_data, check_tokenizer, data_identity, token_identity
 from coconut_scale.train.engine import build_engine
-from coconut_scale.train.export import export_hf
+from coconut_scale.train.export import export_hf, point_export
 from coconut_scale.train.losses import logged_parts, training_loss
 from coconut_scale.train.nonfinite_guard import NonFiniteError, NonFiniteGuard
 from coconut_scale.train.preemption import Preempted, StopSignals, timed
 from coconut_scale.train.recipe_guard import CHANGES_FILE, RECIPE_FILE, change_history, check_resume
 from coconut_scale.train.run_data import prepare_data, recipe_tokenizer
 from coconut_scale.train.run_lock import RunLock, RunLockError
-from coconut_scale.train.run_log import RunLog, peak_memory_gb
+from coconut_scale.train.run_log import RunLog, cpu_threads_note, peak_memory_gb
 from coconut_scale.train.save_cost import checkpoint_bytes, save_line
 from coconut_scale.train.staged_setup import StagedSetup
 from coconut_scale.train.state import LogWindow, StepResult, TrainState
@@ -65,6 +67,21 @@ def _expected_checkpoint_bytes(recipe) -> int | None:
         return checkpoint_bytes(recipe)
     except (ValueError, KeyError):  # a model whose shape is unknown here: no estimate
         return None
+
+
+class RunComplete(Exception):
+    """The checkpoint to resume from ends the recipe's last epoch: nothing is left to train."""
+
+    def __init__(self, checkpoint: Path, loop_state: dict, epochs: int, out: Path):
+        self.checkpoint, self.loop_state, self.epochs, self.out = checkpoint, loop_state, epochs, out
+
+    def line(self) -> str:
+        state, best = self.loop_state, self.loop_state.get("best_accuracy", -1.0)
+        return (f"run already complete: {self.checkpoint} ends epoch {self.epochs - 1}, the last of optim.epochs = "
+                f"{self.epochs} (global step {state.get('global_step')}"
+                f"{f', best accuracy {best:.4f}' if best >= 0 else ''}); nothing to train, exports in "
+                f"{self.out / 'hf'}. To train on, raise optim.epochs and allow it: "
+                f"checkpoint.allow_changes=[optim.epochs]")
 
 
 def _say(message: str) -> None:
@@ -102,6 +119,7 @@ class Trainer:
         self.steps_per_epoch = 0
         self.collate: LatentAlignedCollator | None = None
         self.step_collate: StepTargetCollator | None = None  # SIM-CoT's per-step decoder targets
+        self.codi: CodiData | None = None  # method codi: its features, prompts and part collator (train/codi_run.py)
         # The engine (_setup_engine)
         self.strategy: DeepSpeedStrategy | None = None
         self.model = None  # the Coconut wrapper the engine trains
@@ -157,6 +175,10 @@ class Trainer:
         latest = self.ckpts.resume_point(log=_say) if recipe.checkpoint.auto_resume else None
         # Before anything is written or loaded: another recipe stops the run here, naming every key it changes.
         self.recipe_changes = check_resume(recipe, latest) if latest is not None else {}
+        if latest is not None:  # a finished run: said before the data, the model or anything in output_dir
+            done = read_json(latest / LOOP_STATE)
+            if done.get("epoch", 0) >= recipe.optim.epochs:
+                raise RunComplete(latest, done, recipe.optim.epochs, self.out)
         if recipe.checkpoint.init_from:  # the export it starts from, against its manifest
             dist.refuse_together(lambda: verify_export(recipe.checkpoint.init_from, log=_say)
                                  if dist.is_main() else None)
@@ -164,6 +186,9 @@ class Trainer:
         self.log.print(f"coconut_scale: {recipe.name} | world size {world} | output {self.out}")
         self.log.print(format_batch_table([self.plan]))
         self.log.print(save_line(recipe, world))
+        note = cpu_threads_note()
+        if note:
+            self.log.print(note)
         return latest
 
     def _take_output_dir(self) -> None:
@@ -189,17 +214,24 @@ class Trainer:
         if recipe.model.bpe_vocab_size is not None:  # staged or not, the run's tokenizer/ (the cache key names it)
             self.tokenizer.name_or_path = str(self.out / "tokenizer")
         self.tokens = LatentTokens.from_tokenizer(self.tokenizer)
-        self._tokenize()
+        self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
+        if recipe.method == "codi":
+            self.codi = load_codi_data(recipe, self.tokenizer, self.tokens, self.collate)
+            self.train_recs, self.val_recs = self.codi.train, self.codi.val
+            self.log.print(self.codi.summary)
+        else:
+            self._tokenize()
         if dist.is_main():
             self.identity.update(token_identity(recipe, self.tokenizer))
         dist.refuse_together(lambda: check_tokenizer(latest, self.identity, recipe) if dist.is_main() else None)
         self.sampler = GlobalBatchSampler(len(self.train_recs), self.plan, dist.rank(), seed=recipe.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.collate = LatentAlignedCollator(self.tokens.pad_id, self.tokens.latent_id)
         step = recipe.coconut.step_supervision
         # SIM-CoT's per-step decoder targets, built once from the records' step texts (data/step_targets.py).
-        self.step_collate = (StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
-                             if step.enabled else None)
+        if step.enabled and self.codi is not None:  # SIM-CoT's CODI variant: steps cut from the teacher ids
+            self.step_collate = codi_step_collator(recipe, self.tokenizer, self.tokens)
+        elif step.enabled:
+            self.step_collate = StepTargetCollator.from_records(self.train_recs, self.tokenizer, self.cfg, step.prompt)
 
     def _check_data(self, latest: Path | None) -> None:
         """Rank 0 reads the data files' identity and compares it with the checkpoint's; every rank stops together on
@@ -280,7 +312,10 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def planned_passes(self, stage: int) -> int:
         """Base-model calls per batch at `stage`, the same for every batch and rank. A uniform re-draw can give
-        a row any stage up to max_latent_stage, so then every batch gets the most any stage needs."""
+        a row any stage up to max_latent_stage, so then every batch gets the most any stage needs. CODI: always
+        num_latent + 1."""
+        if self.codi is not None:
+            return self.codi.passes
         return self.cfg.max_passes if self.cfg.uniform_prob > 0 else self.cfg.passes_for_stage(stage)
 
     def fit(self) -> TrainState:
@@ -289,7 +324,7 @@ class Trainer:
         if self.stop.agreed():  # a signal during setup: nothing trained since the checkpoint there is
             raise Preempted(self.stop.name(), self.last_checkpoint, state, None)
         for epoch in range(state.epoch, recipe.optim.epochs):
-            stage = stage_for_epoch(epoch, self.cfg)
+            stage = self.stage_of(epoch)
             if state.stage is not None and stage != state.stage and recipe.coconut.reset_optimizer \
                     and state.step_in_epoch == 0:
                 self.strategy.reset_optimizer()
@@ -298,6 +333,7 @@ class Trainer:
             self.train_epoch(epoch, stage)
             metrics = {"epoch": epoch, "stage": stage, "global_step": state.global_step}
             if (epoch + 1) % recipe.eval.every_epochs == 0 or epoch + 1 == recipe.optim.epochs:
+                self.log.print(f"epoch {epoch} stage {stage}: evaluating on {len(self.val_recs)} validation records")
                 metrics.update(self.evaluate(epoch, stage))
             state.epoch, state.step_in_epoch = epoch + 1, 0
             accuracy = metrics.get("accuracy")
@@ -306,9 +342,13 @@ class Trainer:
                 state.best_accuracy = accuracy
             # Exports first: a kill before the checkpoint below re-runs this epoch's tail and exports again.
             if recipe.checkpoint.export_hf:
-                if epoch + 1 == recipe.optim.epochs or stage_for_epoch(epoch + 1, self.cfg) != stage:
+                stage_ends = epoch + 1 == recipe.optim.epochs or self.stage_of(epoch + 1) != stage
+                if stage_ends:
                     self.export(f"stage{stage}", stage, metrics)
-                if is_best:
+                if is_best and stage_ends:  # the same weights: best names the stage's export, no second copy
+                    point_export(self.out / "hf" / "best", self.out / "hf" / f"stage{stage}")
+                    self.log.print(f"best -> {self.out / 'hf' / f'stage{stage}'}")
+                elif is_best:
                     self.export("best", stage, metrics)
             _, save_s = timed(self.save)
             if epoch + 1 < recipe.optim.epochs and self.stop.agreed():
@@ -316,9 +356,18 @@ class Trainer:
         self.log.print(f"done: best accuracy {state.best_accuracy:.4f}; outputs in {self.out}")
         return state
 
+    def stage_of(self, epoch: int) -> int:
+        """The curriculum stage of `epoch`; CODI has no curriculum (stage 0 throughout)."""
+        return 0 if self.codi is not None else stage_for_epoch(epoch, self.cfg)
+
+    def _epoch_data(self, records: list[dict], stage: int, epoch: int):
+        if self.codi is not None:
+            return records  # CODI's features are the training examples, the same every epoch
+        return build_stage_dataset(records, stage, self.cfg, self.tokens, seed=self.recipe.seed * 1000 + epoch)
+
     def train_epoch(self, epoch: int, stage: int) -> None:
         recipe, state = self.recipe, self.state
-        data = build_stage_dataset(self.train_recs, stage, self.cfg, self.tokens, seed=recipe.seed * 1000 + epoch)
+        data = self._epoch_data(self.train_recs, stage, epoch)
         passes = self.planned_passes(stage)
         bar = self.log.progress(self.steps_per_epoch, f"epoch {epoch} stage {stage}", initial=state.step_in_epoch)
         micro_batches = self.sampler.micro_batches(epoch, state.step_in_epoch)
@@ -327,6 +376,8 @@ class Trainer:
             batches = [[data[i] for i in next(micro_batches)] for _ in range(self.plan.grad_accum)]
             result = self.train_step(batches, epoch, stage, passes)
             bar.update(1)
+            self.log.heartbeat(bar, state.global_step, self.steps_per_epoch * recipe.optim.epochs,
+                               f"epoch {epoch} stage {stage}")
             # Nothing to log when every step since the last line was skipped (the same on every rank).
             if window.n_losses and (state.global_step % recipe.logging.log_every_steps == 0
                                     or step + 1 == self.steps_per_epoch):
@@ -369,6 +420,10 @@ class Trainer:
         part_inputs = None
         if self.step_collate is not None and self.recipe.coconut.step_supervision.applies_to(stage):
             part_inputs = {StepSupervision.name: self.step_collate(features)}  # the same on every rank
+        if self.codi is not None:  # every stage: CODI has no curriculum
+            part_inputs = {CODI_PART: self.codi.collate(features)}
+            if self.step_collate is not None:
+                part_inputs[StepSupervision.name] = self.step_collate(features)
         # From the features, not the batch: no tensor is read back (on a GPU each read stalls the stream).
         self.window.tokens += sum(len(f["input_ids"]) for f in features)
         columns = self.collate.latent_columns(features)  # the pass plan's input
@@ -409,12 +464,13 @@ class Trainer:
     def evaluate(self, epoch: int, stage: int) -> dict:
         """Validation loss and (if the recipe asks) generation accuracy at `stage`, over every rank's shard."""
         recipe = self.recipe
-        val_data = build_stage_dataset(self.val_recs, stage, self.cfg, self.tokens, seed=recipe.seed * 1000 + epoch)
+        val_data = self._epoch_data(self.val_recs, stage, epoch)
         passes = self.planned_passes(stage)
         metrics = {"val_loss": validation_loss(self.strategy.engine, list(val_data), recipe.batch.eval_batch_size,
                                                self.collate, self.strategy.device, num_passes_fn=lambda ids: passes)}
         if recipe.eval.generation:
-            examples = build_eval_examples(self.val_recs, stage, self.cfg, self.tokens)
+            examples = (self.codi.eval_examples if self.codi is not None
+                        else build_eval_examples(self.val_recs, stage, self.cfg, self.tokens))
             result = generate_and_score(self.model, examples, self.tokenizer, recipe.batch.eval_batch_size,
                                         recipe.eval.max_new_tokens, self.strategy.device)
             rows = result.pop("rows")
@@ -446,16 +502,20 @@ class Trainer:
 
     def export(self, name: str, stage: int, metrics: dict) -> None:
         cfg = self.cfg
-        meta = ExportMeta(c_thought=cfg.c_thought, tokens=self.tokens, stage=stage, mode=cfg.mode,
-                          max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
-                          no_thoughts_markers=cfg.no_thoughts_markers,
-                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.codi is not None:
+            meta = codi_export_meta(self.recipe, self.tokens, metrics)
+        else:
+            meta = ExportMeta(c_thought=cfg.c_thought, tokens=self.tokens, stage=stage, mode=cfg.mode,
+                              max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
+                              no_thoughts_markers=cfg.no_thoughts_markers, metrics=metrics)
         step = self.recipe.coconut.step_supervision
         decoder = None
         if step.enabled and step.export_decoder:
             decoder = StepDecoderMeta(c_thought=cfg.c_thought, weight=step.weight, prompt=step.prompt,
                                       shared=step.decoder == "shared")
+        dtype = DTYPES[self.recipe.checkpoint.export_dtype or self.recipe.model.dtype]
         path = export_hf(self.strategy, self.tokenizer, self.out / "hf" / name, meta, lora=self.recipe.lora.enabled,
-                         step_decoder=decoder)
+                         step_decoder=decoder, dtype=dtype)
         if path:
             self.log.print(f"exported HF model -> {path}")

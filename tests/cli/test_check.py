@@ -271,3 +271,22 @@ def test_check_prints_the_schedule_from_the_training_file(tmp_path, monkeypatch)
     (tmp_path / "t.json").write_text(json.dumps([record, {"question": "q", "steps": "s", "answer": "a"}]))
     with pytest.raises(DataFormatError, match=r"t.json.*record 1.*steps"):
         check_recipe(str(recipe), show_ds_config=False, overrides=overrides, out=out.append)
+
+
+@pytest.mark.slow  # a child process that imports DeepSpeed (10-20 s on 2 busy cores)
+def test_check_prints_no_accelerator_guess_from_deepspeed():
+    """On a machine without a GPU and without DS_ACCELERATOR, DeepSpeed would warn "Setting accelerator to CPU"
+    into the report; the check runs nothing on an accelerator and says nothing of it."""
+    import subprocess
+    import sys
+
+    from child_process import subprocess_env
+
+    if torch.cuda.is_available():
+        pytest.skip("DeepSpeed finds CUDA here and guesses nothing")
+    env = {k: v for k, v in subprocess_env().items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-m", "coconut_scale", "check", str(REPO / "recipes" / "tiny_cpu.yaml"),
+                           "--no-ds-config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1/1 recipe(s) ok" in proc.stdout
+    assert "accelerator" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr

@@ -2,7 +2,6 @@
 a tiny tokenizer, and, when the offline GPT-2 / Llama-3 tokenizers and the GSM8K lines are present, on real
 data, where the answer positions must land on ':' (GPT-2) and on the lone ' ' (Llama-3)."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,9 @@ from coconut_scale.data.codi_data import (
 from coconut_scale.data.records import DataFormatError
 from coconut_scale.errors import UserError
 from coconut_scale.testing import tiny_tokenizer
+from shared_data import shared_data
 
 RECORD = {"question": "Janet had 3 apples.", "steps": ["<<3+4=7>>", "<<7*2=14>>"], "answer": "14"}
-GSM8K_LINES = Path(os.environ.get("COCONUT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")) \
-    / "gsm8k_icot_valid.txt"
 
 
 def _ids(tokenizer) -> CodiTokenIds:
@@ -194,11 +192,9 @@ def _llama3_tokenizer():
 
 @pytest.fixture(scope="module")
 def gsm8k_records():
-    if not GSM8K_LINES.exists():
-        pytest.skip(f"{GSM8K_LINES} not present")
     from coconut_scale.data.converters.gsm_icot import convert_file
 
-    return convert_file(GSM8K_LINES)
+    return convert_file(shared_data("gsm8k_icot_valid.txt"))
 
 
 @pytest.mark.parametrize("load, model_name, max_token_num, expected", [

@@ -1,7 +1,6 @@
 """Converters reproduce the released files' records; the synthetic generator is seeded and well-formed."""
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -13,23 +12,16 @@ import pytest
 from coconut_scale.data import prosqa_synthetic
 from coconut_scale.data.converters import gsm_hf, gsm_icot, prontoqa, prosqa
 from coconut_scale.data.records import DataFormatError, load_records, validate_records
+from shared_data import shared_data
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("COCONUT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-
-
-def shared_file(name: str) -> Path:
-    path = SHARED / name
-    if not path.exists():
-        pytest.skip(f"{path} not present (set COCONUT_SHARED_DATA)")
-    return path
 
 
 # ---------------------------------------------------------------- GSM8K, iCoT text format
 
 
 def test_gsm_icot_released_file():
-    path = shared_file("gsm8k_icot_valid.txt")
+    path = shared_data("gsm8k_icot_valid.txt")
     lines = path.read_text(encoding="utf-8").splitlines()
     records = gsm_icot.convert_file(path)
     assert len(records) == len(lines) == 500
@@ -102,7 +94,7 @@ def test_gsm_hf_local_jsonl_cli_and_errors(tmp_path):
 
 
 def test_prosqa_released_file():
-    path = shared_file("prosqa_valid.json")
+    path = shared_data("prosqa_valid.json")
     raw = json.loads(path.read_text(encoding="utf-8"))
     records = prosqa.convert_file(path)
     assert records == raw  # identical, graph keys included

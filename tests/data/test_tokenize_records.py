@@ -16,8 +16,8 @@ from coconut_scale.data.converters import gsm_icot, prosqa
 from coconut_scale.data.records import DataFormatError, write_records
 from coconut_scale.testing import SMOLLM2_GGUF, smollm2_path, tiny_tokenizer
 from coconut_scale.model.tokens import LatentTokens
+from shared_data import shared_data
 
-SHARED = Path(os.environ.get("COCONUT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,7 @@ def smollm2():
 
 
 def real_records(name):
-    path = SHARED / name
-    if not path.exists():
-        pytest.skip(f"{path} not present (set COCONUT_SHARED_DATA)")
+    path = shared_data(name)
     return gsm_icot.convert_file(path) if name.endswith(".txt") else prosqa.convert_file(path)
 
 

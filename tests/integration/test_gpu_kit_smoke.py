@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.slow  # every stage, DeepSpeed engines included, on the CPU (about a minute)
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_validate.py"
-STAGES = ("environment", "gpu_tests", "llama8b_lora", "gpt2_fast_vs_reference", "memory_estimate", "profile")
+STAGES = ("environment", "gpu_tests", "llama8b_lora", "gpt2_fast_vs_reference", "memory_estimate", "fair_floor", "profile")
 
 
 def test_gpu_validate_smoke_runs_every_stage(tmp_path):
@@ -37,6 +37,9 @@ def test_gpu_validate_smoke_runs_every_stage(tmp_path):
     assert stages["gpt2_fast_vs_reference"]["train_speedup"] > 0
     memory = stages["memory_estimate"]
     assert memory["llama8b_lora"]["estimate_gib"] > 0 and memory["qwen3_4b_full"]["estimate_gib"] > 0
+    fair = stages["fair_floor"]
+    assert fair["latent_passes"] == [1, 2, 3, 4, 5] and fair["x_floor"]["floor"] == 1.0
+    assert 0 < fair["latent_share"] < 1 and 0 < fair["latent_share_per_pass"] < 1
     # The passes carry their profiler labels (which of them rank among the top 15 rows varies from run to run),
     # and the pass table has every pass with its kind.
     profile = stages["profile"]

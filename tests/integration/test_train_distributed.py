@@ -5,6 +5,7 @@ so that ranks hold different latent counts in the same step, uneven evaluation s
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from child_process import subprocess_env
+from child_process import default_sigint, subprocess_env
+from coconut_scale.atomic_files import current_umask
 from training_runs import REPO, TIMEOUT, command, kill_at_checkpoint, overrides, run
 
 pytestmark = pytest.mark.slow
@@ -55,6 +57,10 @@ def test_single_process_run_trains_evaluates_and_exports(runs, train_losses):
         cfg = json.loads((single / "hf" / f"stage{stage}" / "coconut_config.json").read_text())
         assert cfg["stage"] == stage and cfg["c_thought"] == 1
     assert (single / "samples" / "epoch002.jsonl").exists()
+    # Every epoch ends a stage here: best names the best stage's export (first of equals), no second copy.
+    best = max(evals, key=lambda e: e["accuracy"])["stage"]
+    assert (single / "hf" / "best").is_symlink() and os.readlink(single / "hf" / "best") == f"stage{best}"
+    assert (single / "hf" / "best" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     ckpt = sorted((single / "checkpoints").iterdir())[-1]
     assert {"loop_state.json", "recipe.resolved.yaml", "batch_table.txt"} <= {p.name for p in ckpt.iterdir()}
 
@@ -163,7 +169,10 @@ def test_ctrl_c_stops_with_one_line_naming_the_last_checkpoint(runs):
     root, data, _ = runs
     out = root / "interrupted"
     cmd = command("python", overrides(out, data, **{"checkpoint.save_every_steps": 2}))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The interrupt lands once checkpoint 2 is on disk, 34 optimizer steps before the run's end; the child takes
+    # SIGINT whatever the disposition the suite was started with (default_sigint).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     target = out / "checkpoints" / "step-00000002"
     deadline = time.time() + TIMEOUT
     while not target.exists():

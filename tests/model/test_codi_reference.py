@@ -7,28 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from codi_model import NUM_LATENT, RECORDS
 from codi_reference import CodiSettings, codi_losses, codi_projection, greedy_answer, student_row
 from codi_released_port import released_codi_forward
 from coconut_scale.data.codi_data import CodiCollator, CodiDataOptions, CodiTokenIds, build_codi_rows
 from coconut_scale.testing import tiny_config, tiny_tokenizer
 
 ARCHS = ["gpt2", "llama"]
-NUM_LATENT = 2
-RECORDS = [
-    {"question": "Janet had 3 apples and bought 4 more.", "steps": ["<<3+4=7>>", "<<7*2=14>>"], "answer": "14"},
-    {"question": "Q: 12 + 30 = ?", "steps": ["<<12+30=42>>", "<<42*1=42>>"], "answer": "42"},
-    {"question": "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus?",
-     "steps": ["<<1+1=2>>", "<<2+5=7>>", "<<7*2=14>>"], "answer": "7"},
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: threads fight over the cores (one call 100x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

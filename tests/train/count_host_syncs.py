@@ -9,6 +9,7 @@ passes, latent-safe checkpointing, ZeRO-3) and prints, as JSON, each optimizer s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from collections import Counter, defaultdict
@@ -28,12 +29,30 @@ def caller() -> str:
         frame = frame.f_back
     if frame is None:
         return "?"
-    path = Path(frame.f_code.co_filename)
-    for root in ("coconut_scale", "transformers", "deepspeed", "peft", "accelerate"):
-        if root in path.parts:  # the innermost folder of that name: a checkout may itself be named coconut_scale
-            last = len(path.parts) - 1 - path.parts[::-1].index(root)
-            return "/".join(path.parts[last:]) + f":{frame.f_lineno}"
-    return f"{path.name}:{frame.f_lineno}"
+    return package_path(frame.f_code.co_filename) + f":{frame.f_lineno}"
+
+
+def package_path(filename: str, packages: dict[str, Path] | None = None) -> str:
+    """`coconut_scale/data/sampler.py` for a file inside one of `packages` ({name: the package's folder}, by default
+    where the named packages are imported from), else the file's name. A folder's name alone does not decide: a
+    newcomer's clone is itself named coconut_scale, and its tests/ are not the package."""
+    path = Path(filename).resolve()
+    for name, folder in (PACKAGES if packages is None else packages).items():
+        if path.is_relative_to(folder):
+            return "/".join((name, *path.relative_to(folder).parts))
+    return path.name
+
+
+def _package_folders() -> dict[str, Path]:
+    folders = {}
+    for name in ("coconut_scale", "transformers", "deepspeed", "peft", "accelerate"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            folders[name] = Path(spec.origin).resolve().parent
+    return folders
+
+
+PACKAGES = _package_folders()
 
 
 def main() -> None:

@@ -16,16 +16,30 @@ from pathlib import Path
 import pytest
 
 from child_process import subprocess_env
+from count_host_syncs import package_path
 
 REPO = Path(__file__).resolve().parents[2]
-
-pytestmark = pytest.mark.slow
 
 
 def _callers(calls: dict, prefix: str) -> Counter:
     return Counter({k: v for k, v in calls.items() if k.startswith(prefix)})
 
 
+def test_callers_are_named_from_the_innermost_package_folder_in_a_clone_named_like_the_package():
+    """A newcomer's `git clone` makes .../coconut_scale/coconut_scale/data/sampler.py: the report must say
+    coconut_scale/data/sampler.py, or the loop's read-backs are not told apart from the data wing's."""
+    clone = Path("/home/me/coconut_scale")
+    packages = {"coconut_scale": clone / "coconut_scale", "deepspeed": Path("/venv/site-packages/deepspeed")}
+    assert package_path(f"{clone}/coconut_scale/data/sampler.py", packages) == "coconut_scale/data/sampler.py"
+    assert package_path(f"{clone}/coconut_scale/train/nonfinite_guard.py", packages) == \
+        "coconut_scale/train/nonfinite_guard.py"
+    assert package_path(f"{clone}/tests/train/count_host_syncs.py", packages) == "count_host_syncs.py"
+    assert package_path("/venv/site-packages/deepspeed/runtime/engine.py", packages) == "deepspeed/runtime/engine.py"
+    # Where this checkout's package is imported from, whatever the checkout's folder is named.
+    assert package_path(str(REPO / "coconut_scale" / "data" / "sampler.py")) == "coconut_scale/data/sampler.py"
+
+
+@pytest.mark.slow
 def test_one_host_sync_per_optimizer_step(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "train" / "count_host_syncs.py"), str(tmp_path / "run"),
                            str(tmp_path / "data")], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,

@@ -1,0 +1,217 @@
+"""Coconut's train step against its fair floor: the same decoder body and the same loss on the same tokens (CPU).
+
+bench_overhead.py compares Coconut with HF's own step, which pays for full [B, T, V] logits that Coconut's
+chunked/fused loss never builds. Here the yardstick is the floor Coconut could reach: the same model, through the
+same wrapper with `feedback=False` (latents are then ordinary tokens, one pass over the whole sequence), so the
+decoder body runs once over the same T tokens and the loss is the project's own chunked/fused one
+(chunked_loss.py) on the same hidden states and labels. The two steps differ only by the latent passes: the
+cut into one pass per latent column, the carried K/V, the fill.
+
+  variants:  floor (feedback=False) and coconut (6 latents per row, one pass per latent); with --compare-rev REV
+             also `before`, the Coconut wrapper as the package was at REV (bench_overhead.coconut_class_at), so
+             before/after come from one interleaved run. Each with checkpointing off and on (the harness's
+             latent-safe layer checkpointing, for the floor too).
+  shapes:    GPT-2-small (12 x 768, batch 8 x 200) and a Llama-shaped decoder (8 x 512, GQA, SwiGLU, RMSNorm,
+             batch 8 x 200, vocab 32000).
+  --profile: torch.profiler over one step of floor and of coconut (and before, with --compare-rev) on the first
+             shape; prints the top tables and the ops whose self CPU time differs most from the floor's (where the
+             latent passes' cost sits) and, with before, between before and coconut (what the change moved).
+
+Timing: one warm-up per variant (its loss is recorded: coconut and before must agree), then rounds in which the
+variants run back to back in alternating order; medians and the median of the per-round ratios to the floor, of
+wall time and of the process's CPU time (with one thread, the step's own work: on a shared machine wall time
+also counts the waits for a core). The load averages are recorded before and after.
+
+    python benchmarks/bench_fair_floor.py --quick                      # tiny shapes, < 1 min
+    python benchmarks/bench_fair_floor.py --compare-rev main --repeats 5  # -> results/bench_fair_floor.json
+    python benchmarks/bench_fair_floor.py --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_overhead import NO_EOS, Shape, build_model, coconut_class_at, load_average, median, train_batch  # noqa: E402
+
+from coconut_scale.atomic_files import write_json_atomic  # noqa: E402
+from coconut_scale.model.activation_checkpointing import (  # noqa: E402
+    disable_latent_safe_checkpointing,
+    enable_latent_safe_checkpointing,
+)
+from coconut_scale.model.coconut import Coconut  # noqa: E402
+
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_fair_floor.json"
+SHAPES = (
+    Shape("gpt2-small 12x768", "gpt2", 12, 768, 50257 + 3, 8, 200),
+    Shape("llama 8x512", "llama", 8, 512, 32000, 8, 200),
+)
+QUICK_SHAPES = (Shape("quick gpt2 2x128", "gpt2", 2, 128, 2000, 4, 64, latents=3, answer_len=8),
+                Shape("quick llama 2x128", "llama", 2, 128, 2000, 4, 64, latents=3, answer_len=8))
+
+
+class Steps:
+    """One train step (zero_grad, forward, backward) per variant, over one model and one batch."""
+
+    def __init__(self, shape: Shape, compare_rev: str | None):
+        self.shape = shape
+        self.model, t = build_model(shape)
+        self.batch = train_batch(shape, t)
+        self.wrappers = {"floor": Coconut(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS, feedback=False),
+                         "coconut": Coconut(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS)}
+        if compare_rev:
+            self.wrappers["before"] = coconut_class_at(compare_rev)(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS)
+
+    def variants(self) -> list[str]:
+        return [f"{name}{suffix}" for suffix in ("", "_ckpt") for name in self.wrappers]
+
+    def run(self, variant: str) -> float:
+        disable_latent_safe_checkpointing(self.model)
+        if variant.endswith("_ckpt"):
+            enable_latent_safe_checkpointing(self.model)
+        wrapper = self.wrappers[variant.removesuffix("_ckpt")]
+        self.model.zero_grad(set_to_none=True)
+        loss = wrapper(**self.batch).loss
+        loss.backward()
+        return float(loss.detach())
+
+
+def interleaved(steps: Steps, group: list[str], repeats: int, log) -> tuple[dict, dict, dict]:
+    """Wall and CPU seconds per round and variant, and each variant's loss (from the warm-up)."""
+    wall, cpu = {v: [] for v in group}, {v: [] for v in group}
+    losses = {v: steps.run(v) for v in group}  # warm-up
+    for r in range(repeats):
+        for v in group if r % 2 == 0 else reversed(group):
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps.run(v)
+            wall[v].append(time.perf_counter() - t0)
+            cpu[v].append(time.process_time() - c0)
+        log(f"  {steps.shape.name} round {r + 1}/{repeats}: "
+            + ", ".join(f"{v} {wall[v][-1]:.2f}s (cpu {cpu[v][-1]:.2f}s)" for v in group))
+    return wall, cpu, losses
+
+
+def summarise(times: dict[str, list[float]], floor: str) -> list[dict]:
+    return [{"variant": v, "median_s": median(ts), "x_floor_medians": median(ts) / median(times[floor]),
+             "x_floor_paired": median([a / b for a, b in zip(ts, times[floor])])} for v, ts in times.items()]
+
+
+def profile_difference(steps: Steps, rows: int) -> str:
+    """Top self-CPU ops of each variant (checkpointing off), and the ops whose self CPU time differs most from the
+    floor's (and, with a `before` variant, from before's: the lines the change moved)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names = [v for v in ("floor", "before", "coconut") if v in steps.wrappers]
+    tables, totals = [], {}
+    for variant in names:
+        steps.run(variant)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps.run(variant)
+        averages = prof.key_averages()
+        tables.append(f"## {variant} ({steps.shape.name})\n" + averages.table(sort_by="self_cpu_time_total", row_limit=rows))
+        totals[variant] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in averages}
+    sections = []
+    for base, other in [("floor", v) for v in names[1:]] + ([("before", "coconut")] if "before" in names else []):
+        a, b = totals[base], totals[other]
+        keys = sorted(set(a) | set(b), key=lambda k: -abs(b.get(k, (0, 0))[0] - a.get(k, (0, 0))[0]))
+        lines = [f"## {other} minus {base}, self CPU ms (top ops by difference)",
+                 f"| op | {base} ms | {other} ms | difference ms | calls {base} | calls {other} |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for k in keys[:rows]:
+            (am, ac), (bm, bc) = a.get(k, (0.0, 0)), b.get(k, (0.0, 0))
+            lines.append(f"| {k} | {am:.1f} | {bm:.1f} | {bm - am:+.1f} | {ac} | {bc} |")
+        ta, tb = (sum(ms for ms, _ in t.values()) for t in (a, b))
+        lines.append(f"| **all ops** | {ta:.1f} | {tb:.1f} | {tb - ta:+.1f} | | |")
+        sections.append("\n".join(lines))
+    return "\n\n".join([*tables, *sections])
+
+
+def format_table(timing: dict, cpu: dict) -> str:
+    lines = ["| shape | variant | wall s | x floor (medians) | x floor (paired) | CPU s | x floor CPU (medians) "
+             "| x floor CPU (paired) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for shape_name, rows in timing.items():
+        for r, c in zip(rows, cpu[shape_name]):
+            lines.append(f"| {shape_name} | {r['variant']} | {r['median_s']:.2f} | {r['x_floor_medians']:.3f}x "
+                         f"| {r['x_floor_paired']:.3f}x | {c['median_s']:.2f} | {c['x_floor_medians']:.3f}x "
+                         f"| {c['x_floor_paired']:.3f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, well under a minute")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up per variant)")
+    p.add_argument("--compare-rev", default=None, help="also time the Coconut wrapper of this git revision")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="PREFIX", help="only shapes whose name starts so")
+    p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    p.add_argument("--profile", action="store_true", help="instead of timing: the profile of the difference")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT.with_name("bench_fair_floor_quick.json") if args.quick else DEFAULT_OUT
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = tuple(s for s in shapes if any(s.name.startswith(p) for p in args.shapes))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.profile:
+        print(profile_difference(Steps(shapes[0], args.compare_rev), rows=20))
+        return None
+    load_before = load_average()
+    timing, cpu_timing, raw, raw_cpu, losses = {}, {}, {}, {}, {}
+    for shape in shapes:
+        steps = Steps(shape, args.compare_rev)
+        raw[shape.name], raw_cpu[shape.name], losses[shape.name] = {}, {}, {}
+        timing[shape.name], cpu_timing[shape.name] = [], []
+        for suffix in {"off": [""], "on": ["_ckpt"], "both": ["", "_ckpt"]}[args.checkpointing]:
+            group = [v for v in steps.variants() if v.endswith("_ckpt") == (suffix == "_ckpt")]
+            wall, cpu, loss = interleaved(steps, group, args.repeats, log)
+            raw[shape.name].update(wall)
+            raw_cpu[shape.name].update(cpu)
+            losses[shape.name].update(loss)
+            timing[shape.name] += summarise(wall, "floor" + suffix)
+            cpu_timing[shape.name] += summarise(cpu, "floor" + suffix)
+    table = format_table(timing, cpu_timing)
+    print(table)
+    result = {
+        "benchmark": "bench_fair_floor",
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "load_average_1_5_15": {"before": load_before, "after": load_average()},
+        "config": {"quick": args.quick, "repeats": args.repeats, "compare_rev": args.compare_rev,
+                   "threads": args.threads, "shapes": [asdict(s) for s in shapes]},
+        "environment": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                        "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "method": "floor: the Coconut wrapper with feedback=False (one pass over the same tokens, the same "
+                  "chunked/fused loss). 1 warm-up per variant, then rounds alternating the order (A/B/C, C/B/A); "
+                  "medians and the median of per-round ratios to the floor of the same checkpointing mode. CPU: "
+                  "time.process_time of the step (one thread: the process's own work, less sensitive to load than "
+                  "wall time on a shared machine).",
+        "losses": losses, "timings_s": raw, "cpu_times_s": raw_cpu, "timing": timing, "cpu_timing": cpu_timing,
+        "table_markdown": table,
+    }
+    write_json_atomic(args.out, result)
+    log(f"wrote {args.out}; load average before {load_before}, after {result['load_average_1_5_15']['after']}")
+
+
+if __name__ == "__main__":
+    main()
