@@ -32,6 +32,17 @@ class ExportFormatError(UserError):
     """A directory that is not a readable coconut_scale export; the message names the file and field."""
 
 
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path`, or ExportFormatError naming the file and what is wrong with it."""
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ExportFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
 @dataclass(frozen=True)
 class ExportMeta:
     c_thought: int  # latent thoughts per replaced reasoning step
@@ -63,12 +74,7 @@ class ExportMeta:
         if not path.exists():
             raise ExportFormatError(f"{path} not found: {directory} is not a coconut_scale export "
                                     f"(runs/<name>/hf/<stage>/)")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ExportFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        if not isinstance(raw, dict):
-            raise ExportFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raw = _json_object(path)
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -121,12 +127,7 @@ class StepDecoderMeta:
         if not path.is_file():
             raise ExportFormatError(f"{path} not found: {export_dir} was exported without its step decoder "
                                     f"(train with coconut.step_supervision.export_decoder: true)")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ExportFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        if not isinstance(raw, dict):
-            raise ExportFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raw = _json_object(path)
         c_thought = raw.get("c_thought")
         if not isinstance(c_thought, int) or isinstance(c_thought, bool) or c_thought < 1:
             raise ExportFormatError(f"{path}: field 'c_thought' must be an integer >= 1, got {c_thought!r}")

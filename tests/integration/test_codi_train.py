@@ -51,6 +51,13 @@ def _records(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
+def _one_process_and_two_ranks(tmp_path: Path, data: Path, **extra) -> tuple[dict, dict]:
+    """The same run in one process (tmp_path/one) and on two ranks (tmp_path/two): {global step: train record}."""
+    _train("python", tmp_path / "one", data, **extra)
+    _train("torchrun", tmp_path / "two", data, **extra)
+    return tuple({r["global_step"]: r for r in _records(tmp_path / run, "train")} for run in ("one", "two"))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("codi")
@@ -117,10 +124,7 @@ def test_simcot_on_codi_two_ranks_zero3_equal_one_process(tmp_path):
     logged and weighted into the loss, and two ranks equal one process."""
     data = tmp_path / "data"
     simcot = {"coconut.step_supervision.enabled": "true", "coconut.step_supervision.weight": 0.5, "optim.epochs": 1}
-    _train("python", tmp_path / "one", data, **simcot)
-    _train("torchrun", tmp_path / "two", data, **simcot)
-    l1 = {r["global_step"]: r for r in _records(tmp_path / "one", "train")}
-    l2 = {r["global_step"]: r for r in _records(tmp_path / "two", "train")}
+    l1, l2 = _one_process_and_two_ranks(tmp_path, data, **simcot)
     assert l1.keys() == l2.keys() and len(l1) == 6
     for step, r in l1.items():
         assert r["step_loss"] > 0
@@ -205,10 +209,7 @@ def test_lora_under_zero3_two_ranks_equal_one_process(tmp_path):
 
     data = tmp_path / "data"
     lora = {"lora.enabled": "true", "lora.rank": 4, "lora.alpha": 8, "lora.dropout": 0.0, "optim.epochs": 1}
-    _train("python", tmp_path / "one", data, **lora)
-    _train("torchrun", tmp_path / "two", data, **lora)
-    l1 = {r["global_step"]: r for r in _records(tmp_path / "one", "train")}
-    l2 = {r["global_step"]: r for r in _records(tmp_path / "two", "train")}
+    l1, l2 = _one_process_and_two_ranks(tmp_path, data, **lora)
     assert l1.keys() == l2.keys() and len(l1) == 6
     for step, r in l1.items():
         for key in ("loss", "coconut_loss", "teacher_loss", "distill_loss"):
