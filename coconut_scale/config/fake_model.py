@@ -16,6 +16,10 @@ The batches are what the trainer's collators make of synthetic tokenized records
                  question is as long as max_seq_len leaves
     (in both, the last row's question is one token shorter, so the batch is padded as real batches are)
     SIM-CoT      the step targets of data/step_targets.py for those rows (the replaced steps, the last joined)
+    CODI         the student  question <bot> <latent> * num_latent <eot> answer EOS  and the teacher
+                 question steps answer EOS  of data.max_seq_len tokens (codi.num_latent + 1 "<<...>>" steps
+                 sharing the row), as data/codi_features.py makes them; SIM-CoT on CODI cuts its
+                 step targets from that teacher row (data/codi_steps.py)
 
 A tokenizer stand-in (`ShapeOnlyTokenizer`) gives the vocabulary size and the Coconut token ids; nothing here reads
 text.
@@ -29,6 +33,8 @@ import torch
 
 from coconut_scale.config.model_shape import recipe_shape
 from coconut_scale.config.model_spec import model_spec
+from coconut_scale.data.codi_features import CodiPartCollator, codi_feature
+from coconut_scale.data.codi_steps import CodiStepCollator, StepIds
 from coconut_scale.data.collate import LatentAlignedCollator, left_pad_for_generation
 from coconut_scale.data.curriculum import CurriculumConfig, build_eval_example, build_train_example
 from coconut_scale.data.step_targets import StepPieces, StepTargetCollator
@@ -165,10 +171,50 @@ def _fitted_record(recipe, tokens: LatentTokens, cfg: CurriculumConfig, stage: i
     return _record(question, steps, tokens, idx)
 
 
+STEP_START, STEP_END = 15, 16  # the fake vocabulary's "<<" and ">>" (SIM-CoT on CODI cuts steps at them)
+
+
+def _codi_row(recipe, tokens: LatentTokens, idx: int, question: int) -> dict:
+    """A CODI row (data/codi_data.py build_codi_rows' fields) whose teacher sequence is data.max_seq_len long."""
+    length, n = recipe.data.max_seq_len, recipe.codi.num_latent
+    tail = [] if recipe.codi.remove_eos else [tokens.eos_id]
+    q = [10] * question + tail
+    answer = [12] * ANSWER_TOKENS + [tokens.eos_id]
+    steps = [[STEP_START] + [11] * (STEP_TOKENS - 2) + [STEP_END] for _ in range(n + 1)]
+    room = length - len(q) - len(answer) - sum(map(len, steps))
+    if room < 0:
+        raise ValueError(f"data.max_seq_len {length} cannot hold a CODI teacher row of {n + 1} steps of "
+                         f"{STEP_TOKENS} tokens and a question of {question}")
+    for k, step in enumerate(steps):  # the steps share the rest of the row (SIM-CoT pads them to the longest)
+        step[1:1] = [11] * (room // len(steps) + (k < room % len(steps)))
+    cot = [t for s in steps for t in s]
+    decoder = [tokens.end_id] + tail + answer
+    return {"index": idx, "encoder_input_ids": q + [tokens.start_id], "decoder_input_ids": decoder,
+            "teacher_input_ids": q + cot + answer, "teacher_labels": [-100] * len(q) + cot + answer,
+            "teacher_answer_position": len(q) + len(cot) - 1, "student_answer_position": len(tail)}
+
+
+def _codi_training_batch(recipe, micro_batch: int, tokens: LatentTokens) -> dict:
+    n = recipe.codi.num_latent
+    question = max(recipe.data.max_seq_len // 4, 1)
+    rows = [_codi_row(recipe, tokens, i, question - (1 if i == micro_batch - 1 and i > 0 else 0))
+            for i in range(micro_batch)]
+    features = [codi_feature(r, tokens, n) for r in rows]
+    collate = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)
+    part_inputs = {"codi": CodiPartCollator(tokens.pad_id, collate)(features)}
+    if recipe.coconut.step_supervision.enabled:
+        ids = StepIds((STEP_START,), STEP_END, tokens.eos_id, (tokens.eos_id, tokens.pad_id))
+        part_inputs["step_supervision"] = CodiStepCollator(ids, n, recipe.codi.step_dedup_bug)(features)
+    return {"batch": collate(features), "latent_columns": collate.latent_columns(features), "num_passes": n + 1,
+            "part_inputs": part_inputs}
+
+
 def training_batch(recipe, micro_batch: int) -> dict:
     """The trainer's inputs for one micro batch at the largest stage (as plain CPU tensors): `batch` (the collated
     input_ids, attention_mask, position_ids, labels), `latent_columns`, `num_passes` and `part_inputs`."""
     tokens = LatentTokens.from_tokenizer(shape_tokenizer(recipe))
+    if recipe.method == "codi":
+        return _codi_training_batch(recipe, micro_batch, tokens)
     cfg = CurriculumConfig.from_recipe(recipe.coconut)
     stage = largest_stage(recipe)
     records = [_fitted_record(recipe, tokens, cfg, stage, i) for i in range(micro_batch)]
@@ -197,14 +243,25 @@ def generation_batch(recipe) -> dict:
     cfg = CurriculumConfig.from_recipe(recipe.coconut)
     stage = largest_stage(recipe)
     new = recipe.eval.max_new_tokens
+    if recipe.method == "codi":  # data/codi_features.py codi_eval_examples: question <bot> latents <eot> [eos]
+        n, tail = recipe.codi.num_latent, [] if recipe.codi.remove_eos else [tokens.eos_id]
+        opening = [tokens.end_id] + tail
+        question = max(recipe.data.max_seq_len - new - n - 1 - len(opening) - len(tail), 1)
+        prompt = [10] * question + tail + [tokens.start_id] + [tokens.latent_id] * n + opening
+        columns = list(range(question + len(tail) + 1, question + len(tail) + 1 + n))
+        return _generation_inputs(prompt, columns, recipe.batch.eval_batch_size, tokens, new)
     probe = build_eval_example(_record(1, [STEP_TOKENS] * cfg.max_latent_stage, tokens, 0), stage, cfg, tokens)
     question = max(recipe.data.max_seq_len - new - (len(probe["input_ids"]) - 1), 1)
     rec = _record(question, [STEP_TOKENS] * cfg.max_latent_stage, tokens, 0)
     prompt = build_eval_example(rec, stage, cfg, tokens)["input_ids"]
-    prompts = [prompt] * recipe.batch.eval_batch_size
+    columns = [i for i, t in enumerate(prompt) if t == tokens.latent_id] if cfg.latent_feedback else []
+    return _generation_inputs(prompt, columns, recipe.batch.eval_batch_size, tokens, new)
+
+
+def _generation_inputs(prompt: list[int], columns: list[int], rows: int, tokens: LatentTokens, new: int) -> dict:
+    prompts = [prompt] * rows
     if len(prompts) > 1:  # one prompt a token shorter: real batches are padded (and need an attention mask)
         prompts[-1] = prompt[1:]
     ids, mask, pos = left_pad_for_generation(prompts, tokens.pad_id)
-    columns = [i for i, t in enumerate(prompt) if t == tokens.latent_id] if cfg.latent_feedback else []
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "latent_columns": columns,
             "num_passes": len(columns) + 1, "max_new_tokens": new}

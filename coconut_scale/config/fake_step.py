@@ -97,6 +97,10 @@ class PeakTracker(mem_tracker.MemTracker):
         bw = self._mod_tracker.is_bw
         if m is None:
             role, sub = "none", inner.rsplit(".", 1)[-1] if "." in inner else inner
+            # SIM-CoT's decoder copy outside its layers ("decoder:none"): in forward, and in backward before the
+            # first descent (its head's; later the tracker's attribution of backward to modules is approximate)
+            if "step_supervision" in inner and (not bw or self._bw_pass() == 0):
+                role = "decoder:none"
         else:
             i = int(m.group(1))
             role = "first" if i == 0 else "last" if i == self.num_layers - 1 else "mid"

@@ -55,7 +55,16 @@ per GPU, at each moment the peak can sit (the largest is the step's):
   concatenated past keys/values in every pass after the first.
 Step supervision (SIM-CoT) adds its decoder's one batched call over B * max_latent_stage (row, step) pairs of
 ROW_LAYOUT's step length: one more checkpointed pass of those tokens (with its hidden states, which the decoder
-returns) and its chunked weighted loss; a decoder copy (`pretrained`/`copy`) adds a second model's states.
+returns) and its chunked weighted loss; a decoder copy (`pretrained`/`copy`) adds a second model's states. Its
+loss is the last computed, so it is backpropagated first: a copy trained in full peaks at its head's backward
+(the head's gradient summed over the chunks), and its gradients are finished .grad through every later moment.
+CODI (`method: codi`): the student row is question <bot> num_latent latents <eot> answer (num_latent + 1 passes);
+the teacher pass (model/codi.py) runs the same weights over data.max_seq_len columns without a cache after the
+student's. At the loss it keeps its layer inputs beside everything the student's passes keep, and its chunked loss
+follows the student's; it is backpropagated first ("teacher": its top layer recomputed over the whole row), so
+the student's backward begins with every layer's gradient sum. Its projection always trains. SIM-CoT on CODI:
+one (row, thought) pair per z_0..z_num_latent, the teacher's CoT cut into that many steps; the decoder copy trained
+in full, LoRA or not.
 
 Evaluation at batch.eval_batch_size rows E (no gradients; the model states above, without gradients):
   validation   a forward with the loss: the keys/values of every pass while the passes run, one layer's
@@ -275,27 +284,43 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
     emb_grad = 0.0 if lora or d.tied else 0.0  # the embedding's gradient comes at the very end (after the peak)
     fused_head = head_trainable and stage < 3  # model/chunked_loss.py: a plain, unpartitioned head
     gpt2 = d.model_type == "gpt2"
-    # Attention over the T columns: GQA repeats the keys/values to every query head; MHA keeps their concatenation.
-    repeat = (lambda rows: 2 * rows * T * q * b) if kv < q else (lambda rows: 2 * rows * T * kv * b)
     lt = layer_tokens_bytes(recipe, d, b)
 
-    def layer(rows: int, cols: int) -> float:
-        """R: one layer recomputed over `cols` columns of `rows` rows, what its backward keeps at its widest."""
-        eager = 2 * rows * d.heads * cols * T * b if recipe.model.attn_implementation == "eager" else 0.0
-        return rows * cols * lt + repeat(rows) + rows * cols * T * (b + 1) + eager  # eager: scores, probabilities
+    def layer(rows: int, cols: int, seen: int = T) -> float:
+        """R: one layer recomputed over `cols` columns of `rows` rows that attend to `seen` columns, what its
+        backward keeps at its widest."""
+        eager = 2 * rows * d.heads * cols * seen * b if recipe.model.attn_implementation == "eager" else 0.0
+        # the keys/values over the columns seen: repeated to every query head (GQA), else their concatenation
+        kv_seen = 2 * rows * seen * (q if kv < q else kv) * b
+        return rows * cols * lt + kv_seen + rows * cols * seen * (b + 1) + eager  # eager: scores, probabilities
 
     # A tied, trainable head: its gradient from the loss waits for the embedding's, at the very end of backward.
     tied_sum = V * h * b if head_trainable and d.tied else 0.0
 
+    # SIM-CoT's decoder copy is backpropagated first (its loss is the last computed): through the base's passes its
+    # gradients are finished .grad (all of it when trained in full, else its adapters').
+    decoder_grads = ((P1 if codi or not lora else Pt1) * b if copies == 2 else 0.0)
+
     def states_with(gsum: float = 0.0, grads: float = 0.0, in_backward: bool = True) -> dict[str, float]:
         if in_backward and tied_sum:  # a sum waiting for the embedding's contribution, not a .grad
             gsum, grads = gsum + tied_sum, max(grads - head, 0.0)
+        if in_backward:
+            grads += decoder_grads
         return {**states, "gradients": gsum + grads * grad_scale}
 
     def backward_logits(value: float) -> float:
         return value
 
     moments: dict[str, dict[str, float]] = {}
+    Tt = recipe.data.max_seq_len  # CODI's teacher row
+
+    def teacher_loss(moment: dict, kept: float, head_work: float) -> None:
+        """CODI's loss moment: the teacher's chunked loss, after the student's, with what its pass keeps; one
+        chunk's backward holds its logits and their gradient in b and both in fp32 (2b + 8 bytes each)."""
+        moment["activations"] += kept
+        moment["logits"] = (2 * B * T * h * b + 2 * B * Tt * h * b + math.ceil(B * (Tt - 1) / K) * V * (2 * b + 8)
+                            + head_work)
+
     ckpt = recipe.model.gradient_checkpointing
     if gpt2:  # what layer 0 reads is the embeddings' dropout (output and mask), made per pass inside the decoder
         emb, filled = 2 * B * T * h * b, 0.0
@@ -358,6 +383,14 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
         moments["loss"] = {**states_with(loss_gsum, in_backward=False),
                            "activations": emb + filled + outs(T) + norm(T),
                            "kv_cache": kv_rec, "logits": 2 * B * T * h * b + loss}
+        if codi:  # the teacher pass (model/codi.py): data.max_seq_len columns, no cache, backpropagated first
+            for name in ("top", "bottom"):  # so every layer's weights hold a gradient sum when the student's begins
+                moments[name]["gradients"] = states_with(layer_sums(L) + incoming, head)["gradients"]
+            kept = B * Tt * h * b + outs(Tt) + norm(Tt)
+            moments["teacher"] = {**states_with(R_gsum, head),
+                                  "activations": emb + filled + outs(T) + norm(T) + kept + layer(B, Tt, Tt),
+                                  "kv_cache": kv_rec, "logits": 2 * B * Tt * h * b}
+            teacher_loss(moments["loss"], kept, loss - chunk)
     else:
         cum, past_kv = 0, 0.0
         for w in widths:
@@ -367,24 +400,45 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
             past_kv += 2 * B * cum * q * b if kv < q else (2 * B * cum * kv * b if cum > w else 0.0)
             past_kv += B * cum * kv * b if cum > w and kv < q else 0.0
         saved = LAYER_SAVED.get((_family(d.model_type), _lora_kind(recipe)))
-        per_layer = (B * T * layer_tokens_bytes(recipe, d, b, table=saved) + B * T * len(recipe.lora_targets())
-                     * recipe.lora.rank * b * recipe.lora.enabled if saved is not None else
-                     B * T * lt - B * T * layer_tokens_bytes(recipe, d, b, table=LAYER_TEMPORARIES[_family(d.model_type)]))
-        temps = B * T * layer_tokens_bytes(recipe, d, b, table=LAYER_TEMPORARIES[_family(d.model_type)])
-        acts = L * (per_layer + past_kv) + temps + sum(B * w * T * (b + 1) for w in widths)
+        temp_token = layer_tokens_bytes(recipe, d, b, table=LAYER_TEMPORARIES[_family(d.model_type)])
+        saved_token = (layer_tokens_bytes(recipe, d, b, table=saved) + len(recipe.lora_targets()) * recipe.lora.rank
+                       * b * recipe.lora.enabled if saved is not None else lt - temp_token)
+        temps = B * T * temp_token
+        acts = L * (B * T * saved_token + past_kv) + temps + sum(B * w * T * (b + 1) for w in widths)
         moments["loss"] = {**states_with(), "activations": emb + filled + acts + norm(T),
                            "kv_cache": kv_rec, "logits": 2 * B * T * h * b + chunk
                            + (V * h * 4 if head_trainable and fused_head else 0.0)}
         moments["backward"] = {**states_with(L * g_layer if sums else 0.0, head), "activations": emb + filled + acts,
                                "kv_cache": kv_rec, "logits": grad_out}
+        if codi:  # the teacher pass, backpropagated first: its layers' saved tensors beside all of the student's
+            kept = (L * (B * Tt * saved_token + (2 * B * Tt * q * b if kv < q else 0.0)) + B * Tt * Tt * (b + 1)
+                    + B * Tt * h * b)
+            moments["teacher"] = {**states_with(), "activations": emb + filled + acts + kept + B * Tt * temp_token,
+                                  "kv_cache": kv_rec, "logits": 2 * B * Tt * h * b}
+            teacher_loss(moments["loss"], kept, V * h * 4 if head_trainable and fused_head else 0.0)
     step = recipe.coconut.step_supervision
     if step.enabled:  # the decoder's one call over B * max_latent_stage (row, step) pairs, after the passes
-        S = (ROW_LAYOUT.prompt_tokens if step.prompt else 0) + recipe.coconut.c_thought + ROW_LAYOUT.step_tokens + 1
-        pairs = B * recipe.coconut.max_latent_stage
+        if codi:  # one pair per thought z_0..z_n: the teacher's CoT cut into num_latent + 1 steps, then EOS
+            steps = recipe.codi.num_latent + 1
+            cot = Tt - ROW_LAYOUT.question(Tt) - ROW_LAYOUT.answer_tokens - 1
+            S, pairs = 1 + math.ceil(cot / steps) + 1, B * steps
+        else:
+            S = (ROW_LAYOUT.prompt_tokens if step.prompt else 0) + recipe.coconut.c_thought + ROW_LAYOUT.step_tokens + 1
+            pairs = B * recipe.coconut.max_latent_stage
         dec = (L + 1) * pairs * S * h * b + (pairs * S * lt + 2 * pairs * S * S * b if ckpt else L * pairs * S * lt)
         base = moments["loss"]
-        moments["step decoder"] = {**base, "activations": base["activations"] + dec,
-                                   "logits": 2 * B * T * h * b + math.ceil(pairs * S / K) * V * (b + 12)}
+        dec_logits = 2 * B * T * h * b + math.ceil(pairs * S / K) * V * (b + 12)
+        dec_sums = 0.0
+        if copies == 2 and (codi or not lora):
+            # A decoder copy trained in full: the peak is its head's backward, before its layers' (no recompute
+            # yet, the chunk's logits gone) with the head's gradient: under ZeRO-3 its K chunk gradients summed
+            # (V*h*b twice over) beside the newest chunk's; below, the fused sweep's fp32 d(head) from forward on
+            # and the copy its backward scales it into.
+            dec -= pairs * S * lt if ckpt else 0.0
+            dec_logits = 2 * B * T * h * b + (V * h * b if stage == 3 else 2 * V * h * 4)
+            dec_sums = 2 * V * h * b if stage == 3 else 0.0
+        moments["step decoder"] = {**base, "gradients": base["gradients"] + dec_sums,
+                                   "activations": base["activations"] + dec, "logits": dec_logits}
 
     # -- evaluation: E rows, no gradients -------------------------------------------------------------------
     E = recipe.batch.eval_batch_size
@@ -403,10 +457,17 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
                  "logits": 2 * E * T * h * b + math.ceil(E * (T - 1) / K) * V * (b + 8)},
     }
     new = recipe.eval.max_new_tokens
+    if codi:  # a CODI prompt is its question, the thoughts and <eot>: up to data.max_seq_len with the answer
+        T = recipe.data.max_seq_len
     prompt = max(T - new, 1)
+    # the prompt's widest pass: a CODI prompt's question pass is nearly all of it
+    first = max(prompt - n, 1) if codi else prompt / max(n, 1)
     generation = {
-        "prompt": {**eval_states, "activations": 3 * E * prompt * h * b + E * prompt * (4 * h + 3 * I) * b / max(n, 1),
-                   "kv_cache": 2 * L * E * prompt * kv * b + 2 * E * prompt * kv * b, "logits": E * V * (b + 4)},
+        # the prompt passes' keys/values (the widest pass's own records still its projections' outputs, GPT-2: views
+        # of its fused q/k/v) and one layer's copy while a pass's cache is merged
+        "prompt": {**eval_states, "activations": 3 * E * prompt * h * b + E * first * forward_width * b,
+                   "kv_cache": L * E * (first * kv_token + (prompt - first) * 2 * kv * b) + 2 * E * prompt * kv * b,
+                   "logits": E * V * (b + 4)},
         "decode": {**eval_states, "activations": 2 * E * prompt * h * b,
                    "kv_cache": 2 * L * E * T * kv * b + 2 * E * T * kv * b, "logits": E * V * (b + 4)},
     }

@@ -129,3 +129,20 @@ def test_the_peak_tracker_leaves_frozen_parameters_unhooked():
     with tracker:
         layer(torch.randn(2, 4, requires_grad=True)).sum().backward()
     assert tracker.peak("current")["gradients"] == 4 * 4  # the bias's gradient only
+
+
+CODI = "recipes/tiny_cpu_codi.yaml"
+SIMCOT_COPY = ["coconut.step_supervision.enabled=true", "coconut.step_supervision.decoder=copy"]
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.gradient_checkpointing=false"], ["lora.enabled=true"],
+                                       SIMCOT_COPY, ["lora.enabled=true", *SIMCOT_COPY]],
+                         ids=["codi", "no-checkpointing", "lora", "simcot-on-codi", "simcot-on-codi-lora"])
+def test_the_codi_estimate_holds_to_the_measurement(overrides):
+    # CODI's step: the student passes, its teacher pass (backpropagated first, beside all the student keeps) and, with
+    # SIM-CoT, the decoder copy trained in full; the activation side held to the relative bound.
+    recipe = load_recipe(CODI, overrides)
+    m = measure_recipe(recipe, micro_batches(recipe, recipe.batch.world_sizes).values())
+    rows = world_size_rows(recipe, m, recipe.batch.world_sizes)
+    assert rows and all(r.within_tolerance() for r in rows), [(r.activation_error, r.total_error) for r in rows]
+    assert all(abs(r.activation_error) <= TOLERANCE["activation_side"] for r in rows)
