@@ -11,7 +11,8 @@ import pytest
 pytestmark = pytest.mark.slow  # every stage, DeepSpeed engines included, on the CPU (about a minute)
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_validate.py"
-STAGES = ("environment", "gpu_tests", "llama8b_lora", "gpt2_fast_vs_reference", "memory_estimate", "fair_floor", "profile")
+STAGES = ("environment", "gpu_tests", "llama8b_lora", "gpt2_fast_vs_reference", "memory_estimate", "fair_floor", "profile",
+          "fake_vs_real")
 
 
 def test_gpu_validate_smoke_runs_every_stage(tmp_path):
@@ -46,6 +47,11 @@ def test_gpu_validate_smoke_runs_every_stage(tmp_path):
     assert "coconut_pass_" in profile["kernel_table"]
     rows = profile["pass_table"].splitlines()[2:]
     assert [row.split(" | ")[2] for row in rows] == ["full", *["latent"] * 5, "full"], profile["pass_table"]
+    # The fake-tensor figure beside the same step's real peak (on the CPU: real tensors, allocated bytes only; their
+    # agreement is tests/config/test_fake_measure.py's).
+    cases = stages["fake_vs_real"]["cases"]
+    assert cases and all(c["fake"]["peak_gib"] > 0 and c["real"]["allocated_gib"] > 0 for c in cases)
+    assert "fake" in stages["fake_vs_real"]["headline"]
     markdown = (tmp_path / "results.md").read_text()
     assert all(f"| {name} | ok |" in markdown for name in STAGES)
     assert (tmp_path / "gpu_validate.log").is_file()
