@@ -13,6 +13,9 @@ cut into one pass per latent column, the carried K/V, the fill.
              latent-safe layer checkpointing, for the floor too).
   shapes:    GPT-2-small (12 x 768, batch 8 x 200) and a Llama-shaped decoder (8 x 512, GQA, SwiGLU, RMSNorm,
              batch 8 x 200, vocab 32000).
+  --malloc:  cpu (default) sets glibc malloc as a CPU training run does (train/cpu_malloc.py: no per-allocation mmap,
+             no heap trim), default keeps glibc's; both runs one child per setting at the same time and merges their
+             results into one JSON ("runs"). Minor page faults per step are recorded beside the times.
   --profile: torch.profiler over one step of floor and of coconut (and before, with --compare-rev) on the first
              shape; prints the top tables and the ops whose self CPU time differs most from the floor's (where the
              latent passes' cost sits) and, with before, between before and coconut (what the change moved).
@@ -23,7 +26,8 @@ wall time and of the process's CPU time (with one thread, the step's own work: o
 also counts the waits for a core). The load averages are recorded before and after.
 
     python benchmarks/bench_fair_floor.py --quick                      # tiny shapes, < 1 min
-    python benchmarks/bench_fair_floor.py --compare-rev main --repeats 5  # -> results/bench_fair_floor.json
+    python benchmarks/bench_fair_floor.py --threads 1 --repeats 5 --malloc both  # -> results/bench_fair_floor.json
+    python benchmarks/bench_fair_floor.py --compare-rev main --repeats 5
     python benchmarks/bench_fair_floor.py --profile
 """
 

@@ -4,10 +4,12 @@ By default glibc serves a large allocation (above a dynamic threshold that start
 with its own mmap and gives it back with munmap when freed, and trims the heap's free top back to the OS. A CPU
 train step allocates and frees the same large activations every step, so each fresh tensor faults its pages in
 again: a Coconut step, whose one-column latent passes interleave small and large allocations, took ~478k minor
-faults and ~2.3 s of system time per GPT-2-small step (benchmarks/fair_floor_faults.py), the floor none.
+faults and ~2.3 s of system time per GPT-2-small step (benchmarks/fair_floor_faults.py), its floor 0-155k.
 With mmap off (`M_MMAP_MAX` 0) and trimming off (`M_TRIM_THRESHOLD` above any heap), freed pages stay mapped and
-are reused: no faults, the Coconut step within ~1-3% of its fair floor (docs/benchmarks.md, "Latent passes at the
-fair floor"). The cost: the process's resident memory stays at its high-water mark (it never shrinks).
+are reused: ~10 faults a step, the Coconut step 5-12 points closer to its fair floor without checkpointing
+(docs/benchmarks.md, "Latent passes at the fair floor"), the peak resident memory unchanged. The cost: resident
+memory stays at its high-water mark (it never shrinks), and glibc's aligned allocations can leave freed chunks a
+same-size request does not fit (bounded in the measurements there).
 
 Applied once where a training run starts, only when the accelerator is the CPU (a GPU run's host allocations are
 not in its step). `COCONUT_SCALE_CPU_MALLOC=0` keeps glibc's defaults.
