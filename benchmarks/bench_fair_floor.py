@@ -13,6 +13,9 @@ cut into one pass per latent column, the carried K/V, the fill.
              latent-safe layer checkpointing, for the floor too).
   shapes:    GPT-2-small (12 x 768, batch 8 x 200) and a Llama-shaped decoder (8 x 512, GQA, SwiGLU, RMSNorm,
              batch 8 x 200, vocab 32000).
+  --malloc:  cpu (default) sets glibc malloc as a CPU training run does (train/cpu_malloc.py: no per-allocation mmap,
+             no heap trim), default keeps glibc's; both runs one child per setting at the same time and merges their
+             results into one JSON ("runs"). Minor page faults per step are recorded beside the times.
   --profile: torch.profiler over one step of floor and of coconut (and before, with --compare-rev) on the first
              shape; prints the top tables and the ops whose self CPU time differs most from the floor's (where the
              latent passes' cost sits) and, with before, between before and coconut (what the change moved).
@@ -23,7 +26,8 @@ wall time and of the process's CPU time (with one thread, the step's own work: o
 also counts the waits for a core). The load averages are recorded before and after.
 
     python benchmarks/bench_fair_floor.py --quick                      # tiny shapes, < 1 min
-    python benchmarks/bench_fair_floor.py --compare-rev main --repeats 5  # -> results/bench_fair_floor.json
+    python benchmarks/bench_fair_floor.py --threads 1 --repeats 5 --malloc both  # -> results/bench_fair_floor.json
+    python benchmarks/bench_fair_floor.py --compare-rev main --repeats 5
     python benchmarks/bench_fair_floor.py --profile
 """
 
@@ -31,9 +35,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import platform
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +61,7 @@ from coconut_scale.model.activation_checkpointing import (  # noqa: E402
     enable_latent_safe_checkpointing,
 )
 from coconut_scale.model.coconut import Coconut  # noqa: E402
+from coconut_scale.train.cpu_malloc import tune_cpu_malloc  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_fair_floor.json"
 SHAPES = (
@@ -89,19 +98,20 @@ class Steps:
         return float(loss.detach())
 
 
-def interleaved(steps: Steps, group: list[str], repeats: int, log) -> tuple[dict, dict, dict]:
-    """Wall and CPU seconds per round and variant, and each variant's loss (from the warm-up)."""
-    wall, cpu = {v: [] for v in group}, {v: [] for v in group}
+def interleaved(steps: Steps, group: list[str], repeats: int, log) -> tuple[dict, dict, dict, dict]:
+    """Wall and CPU seconds and minor page faults per round and variant, and each variant's loss (warm-up)."""
+    wall, cpu, faults = {v: [] for v in group}, {v: [] for v in group}, {v: [] for v in group}
     losses = {v: steps.run(v) for v in group}  # warm-up
     for r in range(repeats):
         for v in group if r % 2 == 0 else reversed(group):
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, f0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             steps.run(v)
             wall[v].append(time.perf_counter() - t0)
             cpu[v].append(time.process_time() - c0)
+            faults[v].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         log(f"  {steps.shape.name} round {r + 1}/{repeats}: "
-            + ", ".join(f"{v} {wall[v][-1]:.2f}s (cpu {cpu[v][-1]:.2f}s)" for v in group))
-    return wall, cpu, losses
+            + ", ".join(f"{v} {wall[v][-1]:.2f}s (cpu {cpu[v][-1]:.2f}s, {faults[v][-1]} faults)" for v in group))
+    return wall, cpu, faults, losses
 
 
 def summarise(times: dict[str, list[float]], floor: str) -> list[dict]:
@@ -139,14 +149,15 @@ def profile_difference(steps: Steps, rows: int) -> str:
     return "\n\n".join([*tables, *sections])
 
 
-def format_table(timing: dict, cpu: dict) -> str:
+def format_table(timing: dict, cpu: dict, faults: dict) -> str:
     lines = ["| shape | variant | wall s | x floor (medians) | x floor (paired) | CPU s | x floor CPU (medians) "
-             "| x floor CPU (paired) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| x floor CPU (paired) | minor faults |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for shape_name, rows in timing.items():
         for r, c in zip(rows, cpu[shape_name]):
+            f = median(faults[shape_name][r["variant"]])
             lines.append(f"| {shape_name} | {r['variant']} | {r['median_s']:.2f} | {r['x_floor_medians']:.3f}x "
                          f"| {r['x_floor_paired']:.3f}x | {c['median_s']:.2f} | {c['x_floor_medians']:.3f}x "
-                         f"| {c['x_floor_paired']:.3f}x |")
+                         f"| {c['x_floor_paired']:.3f}x | {f:.0f} |")
     return "\n".join(lines)
 
 
@@ -159,6 +170,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
     p.add_argument("--profile", action="store_true", help="instead of timing: the profile of the difference")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--malloc", choices=["default", "cpu", "both"], default="cpu",
+                   help="glibc malloc as a CPU training run sets it (train/cpu_malloc.py), glibc's defaults, or both: "
+                        "two child processes at once, one per setting, their results in one JSON")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.out is None:
@@ -166,8 +180,29 @@ def parse_args(argv=None):
     return args
 
 
+def both_allocators(args, argv) -> None:
+    """One child per malloc setting, run at the same time (the same load for both), merged into args.out."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = {m: Path(tmp) / f"{m}.json" for m in ("default", "cpu")}
+        children = {m: subprocess.Popen([sys.executable, __file__, *argv, "--malloc", m, "--out", str(out)])
+                    for m, out in outs.items()}
+        failed = {m: rc for m, c in children.items() if (rc := c.wait()) != 0}
+        if failed:
+            raise SystemExit(f"bench_fair_floor --malloc both: children exited {failed}")
+        runs = {m: json.loads(out.read_text()) for m, out in outs.items()}
+    for m, run in runs.items():
+        print(f"## malloc {m}\n{run['table_markdown']}\n")
+    write_json_atomic(args.out, {"benchmark": "bench_fair_floor", "malloc": "both", "runs": runs,
+                                 "method": "two processes at once, glibc malloc defaults vs train/cpu_malloc.py's "
+                                           "settings; within each, the interleaved rounds below"})
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.malloc == "both":
+        return both_allocators(args, argv)
+    malloc_line = tune_cpu_malloc(True, environ={}) if args.malloc == "cpu" else "malloc: glibc defaults"
     torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
@@ -177,26 +212,30 @@ def main(argv=None):
         print(profile_difference(Steps(shapes[0], args.compare_rev), rows=20))
         return None
     load_before = load_average()
-    timing, cpu_timing, raw, raw_cpu, losses = {}, {}, {}, {}, {}
+    log(malloc_line)
+    timing, cpu_timing, raw, raw_cpu, raw_faults, losses = {}, {}, {}, {}, {}, {}
     for shape in shapes:
         steps = Steps(shape, args.compare_rev)
-        raw[shape.name], raw_cpu[shape.name], losses[shape.name] = {}, {}, {}
+        raw[shape.name], raw_cpu[shape.name], raw_faults[shape.name], losses[shape.name] = {}, {}, {}, {}
         timing[shape.name], cpu_timing[shape.name] = [], []
         for suffix in {"off": [""], "on": ["_ckpt"], "both": ["", "_ckpt"]}[args.checkpointing]:
             group = [v for v in steps.variants() if v.endswith("_ckpt") == (suffix == "_ckpt")]
-            wall, cpu, loss = interleaved(steps, group, args.repeats, log)
+            wall, cpu, faults, loss = interleaved(steps, group, args.repeats, log)
+            raw_faults[shape.name].update(faults)
             raw[shape.name].update(wall)
             raw_cpu[shape.name].update(cpu)
             losses[shape.name].update(loss)
             timing[shape.name] += summarise(wall, "floor" + suffix)
             cpu_timing[shape.name] += summarise(cpu, "floor" + suffix)
-    table = format_table(timing, cpu_timing)
+    table = format_table(timing, cpu_timing, raw_faults)
     print(table)
     result = {
         "benchmark": "bench_fair_floor",
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "load_average_1_5_15": {"before": load_before, "after": load_average()},
+        "malloc": malloc_line,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "config": {"quick": args.quick, "repeats": args.repeats, "compare_rev": args.compare_rev,
                    "threads": args.threads, "shapes": [asdict(s) for s in shapes]},
         "environment": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -206,7 +245,7 @@ def main(argv=None):
                   "medians and the median of per-round ratios to the floor of the same checkpointing mode. CPU: "
                   "time.process_time of the step (one thread: the process's own work, less sensitive to load than "
                   "wall time on a shared machine).",
-        "losses": losses, "timings_s": raw, "cpu_times_s": raw_cpu, "timing": timing, "cpu_timing": cpu_timing,
+        "losses": losses, "timings_s": raw, "cpu_times_s": raw_cpu, "minor_faults": raw_faults, "timing": timing, "cpu_timing": cpu_timing,
         "table_markdown": table,
     }
     write_json_atomic(args.out, result)

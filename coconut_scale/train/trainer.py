@@ -45,6 +45,7 @@ from coconut_scale.train import storage
 from coconut_scale.train.checkpoints import LOOP_STATE, CheckpointManager, read_json
 from coconut_scale.train.codi_run import (PART_NAME as CODI_PART, CodiData, codi_export_meta, codi_step_collator,
                                           load_codi_data)
+from coconut_scale.train.cpu_malloc import tune_cpu_malloc
 from coconut_scale.train.data_identity import DATA_FILE, check_data, check_tokenizer, data_identity, token_identity
 from coconut_scale.train.engine import build_engine
 from coconut_scale.train.export import export_hf, point_export
@@ -189,6 +190,9 @@ class Trainer:
         note = cpu_threads_note()
         if note:
             self.log.print(note)
+        malloc_line = tune_cpu_malloc(dist.device().type == "cpu")  # before the model: its tensors reuse the heap
+        if malloc_line:
+            self.log.print(malloc_line)
         return latest
 
     def _take_output_dir(self) -> None:
