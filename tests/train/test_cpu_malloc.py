@@ -74,4 +74,5 @@ def test_tuned_malloc_reuses_freed_pages_the_default_faults_in_again():
     pages = 4 * 2**26 // 4096  # four steps' 64 MiB tensors in 4 KiB pages
     default, tuned = faults("default"), faults("tuned")
     assert default > pages * 0.9, default
-    assert tuned < pages // 4, tuned
+    # tuned: at most one step's 64 MiB faulted in over the four (the heap may still grow once), not every step's
+    assert tuned <= pages // 4, tuned
