@@ -17,7 +17,7 @@ cut into one pass per latent column, the carried K/V, the fill.
              no heap trim), default keeps glibc's; both runs one child per setting at the same time and merges their
              results into one JSON ("runs"). Minor page faults per step are recorded beside the times.
   --profile: torch.profiler over one step of floor and of coconut (and before, with --compare-rev) on the first
-             shape; prints the top tables and the ops whose self CPU time differs most from the floor's (where the
+             shape, with --checkpointing off or on; prints the top tables and the ops whose self CPU time differs most from the floor's (where the
              latent passes' cost sits) and, with before, between before and coconut (what the change moved).
 
 Timing: one warm-up per variant (its loss is recorded: coconut and before must agree), then rounds in which the
@@ -28,13 +28,14 @@ also counts the waits for a core). The load averages are recorded before and aft
     python benchmarks/bench_fair_floor.py --quick                      # tiny shapes, < 1 min
     python benchmarks/bench_fair_floor.py --threads 1 --repeats 5 --malloc both  # -> results/bench_fair_floor.json
     python benchmarks/bench_fair_floor.py --compare-rev main --repeats 5
-    python benchmarks/bench_fair_floor.py --profile
+    python benchmarks/bench_fair_floor.py --profile --checkpointing on --shapes llama
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -81,17 +82,25 @@ class Steps:
         self.batch = train_batch(shape, t)
         self.wrappers = {"floor": Coconut(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS, feedback=False),
                          "coconut": Coconut(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS)}
+        # Each wrapper's layers are checkpointed by its own package's checkpointing (the recompute must run in that
+        # package's deferral of weight gradients, deferred_grad.recompute_context).
+        self.checkpointing = {"floor": enable_latent_safe_checkpointing, "coconut": enable_latent_safe_checkpointing}
         if compare_rev:
-            self.wrappers["before"] = coconut_class_at(compare_rev)(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS)
+            before = coconut_class_at(compare_rev)
+            self.wrappers["before"] = before(self.model, t.latent_id, t.start_id, t.end_id, NO_EOS)
+            package = before.__module__.split(".")[0]
+            self.checkpointing["before"] = importlib.import_module(
+                f"{package}.model.activation_checkpointing").enable_latent_safe_checkpointing
 
     def variants(self) -> list[str]:
         return [f"{name}{suffix}" for suffix in ("", "_ckpt") for name in self.wrappers]
 
     def run(self, variant: str) -> float:
+        name = variant.removesuffix("_ckpt")
         disable_latent_safe_checkpointing(self.model)
         if variant.endswith("_ckpt"):
-            enable_latent_safe_checkpointing(self.model)
-        wrapper = self.wrappers[variant.removesuffix("_ckpt")]
+            self.checkpointing[name](self.model)
+        wrapper = self.wrappers[name]
         self.model.zero_grad(set_to_none=True)
         loss = wrapper(**self.batch).loss
         loss.backward()
@@ -119,12 +128,12 @@ def summarise(times: dict[str, list[float]], floor: str) -> list[dict]:
              "x_floor_paired": median([a / b for a, b in zip(ts, times[floor])])} for v, ts in times.items()]
 
 
-def profile_difference(steps: Steps, rows: int) -> str:
-    """Top self-CPU ops of each variant (checkpointing off), and the ops whose self CPU time differs most from the
-    floor's (and, with a `before` variant, from before's: the lines the change moved)."""
+def profile_difference(steps: Steps, rows: int, suffix: str = "") -> str:
+    """Top self-CPU ops of each variant (checkpointing on with suffix "_ckpt"), and the ops whose self CPU time
+    differs most from the floor's (and, with a `before` variant, from before's: the lines the change moved)."""
     from torch.profiler import ProfilerActivity, profile
 
-    names = [v for v in ("floor", "before", "coconut") if v in steps.wrappers]
+    names = [v + suffix for v in ("floor", "before", "coconut") if v in steps.wrappers]
     tables, totals = [], {}
     for variant in names:
         steps.run(variant)
@@ -134,7 +143,8 @@ def profile_difference(steps: Steps, rows: int) -> str:
         tables.append(f"## {variant} ({steps.shape.name})\n" + averages.table(sort_by="self_cpu_time_total", row_limit=rows))
         totals[variant] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in averages}
     sections = []
-    for base, other in [("floor", v) for v in names[1:]] + ([("before", "coconut")] if "before" in names else []):
+    floor, before, coconut = "floor" + suffix, "before" + suffix, "coconut" + suffix
+    for base, other in [(floor, v) for v in names[1:]] + ([(before, coconut)] if before in names else []):
         a, b = totals[base], totals[other]
         keys = sorted(set(a) | set(b), key=lambda k: -abs(b.get(k, (0, 0))[0] - a.get(k, (0, 0))[0]))
         lines = [f"## {other} minus {base}, self CPU ms (top ops by difference)",
@@ -209,7 +219,10 @@ def main(argv=None):
         shapes = tuple(s for s in shapes if any(s.name.startswith(p) for p in args.shapes))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.profile:
-        print(profile_difference(Steps(shapes[0], args.compare_rev), rows=20))
+        suffix = {"off": "", "on": "_ckpt"}.get(args.checkpointing)
+        if suffix is None:
+            raise SystemExit("bench_fair_floor --profile: pass --checkpointing off or on (one profile per run)")
+        print(profile_difference(Steps(shapes[0], args.compare_rev), rows=20, suffix=suffix))
         return None
     load_before = load_average()
     log(malloc_line)

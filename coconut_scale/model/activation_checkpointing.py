@@ -5,6 +5,7 @@ and forces `use_cache=False`; with a cache carried from one latent pass to the n
 worse, silently wrong loss and gradients. Reentrant checkpointing loses the gradient that flows through the
 cache. What is exact: HF's flag off, and non-reentrant `torch.utils.checkpoint` around each decoder layer's
 forward, combined with `PassCache`, which never mutates itself (so a recompute sees the same past).
+A layer called in one of Coconut's one-column passes is not checkpointed: it runs once (column_pass.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from coconut_scale.model.column_pass import in_one_column_pass, saving_cache_views
 from coconut_scale.model.deferred_grad import recompute_context
 
 
@@ -57,6 +59,9 @@ def enable_latent_safe_checkpointing(model: torch.nn.Module) -> int:
         def forward(*args, __original=original, **kwargs):
             if not torch.is_grad_enabled():
                 return __original(*args, **kwargs)
+            if in_one_column_pass():  # run once: its activations are tiny, attention's K/V kept as the cache's
+                with saving_cache_views():
+                    return __original(*args, **kwargs)
             return checkpoint(__original, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
 
         layer.forward = forward

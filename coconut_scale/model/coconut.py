@@ -42,6 +42,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from coconut_scale.model.activation_checkpointing import decoder_layers
 from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS, chunked_shifted_cross_entropy
+from coconut_scale.model.column_pass import one_column_pass
 from coconut_scale.model.deferred_grad import DeferredGrads, anchor, can_defer, deferrable_weights, deferring
 from coconut_scale.model.kv_cache import PassCache
 from coconut_scale.model.method_part import MethodPart
@@ -288,7 +289,8 @@ class Coconut(nn.Module):
             filled.append(chunk)
             extra = {"output_hidden_states": True} if last_states and i == len(plan.ranges) - 1 else {}
             defer = deferred is not None and i > 0 and end - start == 1
-            with deferring(deferred) if defer else contextlib.nullcontext():
+            with (deferring(deferred) if defer else contextlib.nullcontext(),
+                  one_column_pass() if end - start == 1 else contextlib.nullcontext()):
                 result = decoder(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
                                  position_ids=position_ids[:, start:end], use_cache=True,
                                  **{cache_kwarg(self.base_causallm): cache}, **extra)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from coconut_scale.model.column_pass import register_concatenation
+
 
 class _PassLayer(DynamicLayer):
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
@@ -39,8 +41,11 @@ class _PassLayer(DynamicLayer):
             self.new_keys, self.new_values = key_states, value_states
         if not self.key_chunks:
             return key_states, value_states
-        keys = torch.cat([*self.key_chunks, key_states], dim=-2)
-        values = torch.cat([*self.value_chunks, value_states], dim=-2)
+        key_chunks, value_chunks = [*self.key_chunks, key_states], [*self.value_chunks, value_states]
+        keys, values = torch.cat(key_chunks, dim=-2), torch.cat(value_chunks, dim=-2)
+        # In a one-column pass, what attention saves of these is kept as the chunks (column_pass.py).
+        register_concatenation(keys, key_chunks, -2)
+        register_concatenation(values, value_chunks, -2)
         return keys, values
 
     def get_seq_length(self) -> int:

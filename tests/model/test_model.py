@@ -92,8 +92,11 @@ def test_checkpointing_is_exact_across_latent_passes(arch):
     forward_calls = calls["n"]
     ckpt = _grads(base, ckpt_out.loss)
     handle.remove()
-    # The layer internals ran again during backward: checkpointing really happened, once per pass.
-    assert calls["n"] == 2 * forward_calls == 2 * ckpt_out.num_passes
+    # The layer internals ran again during backward: checkpointing really happened, once per pass wider than one
+    # column; the one-column passes ran once (column_pass.py).
+    wide = sum(end - start > 1 for start, end in coconut._plan(ids, None, None).ranges)
+    assert 0 < wide < ckpt_out.num_passes
+    assert forward_calls == ckpt_out.num_passes and calls["n"] == forward_calls + wide
 
     torch.testing.assert_close(ckpt_out.loss, out.loss, rtol=RTOL, atol=ATOL)
     _assert_grads_close(ckpt, plain, names)
