@@ -3,8 +3,10 @@
 A one-column latent pass does B rows of matmul work against every weight of the decoder, so on a GPU it is bound
 by the bytes it moves, not by its FLOPs. Per rank, per latent pass (B = micro batch, one column):
 
-  weights read        decoder linear weights, once in forward and once in backward (the input gradient), once more
-                      in the checkpointing recompute: 2 or 3 x W bytes (W: the linears' weights in the model dtype)
+  weights read        decoder linear weights, once in forward and once in backward (the input gradient): 2 x W
+                      bytes (W: the linears' weights in the model dtype; LoRA adapters' weights alike). "before" also
+                      counts a checkpointing recompute of the pass's layers (3 x W); "after", a one-column pass runs
+                      once under checkpointing too (model/column_pass.py): 2 x W.
   gradients (before)  per trainable linear weight, a full-size gradient written by a rank-B product, then added into
                       the accumulated gradient (read both, write one): 4 x G bytes (G: trainable linear weights)
   gradients (after)   with the deferral (model/deferred_grad.py) the pass keeps [B, in] + [B, out] rows per linear
@@ -13,7 +15,7 @@ by the bytes it moves, not by its FLOPs. Per rank, per latent pass (B = micro ba
                       before there.
 
 The step is predicted compute-bound: the FLOPs it must do (step_timing.step_flops, plus the checkpointing
-recompute's forward) at MFU x the measured bf16 matmul rate; the latent passes' bytes at the measured copy rate are
+recompute's forward of the columns outside the one-column passes) at MFU x the measured bf16 matmul rate; the latent passes' bytes at the measured copy rate are
 added on top. This is a floor: the first GPU run measured ~0.5 s forward / ~0.75 s backward per latent pass of
 llama8b LoRA under ZeRO-3, far above any byte count, because ZeRO-3's per-module hooks dominate a one-column pass.
 
@@ -62,18 +64,19 @@ def recipe_model(path: Path) -> dict:
     micro, seq = recipe.batch.micro_batch_size, recipe.data.max_seq_len
     ckpt = recipe.model.gradient_checkpointing
     zero3 = "zero3" in Path(recipe.deepspeed.config).name
-    reads = (3 if ckpt else 2) * per_layer * d.layers * wbytes + (3 if ckpt else 2) * (trainable * gbytes if lora else 0)
+    one_read = per_layer * d.layers * wbytes + (trainable * gbytes if lora else 0)
+    reads_before, reads_after = (3 if ckpt else 2) * one_read, 2 * one_read
     grads_before = 4 * trainable * gbytes
     grads_after = grads_before if zero3 else grads_before / max(1, latents)
     flops = step_flops(shape, micro, seq, recipe.lora.rank if lora else None, targets)
-    if ckpt:
-        flops += 2 * micro * seq * (per_layer * d.layers)  # the recompute's forward of the decoder linears
+    if ckpt:  # the recompute's forward of the decoder linears, over the columns outside the one-column passes
+        flops += 2 * micro * max(seq - latents, 0) * (per_layer * d.layers)
     step_s = flops / (MFU * MATMUL_TFLOPS * 1e12)
     out = {"recipe": path.stem, "model": recipe.model.name_or_path, "lora": lora, "zero3": zero3, "dtype": recipe.model.dtype,
            "micro_batch": micro, "seq": seq, "latents": latents, "checkpointing": ckpt,
-           "weights_read_gb": reads / 1e9, "grads_before_gb": grads_before / 1e9, "grads_after_gb": grads_after / 1e9,
-           "predicted_step_s": step_s}
-    for when, grads in (("before", grads_before), ("after", grads_after)):
+           "weights_read_gb_before": reads_before / 1e9, "weights_read_gb_after": reads_after / 1e9,
+           "grads_before_gb": grads_before / 1e9, "grads_after_gb": grads_after / 1e9, "predicted_step_s": step_s}
+    for when, reads, grads in (("before", reads_before, grads_before), ("after", reads_after, grads_after)):
         pass_s = (reads + grads) / (COPY_TBPS * 1e12)
         out[f"pass_ms_{when}"] = pass_s * 1e3
         out[f"latent_share_{when}"] = latents * pass_s / (step_s + latents * pass_s) if latents else 0.0
@@ -81,7 +84,7 @@ def recipe_model(path: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| recipe | train | micro x seq | latents | weights read GB/pass | grads GB/pass before -> after "
+    lines = ["| recipe | train | micro x seq | latents | weights read GB/pass before -> after | grads GB/pass before -> after "
              "| ms/pass before -> after | predicted step s | latent share before -> after |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -90,7 +93,8 @@ def table(rows: list[dict]) -> str:
             continue
         train = ("LoRA" if r["lora"] else "full") + (", ZeRO-3" if r["zero3"] else "") + f", {r['dtype']}"
         lines.append(f"| {r['recipe']} | {train} | {r['micro_batch']} x {r['seq']} | {r['latents']} "
-                     f"| {r['weights_read_gb']:.2f} | {r['grads_before_gb']:.2f} -> {r['grads_after_gb']:.2f} "
+                     f"| {r['weights_read_gb_before']:.2f} -> {r['weights_read_gb_after']:.2f} "
+                     f"| {r['grads_before_gb']:.2f} -> {r['grads_after_gb']:.2f} "
                      f"| {r['pass_ms_before']:.2f} -> {r['pass_ms_after']:.2f} | {r['predicted_step_s']:.3f} "
                      f"| {r['latent_share_before']:.1%} -> {r['latent_share_after']:.1%} |")
     return "\n".join(lines)
