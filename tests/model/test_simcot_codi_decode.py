@@ -101,7 +101,8 @@ def _reference_greedy(decoder, embed, thought, eos_id):
     with torch.no_grad():
         for _ in range(MAX_NEW):
             seq = torch.cat([thought, embed(torch.tensor(tokens, dtype=torch.long))], dim=0)[None]
-            token = int(decoder(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None]).logits[0, -1].argmax())
+            logits = decoder(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None]).logits
+            token = int(logits[0, -1].argmax())
             if token == eos_id:
                 break
             tokens.append(token)
