@@ -70,11 +70,13 @@ def codi_eval_examples(records: list[dict], tokenizer, tokens: LatentTokens, num
         prompt = list(row["encoder_input_ids"]) + [tokens.latent_id] * num_latent
         steps = list(record.get("steps", []))
         # The analyses' gold continuation (evaluate/ablations.py): no steps left in text, then the answer + eos
-        # exactly as the student is trained on it.
+        # exactly as the student is trained on it; the teacher ids, what SIM-CoT's step targets are cut from
+        # (data/codi_steps.py, evaluate/decode_latents.py).
         examples.append({"input_ids": prompt + list(row["decoder_input_ids"][:opening]), "n_latents": num_latent,
                          "stage": 0, "idx": int(row["index"]), "answer": answer_value(record["answer"]),
                          "steps": steps, "n_skipped_steps": len(steps), "steps_ids": [[] for _ in steps],
-                         "answer_ids": list(row["decoder_input_ids"][opening:]), "answer_rule": "last_number"})
+                         "answer_ids": list(row["decoder_input_ids"][opening:]), "answer_rule": "last_number",
+                         "teacher_input_ids": list(row["teacher_input_ids"])})
     return examples
 
 

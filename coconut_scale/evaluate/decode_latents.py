@@ -8,6 +8,14 @@ For each prompt (the evaluation prompt of --stage: question, markers, latents) t
 then the decoder greedily decodes each latent step's c_thought thoughts, exactly the layout it was trained on
 (model/step_supervision.py). The gold step is the training target of that step (data/step_targets.py: the step
 text; the remaining steps joined at the last latent step; the answer where the record has fewer steps).
+
+A `method: codi` export with its decoder (SIM-CoT on CODI) is read the same way, in its training layout "codi":
+the prompt is CODI's evaluation prompt (question, bot, num_latent latents, eot; data/codi_features.py), the
+student's latent passes feed prj(h) back as generation does, and step k = 0..num_latent decodes z_k alone (z_n:
+prj of the state after the last latent, never fed back), positions from 0, no step prompt. The gold step is the
+step training cuts from the record's teacher ids (data/codi_steps.py: each "<<...>>" span, the tail joined into
+the last step, the teacher CoT without its last step unless codi.include_last_cot), taken whole (the dedup bug's
+cut to a batch's row 0 is a batching artefact); a step training fills with [pad] has no target and no row.
 Outputs in --out (default runs/<name>/eval/<export>/decode-latents-stage<K>/):
     decode_latents.json   per step k and overall: exact-match and mean token-F1 (whitespace tokens); every row
     decode_latents.txt    a readable table: example, step, gold, decoded
@@ -25,12 +33,14 @@ import torch
 from coconut_scale import distributed as dist
 from coconut_scale.atomic_files import write_json_atomic, write_text_atomic
 from coconut_scale.data.collate import left_pad_for_generation
+from coconut_scale.data.codi_steps import get_steps, step_ids
 from coconut_scale.data.step_targets import STEP_SEPARATOR, StepPieces, step_targets
 from coconut_scale.errors import run_cli
 from coconut_scale.evaluate.inputs import add_common_args, check_common_args, default_out_dir, load_inputs
 from coconut_scale.evaluate.runtime import InputError, quiet_libraries, say
-from coconut_scale.model.export_meta import StepDecoderMeta
+from coconut_scale.model.export_meta import ExportFormatError, ExportMeta, StepDecoderMeta
 from coconut_scale.model.step_supervision import StepSupervision
+from coconut_scale.model.tokens import LatentTokens
 
 
 def token_f1(gold: str, decoded: str) -> float:
@@ -45,24 +55,59 @@ def token_f1(gold: str, decoded: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def latent_states(model, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompts' latent passes as generation runs them: (the filled input embeddings, CODI's z_n or None)."""
+    codi = model.part("codi")
+    if codi is not None:
+        return codi.prompt_thoughts(model, input_ids, attention_mask, position_ids)
+    with torch.no_grad():
+        return model(input_ids, attention_mask, position_ids=position_ids).inputs_embeds, None
+
+
+class StepGolds:
+    """Per example, the training target of each latent step the decoder reads (None: the step has none)."""
+
+    def __init__(self, part: StepSupervision, tokenizer, max_latent_stage: int):
+        self.part, self.tokenizer, self.max_latent_stage = part, tokenizer, max_latent_stage
+        self.eos = tokenizer.eos_token_id
+        if part.layout == "codi":  # the cut of data/codi_steps.py, with the ids training cuts at
+            self.codi_ids = step_ids(tokenizer, self.eos, LatentTokens.from_tokenizer(tokenizer).pad_id)
+        else:
+            self.separator = tokenizer.encode(STEP_SEPARATOR, add_special_tokens=False)
+
+    def __call__(self, example: dict) -> list[list[int] | None]:
+        n_steps = self.part.steps_of(example["n_latents"])
+        if self.part.layout == "codi":
+            # The row's own steps (what a batch of this record alone trains on): step k without its eos; a [pad]
+            # step is no pair in training, so nothing to score.
+            steps = get_steps([example["teacher_input_ids"]], n_steps, self.codi_ids)[0]
+            return [None if s == [self.codi_ids.pad_id] else s[:-1] for s in steps]
+        answer = example["answer_ids"]
+        pieces = StepPieces(tuple(tuple(self.tokenizer.encode(s, add_special_tokens=False))
+                                  for s in example.get("steps", [])),
+                            tuple(answer[:-1] if answer[-1:] == [self.eos] else answer))
+        return list(step_targets(pieces, example["n_skipped_steps"], n_steps, self.max_latent_stage, self.separator))
+
+
 def decode_examples(model, tokenizer, examples, max_latent_stage: int, batch_size: int, max_new_tokens: int,
                     prompt: str | None) -> list[dict]:
-    """One row per (example, latent step): gold and decoded text, exact match, token F1. `model`: a Coconut with
-    its StepSupervision part (model.loading.attach_step_decoder)."""
+    """One row per (example, latent step with a training target): gold and decoded text, exact match, token F1.
+    `model`: a Coconut (or a CODI student) with its StepSupervision part (model.loading.attach_step_decoder)."""
     part = model.part(StepSupervision.name)
-    c = part.c_thought
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
-    separator = tokenizer.encode(STEP_SEPARATOR, add_special_tokens=False)
+    golds_of = StepGolds(part, tokenizer, max_latent_stage)
+    if part.layout == "codi":
+        prompt = None  # SIM-CoT's CODI variant reads no step prompt (model/step_supervision.py layout_inputs)
     rows = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        ids, mask, pos = (t.to(device) for t in left_pad_for_generation([e["input_ids"] for e in chunk], model.eos_token_id))
-        pairs = [(r, k) for r, e in enumerate(chunk) for k in range(e["n_latents"] // c)]
+        golds = [golds_of(e) for e in chunk]
+        pairs = [(r, k) for r in range(len(chunk)) for k, gold in enumerate(golds[r]) if gold is not None]
         if not pairs:
             continue
-        with torch.no_grad():
-            filled = model(ids, mask, position_ids=pos).inputs_embeds
+        ids, mask, pos = (t.to(device) for t in left_pad_for_generation([e["input_ids"] for e in chunk], model.eos_token_id))
+        filled, last_thought = latent_states(model, ids, mask, pos)
         steps = torch.tensor([k for _, k in pairs], device=device)
         prompts = prompt_lengths = None
         if prompt:
@@ -73,14 +118,10 @@ def decode_examples(model, tokenizer, examples, max_latent_stage: int, batch_siz
                 prompts[i, width - len(t):] = torch.tensor(t, device=device)
             prompt_lengths = torch.tensor([len(t) for t in texts], device=device)
         decoded = part.decode_steps(model, ids, filled, torch.tensor([r for r, _ in pairs], device=device), steps,
-                                    eos, max_new_tokens, prompts, prompt_lengths)
+                                    eos, max_new_tokens, prompts, prompt_lengths, last_thought)
         for (r, k), tokens in zip(pairs, decoded):
-            e = chunk[r]
-            pieces = StepPieces(tuple(tuple(tokenizer.encode(s, add_special_tokens=False)) for s in e.get("steps", [])),
-                                tuple(e["answer_ids"][:-1] if e["answer_ids"][-1:] == [eos] else e["answer_ids"]))
-            gold_ids = step_targets(pieces, e["n_skipped_steps"], e["n_latents"] // c, max_latent_stage, separator)[k]
-            gold, text = tokenizer.decode(gold_ids).strip(), tokenizer.decode(tokens).strip()
-            rows.append({"idx": e["idx"], "step": k, "gold": gold, "decoded": text, "exact": gold == text,
+            gold, text = tokenizer.decode(golds[r][k]).strip(), tokenizer.decode(tokens).strip()
+            rows.append({"idx": chunk[r]["idx"], "step": k, "gold": gold, "decoded": text, "exact": gold == text,
                          "token_f1": token_f1(gold, text)})
     return rows
 
@@ -113,6 +154,22 @@ def format_table(rows: list[dict], summary: dict, width: int = 60) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_step_decoder(checkpoint: str | Path) -> StepDecoderMeta:
+    """The export's StepDecoderMeta; a CODI export without one is told what trains and exports a decoder."""
+    try:
+        return StepDecoderMeta.read(checkpoint)
+    except ExportFormatError as missing:
+        try:
+            method = ExportMeta.read(checkpoint).method
+        except ExportFormatError:
+            raise missing from None
+        if method != "codi":
+            raise
+        raise InputError(f"{missing}; for a method codi export that is SIM-CoT on CODI: train with "
+                         f"coconut.step_supervision.enabled: true and coconut.step_supervision.export_decoder: "
+                         f"true") from None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="coconut-scale decode-latents", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,7 +185,7 @@ def main(argv=None) -> int:
     check_common_args(args)
     quiet_libraries()
     dist.init_for_inference()
-    StepDecoderMeta.read(args.checkpoint)  # checked before the base model loads: a missing decoder fails fast
+    check_step_decoder(args.checkpoint)  # before the base model loads: a missing decoder fails fast
     inputs = load_inputs(args.checkpoint, args.data, args.stage, args.max_examples, args.max_seq_len, args.dtype)
     if max(ex["n_latents"] for ex in inputs.examples) == 0:
         raise InputError(f"stage {inputs.stage} prompts hold no latents; there is nothing to decode (--stage >= 1)")

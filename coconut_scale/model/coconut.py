@@ -312,12 +312,17 @@ class Coconut(nn.Module):
         latent_columns: Sequence[int] | None = None,
         return_logits: bool | None = None,
         part_inputs: dict[str, dict[str, torch.Tensor]] | None = None,
+        state_columns: torch.Tensor | None = None,
     ) -> CoconutOutput:
         """`return_logits` defaults to `labels is None` (or `loss_chunks is None`): a training step then never
-        holds [B, T, V] logits. `part_inputs`: {part name: its batch tensors} for each method part to run."""
+        holds [B, T, V] logits. `part_inputs`: {part name: its batch tensors} for each method part to run.
+        `state_columns` (without `part_inputs`): columns of the last pass whose every hidden-state entry comes
+        back in `column_states`, as a part's `state_columns` asks in training (the analyses read them)."""
         if not part_inputs:
             return self._forward_core(input_ids, attention_mask, labels, position_ids, num_passes, latent_columns,
-                                      return_logits)
+                                      return_logits, state_columns)
+        if state_columns is not None:
+            raise ValueError("state_columns comes from the method parts when part_inputs is given")
         parts = {}
         for name in part_inputs:
             part = self.part(name)

@@ -115,6 +115,17 @@ class CodiPart(MethodPart):
         step decoder reads it as the thought of the last step."""
         return self.project_feedback(out.column_states[-1][:, 1])
 
+    @torch.no_grad()
+    def prompt_thoughts(self, core, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's latent passes over left-padded generation prompts (question <bot> latents <eot> ...), the
+        passes generate() runs: (the filled input embeddings [B, T, H], z_n [B, H]). z_0..z_{n-1} are the filled
+        embeddings at the latent columns; z_n is prj of the final-norm state at the last latent column, what
+        `last_thought` reads in training (the prompt's last pass starts at that column, as training's does)."""
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = torch.where(input_ids == core.latent_token_id, columns, -1).amax(dim=1)  # [B], no host sync
+        out = core(input_ids, attention_mask, position_ids=position_ids, state_columns=last)
+        return out.inputs_embeds, self.project_feedback(out.column_states[-1])
+
     def loss_terms(self, core, input_ids, inputs: dict[str, torch.Tensor], out) -> dict[str, torch.Tensor]:
         if out.column_states is None:
             raise ValueError("the CODI part needs the core's column_states (Coconut.forward with part_inputs)")

@@ -275,12 +275,16 @@ def attach_codi(model: Coconut, directory: str | Path, meta: ExportMeta, dtype: 
 
 def attach_step_decoder(model: Coconut, directory: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
     """Give a loaded Coconut the step decoder its export holds in `<directory>/step_decoder/` (a `StepSupervision`
-    part, as in training); returns (model, StepDecoderMeta)."""
+    part, as in training: on a CODI model, attached first (attach_codi), SIM-CoT's layout "codi" with one thought
+    per step); returns (model, StepDecoderMeta)."""
     step = StepDecoderMeta.read(directory)
     decoder = None if step.shared else load_verified(
         Path(directory) / STEP_DECODER_DIR,
         lambda d: load_causal_lm(d, dtype=dtype, attn_implementation=attn_implementation))
-    model.add_part(StepSupervision(decoder, step.c_thought))
+    if model.part("codi") is not None:
+        model.add_part(StepSupervision(decoder, 1, layout="codi"))
+    else:
+        model.add_part(StepSupervision(decoder, step.c_thought))
     return model, step
 
 

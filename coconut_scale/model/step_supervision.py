@@ -150,6 +150,24 @@ class StepSupervision(MethodPart):
             last = codi.last_thought(out)
         return {"step": self.step_loss(core, input_ids, out.inputs_embeds, inputs, last)}
 
+    def steps_of(self, n_latents: int) -> int:
+        """Latent steps the decoder reads in a prompt of `n_latents` latents: n_latents / c_thought; the "codi"
+        layout's n + 1 (z_0..z_n)."""
+        return n_latents + 1 if self.layout == "codi" else n_latents // self.c_thought
+
+    def thoughts(self, core, input_ids, inputs_embeds, rows, steps, last_thought=None) -> torch.Tensor:
+        """[N, c, H]: the thoughts of latent step `steps[i]` of row `rows[i]`, as the layout reads them: the
+        c_thought filled latents of the step; "codi": z_k (one thought), with `last_thought` CODI's z_n."""
+        if self.layout == "codi":
+            return self._codi_thoughts(core, input_ids, inputs_embeds, last_thought, rows, steps)
+        return gather_thoughts(inputs_embeds, input_ids, core.latent_token_id, self.c_thought, rows, steps)
+
+    def layout_inputs(self, thoughts, embed, targets, lengths, prompts=None, prompt_lengths=None) -> DecoderInputs:
+        """The decoder's input for the pairs (decoder_inputs); "codi": no step prompt, positions from 0."""
+        if self.layout == "codi":
+            return decoder_inputs(thoughts, embed, targets, lengths, first_position=0)
+        return decoder_inputs(thoughts, embed, targets, lengths, prompts, prompt_lengths)
+
     def _codi_thoughts(self, core, input_ids, inputs_embeds, last_thought, rows, steps) -> torch.Tensor:
         """[N, 1, H]: z_steps[i] of row rows[i]; z_0..z_{n-1} are the filled latents, z_n is `last_thought`."""
         n = core.part("codi").spec.num_latent  # every CODI row holds exactly n latents: no host sync
@@ -172,12 +190,8 @@ class StepSupervision(MethodPart):
             lengths = rows = steps = torch.zeros(1, dtype=torch.long, device=input_ids.device)
             prompts = prompt_lengths = None
             weight = 0.0
-        if self.layout == "codi":
-            thoughts = self._codi_thoughts(core, input_ids, inputs_embeds, last_thought, rows, steps)
-            dec_inputs = decoder_inputs(thoughts, embed, targets, lengths, first_position=0)
-        else:
-            thoughts = gather_thoughts(inputs_embeds, input_ids, core.latent_token_id, self.c_thought, rows, steps)
-            dec_inputs = decoder_inputs(thoughts, embed, targets, lengths, prompts, prompt_lengths)
+        thoughts = self.thoughts(core, input_ids, inputs_embeds, rows, steps, last_thought)
+        dec_inputs = self.layout_inputs(thoughts, embed, targets, lengths, prompts, prompt_lengths)
         # use_cache=False: a DynamicCache would be appended to again when checkpointing recomputes a layer.
         dec_out = decoder(inputs_embeds=dec_inputs.embeds, attention_mask=dec_inputs.attention_mask,
                           position_ids=dec_inputs.position_ids, output_hidden_states=True, logits_to_keep=1,
@@ -187,22 +201,29 @@ class StepSupervision(MethodPart):
                                      reduction="tokens" if self.layout == "codi" else "rows")
         return loss * weight + dec_out.logits.float().sum() * 0.0
 
+    def next_token_inputs(self, embed, thoughts, generated, eos_id: int, prompts=None,
+                          prompt_lengths=None) -> DecoderInputs:
+        """The layout's input that predicts the token after `generated` [N, g]: the training input with targets
+        `generated` + EOS, where the output at column first + g predicts label g, the next token."""
+        n, g = generated.shape
+        lengths = torch.full((n,), g, dtype=torch.long, device=generated.device)
+        padded = torch.cat([generated, torch.full((n, 1), eos_id, dtype=torch.long, device=generated.device)], dim=1)
+        return self.layout_inputs(thoughts, embed, padded, lengths, prompts, prompt_lengths)
+
     @torch.no_grad()
     def decode_steps(self, core, input_ids, inputs_embeds, rows, steps, eos_id: int, max_new_tokens: int = 32,
-                     prompts=None, prompt_lengths=None) -> list[list[int]]:
+                     prompts=None, prompt_lengths=None, last_thought=None) -> list[list[int]]:
         """Greedy decoding of latent step `steps[i]` of row `rows[i]` (all pairs in one batch per new token);
-        returns each pair's tokens up to (not including) its first EOS."""
+        returns each pair's tokens up to (not including) its first EOS. `last_thought`: CODI's z_n [B, H]
+        ("codi" layout, CodiPart.prompt_thoughts)."""
         embed = core.base_causallm.get_input_embeddings()
         decoder = self.decoder_of(core)
-        thoughts = gather_thoughts(inputs_embeds, input_ids, core.latent_token_id, self.c_thought, rows, steps)
+        thoughts = self.thoughts(core, input_ids, inputs_embeds, rows, steps, last_thought)
         n = thoughts.shape[0]
         generated = torch.zeros((n, 0), dtype=torch.long, device=thoughts.device)
         done = torch.zeros(n, dtype=torch.bool, device=thoughts.device)
         for _ in range(max_new_tokens):
-            # Lengths = tokens so far: the "EOS" slot of decoder_inputs is where the next token is predicted.
-            lengths = torch.full((n,), generated.shape[1], dtype=torch.long, device=thoughts.device)
-            padded = torch.cat([generated, torch.full((n, 1), eos_id, device=thoughts.device)], dim=1)
-            dec_inputs = decoder_inputs(thoughts, embed, padded, lengths, prompts, prompt_lengths)
+            dec_inputs = self.next_token_inputs(embed, thoughts, generated, eos_id, prompts, prompt_lengths)
             hidden = decoder(inputs_embeds=dec_inputs.embeds, attention_mask=dec_inputs.attention_mask,
                              position_ids=dec_inputs.position_ids, output_hidden_states=True,
                              logits_to_keep=1, use_cache=False).hidden_states[-1]

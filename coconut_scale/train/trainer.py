@@ -516,7 +516,8 @@ class Trainer:
         step = self.recipe.coconut.step_supervision
         decoder = None
         if step.enabled and step.export_decoder:
-            decoder = StepDecoderMeta(c_thought=cfg.c_thought, weight=step.weight, prompt=step.prompt,
+            decoder = StepDecoderMeta(c_thought=1 if self.codi is not None else cfg.c_thought,  # codi: z_k alone
+                                      weight=step.weight, prompt=step.prompt,
                                       shared=step.decoder == "shared")
         dtype = DTYPES[self.recipe.checkpoint.export_dtype or self.recipe.model.dtype]
         path = export_hf(self.strategy, self.tokenizer, self.out / "hf" / name, meta, lora=self.recipe.lora.enabled,

@@ -133,6 +133,75 @@ def test_simcot_on_codi_two_ranks_zero3_equal_one_process(tmp_path):
             assert abs(r[key] - l2[step][key]) < 1e-4, (step, key, r[key], l2[step][key])
 
 
+def test_decode_latents_reads_a_simcot_on_codi_export(tmp_path):
+    """SIM-CoT on CODI exported with its decoder: it loads in the "codi" layout, `coconut-scale decode-latents`
+    scores one row per step that training supervises (z_0..z_n; with include_last_cot the 3-step records give z_n
+    a target), each decoded as a plain greedy loop on the training step loss's decoder input decodes it, and the
+    export without its decoder is refused naming what trains one."""
+    from coconut_scale.data.codi_data import build_codi_rows
+    from coconut_scale.data.codi_features import CodiPartCollator, codi_data_options, codi_feature, codi_token_ids
+    from coconut_scale.data.codi_steps import PAD, CodiStepCollator, get_steps, step_ids
+    from coconut_scale.data.collate import LatentAlignedCollator
+    from coconut_scale.data.records import load_records
+    from coconut_scale.model.loading import load_exported_with_step_decoder
+    from coconut_scale.model.tokens import LatentTokens
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    _train("python", out, data, **{"coconut.step_supervision.enabled": "true",
+                                   "coconut.step_supervision.export_decoder": "true",
+                                   "codi.include_last_cot": "true", "optim.epochs": 1})
+    export = out / "hf" / "stage0"
+    model, tokenizer, meta, step = load_exported_with_step_decoder(export)
+    part = model.part("step_supervision")
+    assert part.layout == "codi" and part.c_thought == step.c_thought == 1 and part.decoder is not None
+    decoded = tmp_path / "decode"
+    proc = subprocess.run([sys.executable, "-m", "coconut_scale", "decode-latents", str(export), str(data / "val.json"),
+                           "--max-new-tokens", "8", "--out", str(decoded)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((decoded / "decode_latents.json").read_text())
+    assert "exact match" in (decoded / "decode_latents.txt").read_text()
+    tokens = LatentTokens.from_tokenizer(tokenizer)
+    rows, _ = build_codi_rows(load_records(data / "val.json"), tokenizer, codi_token_ids(tokens),
+                              codi_data_options(meta.codi))
+    steps = get_steps([r["teacher_input_ids"] for r in rows], 3, step_ids(tokenizer, tokens.eos_id, tokens.pad_id))
+    expected = {(r["index"], k): tokenizer.decode(s[:-1]).strip()
+                for r, row in zip(rows, steps) for k, s in enumerate(row) if s != [PAD]}
+    assert {(r["idx"], r["step"]): r["gold"] for r in report["rows"]} == expected
+    assert {k for _, k in expected} == {0, 1, 2} and report["overall"]["n"] == len(expected)
+    # The trained decoder read back: each decoded step equals a plain greedy loop fed the thought the training
+    # step loss gives the decoder for that record ([z_k, tokens so far], positions 0..).
+    features = [codi_feature(r, tokens, 2) for r in rows]
+    collate = LatentAlignedCollator(tokens.pad_id, tokens.latent_id)
+    pairs = CodiStepCollator(step_ids(tokenizer, tokens.eos_id, tokens.pad_id), 2, dedup_bug=False)(features)
+    calls = []
+    part.decoder.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["inputs_embeds"]), with_kwargs=True)
+    embed = model.base_causallm.get_input_embeddings()
+    decoded_rows = {(r["idx"], r["step"]): r["decoded"] for r in report["rows"]}
+    with torch.no_grad():
+        model.eval()(**collate(features), latent_columns=collate.latent_columns(features),
+                     part_inputs={"codi": CodiPartCollator(tokens.pad_id, collate)(features), "step_supervision": pairs})
+        thoughts = calls[0][:, :1]
+        for i, (r, k) in enumerate(zip(pairs["step_rows"].tolist(), pairs["step_index"].tolist())):
+            ids = []
+            for _ in range(8):
+                seq = torch.cat([thoughts[i], embed(torch.tensor(ids, dtype=torch.long))])[None]
+                token = int(part.decoder(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None]).logits[0, -1]
+                            .argmax())
+                if token == tokens.eos_id:
+                    break
+                ids.append(token)
+            assert decoded_rows[(rows[r]["index"], k)] == tokenizer.decode(ids).strip(), (rows[r]["index"], k)
+
+    bare = tmp_path / "bare"
+    shutil.copytree(export, bare)
+    shutil.rmtree(bare / "step_decoder")
+    proc = subprocess.run([sys.executable, "-m", "coconut_scale", "decode-latents", str(bare), str(data / "val.json")],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2 and "a method codi export" in proc.stderr, proc.stderr[-2000:]
+    assert "coconut.step_supervision.export_decoder: true" in proc.stderr
+
+
 def test_kill_9_mid_epoch_then_rerun_resumes_to_the_same_weights(runs, tmp_path):
     """SIGKILL right after the mid-epoch checkpoint at step 3 (of 6 per epoch), rerun: the same logged terms and the
     same final weights and projection as the uninterrupted run."""

@@ -50,7 +50,10 @@ def _assert_same(a, b, rtol=RTOL, atol=ATOL):
     torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
     assert a[1].keys() == b[1].keys()
     for name in a[1]:
-        torch.testing.assert_close(a[1][name], b[1][name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        # A gradient is a sum over tokens whose terms cancel: the chunked and the full path add them in different
+        # orders, so an element near zero differs by fp32 rounding of the tensor's scale, not of its own value.
+        scale_atol = max(atol, rtol * b[1][name].abs().max().item())
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=rtol, atol=scale_atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("path", ["fused", "module"])
