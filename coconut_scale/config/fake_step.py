@@ -407,7 +407,8 @@ class RecipeRun:
     def _count_descents(self) -> None:
         """Backward's passes, counted where they start: the top decoder layer's recompute (checkpointing: the
         forward of any of its submodules while backward runs, after another layer's), or the gradient of its
-        output reaching it (no checkpointing)."""
+        output reaching it (no checkpointing, and a one-column pass, which checkpointing does not recompute:
+        model/column_pass.py)."""
         from coconut_scale.model.activation_checkpointing import decoder_layers
 
         layers = decoder_layers(self.model.base_causallm)
@@ -426,6 +427,14 @@ class RecipeRun:
                 for sub in layer.modules():
                     if sub is not layer:
                         sub.register_forward_pre_hook(functools.partial(recompute, i))
+
+            def one_column_reached(module, grad_output):
+                g = grad_output[0] if grad_output else None
+                if g is not None and g.dim() == 3 and g.shape[1] == 1:
+                    self.descents += 1
+                    self._recomputing = None  # the next wide pass's recompute of the top layer starts a descent
+
+            layers[top].register_full_backward_pre_hook(one_column_reached)
         else:
             def reached(module, grad_output):
                 self.descents += 1

@@ -146,3 +146,13 @@ def test_the_codi_estimate_holds_to_the_measurement(overrides):
     rows = world_size_rows(recipe, m, recipe.batch.world_sizes)
     assert rows and all(r.within_tolerance() for r in rows), [(r.activation_error, r.total_error) for r in rows]
     assert all(abs(r.activation_error) <= TOLERANCE["activation_side"] for r in rows)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_every_pass_is_a_descent_of_backward(checkpointing):
+    # CODI's student row has a one-column latent pass, which checkpointing does not recompute (model/column_pass.py):
+    # its descent starts where its gradient reaches the top layer, the wide passes' at the top layer's recompute.
+    recipe = load_recipe(CODI, [f"model.gradient_checkpointing={str(checkpointing).lower()}"])
+    run = RecipeRun(recipe)
+    run.step(2)
+    assert run.decoder_calls == run.descents == 4  # prefix, one latent, the rest of the row; the teacher's pass
