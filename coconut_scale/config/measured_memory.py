@@ -145,7 +145,8 @@ def estimate_moment(region: str, passes: int, moments) -> str | None:
     kind, number, role, sub = (region.split("/", 3) + ["", "", ""])[:4]
     if "teacher" in moments and kind == "bw" and number.isdigit() and int(number) > 0:
         if number == "1":
-            return "teacher"
+            below_top = role not in ("last", "none") and "teacher bottom" in moments
+            return "teacher bottom" if below_top else "teacher"
         number = str(int(number) - 1)  # the student's descents follow the teacher's
     if "step_supervision" in region or role.startswith("decoder:"):
         name = "step decoder"
@@ -153,6 +154,8 @@ def estimate_moment(region: str, passes: int, moments) -> str | None:
         name = "loss"
     elif "backward" in moments:  # no checkpointing: one backward moment
         name = "backward"
+    elif role == "none" and int(number) == passes - 1 and "anchor" in moments:
+        name = "anchor"  # between the second pass's descent and the first's
     elif role == "none" and sub.split(".")[-1] in ("wte", "embed_tokens", "coconut_new_rows") and "embedding" in moments:
         name = "embedding"  # (GPT-2's wpe is added inside the decoder, in every pass)
     elif number == "1":

@@ -322,6 +322,9 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
                             + head_work)
 
     ckpt = recipe.model.gradient_checkpointing
+    # model/deferred_grad.py: with three passes or more, the one-column passes' weight gradients are made once, at
+    # the anchor (not under ZeRO-3, which partitions the weights)
+    deferred = n > 2 and stage < 3 and any(w == 1 for w in widths[1:])
     if gpt2:  # what layer 0 reads is the embeddings' dropout (output and mask), made per pass inside the decoder
         emb, filled = 2 * B * T * h * b, 0.0
     else:  # the embeddings and the latent-filled chunks, layer 0's input
@@ -368,6 +371,13 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
                                     "activations": emb + filled + outs(Te) + norm(Te) + L * 2 * B * T * kv * b
                                     + layer(B, widths[-2]) + incoming,
                                     "kv_cache": L * B * Te * kv_token, "logits": backward_logits(d_embeds)}
+        if deferred:  # the anchor (model/deferred_grad.py): between the second pass's descent and the first's, every
+            # weight the one-column passes use gets its gradient over all of them at once, beside the sums so far;
+            # what is left of the activations is the first pass's (its recompute has not begun), and the newest
+            # gradient beside the sum it joins
+            moments["anchor"] = {**states_with(layer_sums(L) + L * g_layer, head),
+                                 "activations": emb + outs(w0) + norm(w0) + L * 2 * B * w0 * kv * b + incoming,
+                                 "kv_cache": L * B * w0 * kv_token, "logits": backward_logits(d_embeds)}
         if head_trainable:  # the embedding's backward, last: a dense V x h gradient beside every other one
             emb_sum = (2 * tied_sum, V * h * b) if tied_sum else (0.0, V * h * b)  # (waiting sums, the new one)
             moments["embedding"] = {**states, "gradients": emb_sum[0] + P_t * b * grad_scale,
@@ -387,9 +397,14 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
             for name in ("top", "bottom"):  # so every layer's weights hold a gradient sum when the student's begins
                 moments[name]["gradients"] = states_with(layer_sums(L) + incoming, head)["gradients"]
             kept = B * Tt * h * b + outs(Tt) + norm(Tt)
-            moments["teacher"] = {**states_with(R_gsum, head),
-                                  "activations": emb + filled + outs(T) + norm(T) + kept + layer(B, Tt, Tt),
+            student = emb + filled + outs(T) + norm(T)
+            moments["teacher"] = {**states_with(R_gsum, head), "activations": student + kept + layer(B, Tt, Tt),
                                   "kv_cache": kv_rec, "logits": 2 * B * Tt * h * b}
+            # Its bottom layer: the layer inputs above it (and the final norm's) are gone, their weights' gradient
+            # sums there.
+            moments["teacher bottom"] = {**states_with(layer_sums(L - 1) + R_gsum, head + layer_grads(L - 1)),
+                                         "activations": student + B * Tt * h * b + layer(B, Tt, Tt),
+                                         "kv_cache": kv_rec, "logits": 2 * B * Tt * h * b}
             teacher_loss(moments["loss"], kept, loss - chunk)
     else:
         cum, past_kv = 0, 0.0
