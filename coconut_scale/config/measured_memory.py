@@ -80,10 +80,15 @@ def fit_line(xs, ys) -> LinearFit:
     return line
 
 
-def _fit_phase(layers: list[int], phases: list[Phase], full: int) -> tuple[dict[str, float], float]:
-    """Bytes by category at `full` layers, and the fit's largest residual (relative to the phase's total)."""
+MODEL_STATES = ("params", "buffers", "optimizer")
+
+
+def _fit_phase(layers: list[int], phases: list[Phase], full: int, moving: bool = False
+               ) -> tuple[dict[str, float], float]:
+    """Bytes by category at `full` layers, and the fit's largest residual: relative to the phase's total, or
+    (`moving`) to its part besides the model states (gradients, gradient sums, activations, temporaries)."""
     out, worst = {}, 0.0
-    totals = [p.total for p in phases]
+    totals = [p.total - (sum(getattr(p, k) for k in MODEL_STATES) if moving else 0) for p in phases]
     for name in asdict(phases[0]):
         values = [getattr(p, name) for p in phases]
         line = fit_line(layers, values)
@@ -106,11 +111,14 @@ def _fit_regions(layers: list[int], regions: list[dict[str, Phase]], full: int
     common = set(regions[0]).intersection(*regions[1:])
     fitted, residual = {}, {}
     for name in common:
-        fit, res = _fit_phase(layers, [r[name] for r in regions], full)
+        fit, res = _fit_phase(layers, [r[name] for r in regions], full, moving=True)
         if res <= LINEAR_RESIDUAL or len(layers) < 3:
             fitted[name], residual[name] = fit, res
     # A region whose points are not on a line names different moments at different depths (the module tracker's
-    # attribution in backward is approximate); its moments are other regions' too, so it is left out.
+    # attribution in backward is approximate); its moments are other regions' too, so it is left out. Linear is
+    # judged against what the step's moments move (gradients, gradient sums, activations, temporaries), not the
+    # total: the weights and optimizer states grow exactly with the depth and would hide a category that is off its
+    # line by a percent of the total at the fitted depths and by far more, extrapolated, at the real one.
     by_total = sorted(fitted, key=lambda n: -sum(fitted[n].values()))[:KEPT_REGIONS]
     by_unsharded = sorted(fitted, key=lambda n: -sum(fitted[n][k] for k in UNSHARDED))[:KEPT_REGIONS]
     kept = {n: fitted[n] for n in dict.fromkeys(by_total + by_unsharded)}
@@ -154,8 +162,8 @@ def estimate_moment(region: str, passes: int, moments) -> str | None:
         name = "loss"
     elif "backward" in moments:  # no checkpointing: one backward moment
         name = "backward"
-    elif role == "none" and int(number) == passes - 1 and "anchor" in moments:
-        name = "anchor"  # between the second pass's descent and the first's
+    elif sub == "anchor":
+        name = "anchor"  # fake_step.PeakTracker's region of the deferred gradients' anchor
     elif role == "none" and sub.split(".")[-1] in ("wte", "embed_tokens", "coconut_new_rows") and "embedding" in moments:
         name = "embedding"  # (GPT-2's wpe is added inside the decoder, in every pass)
     elif number == "1":
