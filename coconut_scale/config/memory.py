@@ -39,6 +39,9 @@ per GPU, at each moment the peak can sit (the largest is the step's):
                each layer's gradient of the keys/values it attended to ((L - 1) * 2*B*T*kv*b), and the gradient
                sums of the L - 1 layers above (a gradient of n = 1 is a `.grad` already).
   end          the first pass's backward (n > 1): what that pass kept, and every layer's gradient sum.
+  anchor       the one-column passes' weight gradients (model/deferred_grad.py; n > 2, below ZeRO-3): made at once,
+               over all those passes, when backward reaches the first pass's hidden states, beside every layer's
+               gradient sum (2 * L * g_layer of sums), with what the first pass kept (its recompute not begun).
   loss         the chunked loss (model/chunked_loss.py, K = 8 chunks of N = B*(T - 1) rows): the passes' final
                hidden states, concatenated and flattened (2*B*T*h*b), and one chunk's logits in b and fp32 with
                the cross-entropy's fp32 work (ceil(N/K) * V * (b + 12)); a trainable head called as a module
@@ -61,7 +64,8 @@ loss is the last computed, so it is backpropagated first: a copy trained in full
 CODI (`method: codi`): the student row is question <bot> num_latent latents <eot> answer (num_latent + 1 passes);
 the teacher pass (model/codi.py) runs the same weights over data.max_seq_len columns without a cache after the
 student's. At the loss it keeps its layer inputs beside everything the student's passes keep, and its chunked loss
-follows the student's; it is backpropagated first ("teacher": its top layer recomputed over the whole row), so
+follows the student's; it is backpropagated first ("teacher": its top layer recomputed over the whole row;
+"teacher bottom": its bottom layer, the layer inputs above gone and their weights' gradient sums there), so
 the student's backward begins with every layer's gradient sum. Its projection always trains. SIM-CoT on CODI:
 one (row, thought) pair per z_0..z_num_latent, the teacher's CoT cut into that many steps; the decoder copy trained
 in full, LoRA or not.
@@ -374,9 +378,13 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
         if deferred:  # the anchor (model/deferred_grad.py): between the second pass's descent and the first's, every
             # weight the one-column passes use gets its gradient over all of them at once, beside the sums so far;
             # what is left of the activations is the first pass's (its recompute has not begun), and the newest
-            # gradient beside the sum it joins
+            # sum beside the one it replaces (the largest matrix: a LoRA factor or a full projection)
+            newest = incoming
+            if lora:
+                layout = linear_shapes(shape)
+                newest = max(max(i, o) for t in recipe.lora_targets() for i, o in layout[t]) * recipe.lora.rank * b
             moments["anchor"] = {**states_with(layer_sums(L) + L * g_layer, head),
-                                 "activations": emb + outs(w0) + norm(w0) + L * 2 * B * w0 * kv * b + incoming,
+                                 "activations": emb + outs(w0) + norm(w0) + L * 2 * B * w0 * kv * b + newest,
                                  "kv_cache": L * B * w0 * kv_token, "logits": backward_logits(d_embeds)}
         if head_trainable:  # the embedding's backward, last: a dense V x h gradient beside every other one
             emb_sum = (2 * tied_sum, V * h * b) if tied_sum else (0.0, V * h * b)  # (waiting sums, the new one)

@@ -146,3 +146,22 @@ def test_the_codi_estimate_holds_to_the_measurement(overrides):
     rows = world_size_rows(recipe, m, recipe.batch.world_sizes)
     assert rows and all(r.within_tolerance() for r in rows), [(r.activation_error, r.total_error) for r in rows]
     assert all(abs(r.activation_error) <= TOLERANCE["activation_side"] for r in rows)
+
+
+# Small micro batches, where the activation side is a small part of the peak: CODI under LoRA (the embedding frozen)
+# at micro 1, ZeRO-2 (the one-column passes' weight gradients deferred to the anchor). With adapters this wide the
+# gradient sums outweigh the activations, and the peak sits where they trade places: the teacher's bottom layer
+# (rank 64), or the anchor, where every deferred weight's gradient is made beside the sums (rank 256).
+SMALL_MICRO = ["deepspeed.config=ds_configs/zero2_fp32.json", "deepspeed.overrides={}", "lora.enabled=true",
+               "batch.micro_batch_size=1", "codi.num_latent=3", "data.max_seq_len=128"]
+
+
+@pytest.mark.parametrize("rank, moment", [(64, "teacher bottom"), (256, "anchor")])
+def test_the_activation_side_holds_at_small_micro_batches(rank, moment):
+    recipe = load_recipe(CODI, [*SMALL_MICRO, f"lora.rank={rank}"])
+    m = measure_recipe(recipe, micro_batches(recipe, recipe.batch.world_sizes).values())
+    rows = world_size_rows(recipe, m, recipe.batch.world_sizes)
+    assert rows and {r.estimate_moment for r in rows} == {moment}
+    for r in rows:
+        assert abs(r.activation_error) <= TOLERANCE["activation_side"], (r.estimate_moment, r.activation_error)
+        assert r.within_tolerance(), (r.activation_error, r.total_error)
