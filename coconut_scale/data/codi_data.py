@@ -221,7 +221,8 @@ def build_codi_rows(records: Iterable[dict], tokenizer, ids: CodiTokenIds, optio
     summary.kept = len(kept)
 
     question_ids = _pieces(tokenizer, [rec["question"] for _, rec in kept])
-    cot_ids = _pieces(tokenizer, [cot_text(rec["steps"], options.include_last_cot, options.cot_rule) for _, rec in kept])
+    cot_ids = _pieces(tokenizer, [cot_text(rec["steps"], options.include_last_cot, options.cot_rule)
+                                  for _, rec in kept])
     answer_ids = _pieces(tokenizer, [answer_text(rec["answer"]) for _, rec in kept])
     strip_cot, strip_answer = _strip_first_token(cot_ids, answer_ids, tokenizer.bos_token_id, ids.eos_id, options)
     prompt = answer_prompt_ids(tokenizer)
