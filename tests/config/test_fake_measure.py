@@ -76,11 +76,30 @@ def test_the_split_adds_up(tiny_lora_measurement):
 def test_the_layer_fit_extrapolates_to_a_deeper_model():
     # Measured at 2, 3 and 4 layers, every region fitted on its own and extrapolated to 5, where a direct run
     # checks it: forward + backward, the optimizer step, validation and generation peaks (measured_memory._peaks).
-    recipe = load_recipe(TINY_LORA, [*DEEPER, "eval.max_new_tokens=2", "batch.eval_batch_size=2", "data.max_seq_len=64"])
-    fitted = measure_recipe(recipe, [2], direct_up_to=0, check_layers=5)
-    assert fitted.layer_counts == [2, 3, 4] and fitted.layers == 6
-    assert fitted.check_layers == 5 and fitted.check_error < 1e-6 and fitted.fit_residual < 1e-6
-    assert fitted.params == sum(p.numel() for p in {id(p): p for p in RecipeRun(recipe, 6).model.parameters()}.values())
+    # Measured in a fresh interpreter, as `check --measure` runs: once, in the whole suite's shared process, the
+    # check at 5 layers missed and the recipe was measured at its real depth instead (not reproduced alone).
+    import json
+    import subprocess
+    import sys
+
+    from child_process import REPO, subprocess_env
+
+    overrides = [*DEEPER, "eval.max_new_tokens=2", "batch.eval_batch_size=2", "data.max_seq_len=64"]
+    script = (
+        "import json, sys\n"
+        "from coconut_scale.config.measured_memory import measure_recipe\n"
+        "from coconut_scale.config.recipe import load_recipe\n"
+        "f = measure_recipe(load_recipe(sys.argv[1], json.loads(sys.argv[2])), [2], direct_up_to=0, check_layers=5)\n"
+        "print(json.dumps({k: getattr(f, k) for k in ('layer_counts', 'layers', 'check_layers', 'check_error',"
+        " 'fit_residual', 'params')}))\n")
+    done = subprocess.run([sys.executable, "-c", script, TINY_LORA, json.dumps(overrides)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fitted = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fitted["layer_counts"] == [2, 3, 4] and fitted["layers"] == 6
+    assert fitted["check_layers"] == 5 and fitted["check_error"] < 1e-6 and fitted["fit_residual"] < 1e-6
+    recipe = load_recipe(TINY_LORA, overrides)
+    assert fitted["params"] == sum(p.numel() for p in {id(p): p for p in RecipeRun(recipe, 6).model.parameters()}.values())
 
 
 def test_fit_line_is_least_squares():
