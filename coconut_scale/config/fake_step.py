@@ -89,6 +89,7 @@ class PeakTracker(mem_tracker.MemTracker):
         # hook itself would keep every chunk's logits gradient alive. It waits for the first instead.
         self._mod_tracker._fw_pre_hook = functools.partial(_fw_pre_hook_first_gradient, self._mod_tracker)
         self.regions: dict[str, tuple[int, dict]] = {}  # region -> (its peak total, the snapshot there)
+        self._anchor_pass = None  # the descent during which the deferred gradients' anchor ran (watch_gradient_sums)
 
     def region(self) -> str:
         """The current region's name (class doc)."""
@@ -108,24 +109,34 @@ class PeakTracker(mem_tracker.MemTracker):
             sub = _LAYER.sub(".*", sub)
             top = inner[:m.start()]  # the decoder whose layer this is (the base, or SIM-CoT's decoder copy)
             role = f"{top.rsplit('.', 1)[-1]}:{role}" if "step_supervision" in top else role
+        if bw and self._anchor_pass is not None and self._anchor_pass == self._bw_pass():
+            return f"bw/{self._bw_pass()}/none/anchor"
         if bw:
             return f"bw/{self._bw_pass()}/{role}/{sub}"
         return f"fw/{self._pass_count()}/{role}/{sub}"
 
     def watch_gradient_sums(self, loss: torch.Tensor) -> None:
         """Before `loss.backward()`: every gradient that backward sends towards a trainable parameter is counted as
-        a gradient sum (not a temporary) from the moment it exists until it becomes the parameter's `.grad`."""
+        a gradient sum (not a temporary) from the moment it exists until it becomes the parameter's `.grad`. The
+        anchor of the deferred weight gradients (model/deferred_grad.py) gets a region of its own, "anchor", from its
+        backward (every deferred weight's gradient made at once, then added to its sum) until the next descent: the
+        module tracker would file it under whichever module it last saw, beside other moments."""
         seen, todo = set(), [loss.grad_fn]
         while todo:
             node = todo.pop()
             if node is None or node in seen:
                 continue
             seen.add(node)
+            if type(node).__name__ == "_AnchorBackward":
+                node.register_prehook(self._anchor_begins)
             edges = [i for i, (nxt, _) in enumerate(node.next_functions)
                      if nxt is not None and getattr(getattr(nxt, "variable", None), "requires_grad", False)]
             if edges:
                 node.register_hook(functools.partial(self._mark_gradient_sums, edges))
             todo.extend(nxt for nxt, _ in node.next_functions)
+
+    def _anchor_begins(self, grad_outputs) -> None:
+        self._anchor_pass = self._bw_pass()
 
     _SUMS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 

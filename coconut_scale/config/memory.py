@@ -39,6 +39,9 @@ per GPU, at each moment the peak can sit (the largest is the step's):
                each layer's gradient of the keys/values it attended to ((L - 1) * 2*B*T*kv*b), and the gradient
                sums of the L - 1 layers above (a gradient of n = 1 is a `.grad` already).
   end          the first pass's backward (n > 1): what that pass kept, and every layer's gradient sum.
+  anchor       the one-column passes' weight gradients (model/deferred_grad.py; n > 2, below ZeRO-3): made at once,
+               over all those passes, when backward reaches the first pass's hidden states, beside every layer's
+               gradient sum (2 * L * g_layer of sums), with what the first pass kept (its recompute not begun).
   loss         the chunked loss (model/chunked_loss.py, K = 8 chunks of N = B*(T - 1) rows): the passes' final
                hidden states, concatenated and flattened (2*B*T*h*b), and one chunk's logits in b and fp32 with
                the cross-entropy's fp32 work (ceil(N/K) * V * (b + 12)); a trainable head called as a module
@@ -61,7 +64,8 @@ loss is the last computed, so it is backpropagated first: a copy trained in full
 CODI (`method: codi`): the student row is question <bot> num_latent latents <eot> answer (num_latent + 1 passes);
 the teacher pass (model/codi.py) runs the same weights over data.max_seq_len columns without a cache after the
 student's. At the loss it keeps its layer inputs beside everything the student's passes keep, and its chunked loss
-follows the student's; it is backpropagated first ("teacher": its top layer recomputed over the whole row), so
+follows the student's; it is backpropagated first ("teacher": its top layer recomputed over the whole row;
+"teacher bottom": its bottom layer, the layer inputs above gone and their weights' gradient sums there), so
 the student's backward begins with every layer's gradient sum. Its projection always trains. SIM-CoT on CODI:
 one (row, thought) pair per z_0..z_num_latent, the teacher's CoT cut into that many steps; the decoder copy trained
 in full, LoRA or not.
@@ -322,6 +326,9 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
                             + head_work)
 
     ckpt = recipe.model.gradient_checkpointing
+    # model/deferred_grad.py: with three passes or more, the one-column passes' weight gradients are made once, at
+    # the anchor (not under ZeRO-3, which partitions the weights)
+    deferred = n > 2 and stage < 3 and any(w == 1 for w in widths[1:])
     if gpt2:  # what layer 0 reads is the embeddings' dropout (output and mask), made per pass inside the decoder
         emb, filled = 2 * B * T * h * b, 0.0
     else:  # the embeddings and the latent-filled chunks, layer 0's input
@@ -368,6 +375,17 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
                                     "activations": emb + filled + outs(Te) + norm(Te) + L * 2 * B * T * kv * b
                                     + layer(B, widths[-2]) + incoming,
                                     "kv_cache": L * B * Te * kv_token, "logits": backward_logits(d_embeds)}
+        if deferred:  # the anchor (model/deferred_grad.py): between the second pass's descent and the first's, every
+            # weight the one-column passes use gets its gradient over all of them at once, beside the sums so far;
+            # what is left of the activations is the first pass's (its recompute has not begun), and the newest
+            # sum beside the one it replaces (the largest matrix: a LoRA factor or a full projection)
+            newest = incoming
+            if lora:
+                layout = linear_shapes(shape)
+                newest = max(max(i, o) for t in recipe.lora_targets() for i, o in layout[t]) * recipe.lora.rank * b
+            moments["anchor"] = {**states_with(layer_sums(L) + L * g_layer, head),
+                                 "activations": emb + outs(w0) + norm(w0) + L * 2 * B * w0 * kv * b + newest,
+                                 "kv_cache": L * B * w0 * kv_token, "logits": backward_logits(d_embeds)}
         if head_trainable:  # the embedding's backward, last: a dense V x h gradient beside every other one
             emb_sum = (2 * tied_sum, V * h * b) if tied_sum else (0.0, V * h * b)  # (waiting sums, the new one)
             moments["embedding"] = {**states, "gradients": emb_sum[0] + P_t * b * grad_scale,
@@ -387,9 +405,14 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
             for name in ("top", "bottom"):  # so every layer's weights hold a gradient sum when the student's begins
                 moments[name]["gradients"] = states_with(layer_sums(L) + incoming, head)["gradients"]
             kept = B * Tt * h * b + outs(Tt) + norm(Tt)
-            moments["teacher"] = {**states_with(R_gsum, head),
-                                  "activations": emb + filled + outs(T) + norm(T) + kept + layer(B, Tt, Tt),
+            student = emb + filled + outs(T) + norm(T)
+            moments["teacher"] = {**states_with(R_gsum, head), "activations": student + kept + layer(B, Tt, Tt),
                                   "kv_cache": kv_rec, "logits": 2 * B * Tt * h * b}
+            # Its bottom layer: the layer inputs above it (and the final norm's) are gone, their weights' gradient
+            # sums there.
+            moments["teacher bottom"] = {**states_with(layer_sums(L - 1) + R_gsum, head + layer_grads(L - 1)),
+                                         "activations": student + B * Tt * h * b + layer(B, Tt, Tt),
+                                         "kv_cache": kv_rec, "logits": 2 * B * Tt * h * b}
             teacher_loss(moments["loss"], kept, loss - chunk)
     else:
         cum, past_kv = 0, 0.0

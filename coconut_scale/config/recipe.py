@@ -268,6 +268,10 @@ class CodiCfg(_Section):
     max_token_num: PositiveInt = 1000  # records longer than this are dropped (the Llama-1B script: 200)
     bos_rule: Literal["record0", "per_row"] = "record0"  # data/codi_data.py: record 0 decides BOS stripping
     lone_space_rule: Literal["model_name", "token"] = "model_name"  # data/codi_data.py: the answer position
+    # Text answers and sentence steps (data/codi_data.py; the defaults are the released rules, which fit GSM8k-Aug):
+    answer_filter: Literal["digit", "none"] = "digit"  # digit: drop records whose answer value is not a number
+    answer_rule: Literal["last_number", "last_word"] = "last_number"  # evaluation: the prediction read from the text
+    cot_rule: Literal["space_split", "steps"] = "space_split"  # what the teacher CoT drops: the last space-piece / step
     # SIM-CoT on CODI (coconut.step_supervision.enabled): reproduce their dedup_trailing_pads bug, which cuts every
     # row's step k to row 0's length (data/codi_steps.py); false gives every row its whole step.
     step_dedup_bug: bool = True

@@ -4,7 +4,8 @@ This is the data layout of the released CODI code (zhenyi4/codi train.py:157-362
 for the project's records (coconut_scale/data/records.py) instead of their dataset rows:
 
     question      = record["question"], verbatim
-    CoT text      = " ".join(record["steps"][:-1])   (all steps with include_last_cot)
+    CoT text      = " ".join(record["steps"]) split on single spaces, the last piece dropped
+                    (all of it with include_last_cot)
     answer text   = "The answer is: " + <last space-separated word of record["answer"]>, "####" removed
 
 Each of the three texts is tokenized separately, with the tokenizer's own special tokens (a Llama-3 BOS on
@@ -45,6 +46,13 @@ vocabulary: pad = V, bot = V+1, eot = V+2 for the model's original vocab_size V,
 Filters (train.py:263-281), applied in this order: a record whose tokenized question + full CoT text + answer,
 concatenated without separator (len(tokenizer.encode(...)), so with BOS), has more than `max_token_num` tokens
 is dropped; so is one whose answer value does not start with a digit (negative answers).
+
+**Text answers and sentence steps** (ProsQA-style records), switches whose defaults are the released rules:
+`answer_filter="none"` keeps records whose answer value is not a number (the released "digit" filter drops every
+"Tom is a wumpus."); `cot_rule="steps"` drops the last *step* instead of the last space-separated piece (the same
+for iCoT steps, which hold no space; the released rule cuts a sentence step "Every X is a Y." to "Every X is a");
+`answer_rule="last_word"` (evaluation, data/codi_features.py) scores the last word of the generated text, trailing
+punctuation removed, against the answer value's, instead of the last number.
 """
 
 from __future__ import annotations
@@ -86,12 +94,17 @@ class CodiDataOptions:
     bos_rule: Literal["record0", "per_row"] = "record0"
     lone_space_rule: Literal["model_name", "token"] = "model_name"
     model_name: str = ""  # what the released code reads the lone-space rule from
+    answer_filter: Literal["digit", "none"] = "digit"
+    cot_rule: Literal["space_split", "steps"] = "space_split"
+    answer_rule: Literal["last_number", "last_word"] = "last_number"  # evaluation only (data/codi_features.py)
 
     def __post_init__(self):
-        if self.bos_rule not in ("record0", "per_row"):
-            raise ValueError(f"bos_rule must be 'record0' or 'per_row', got {self.bos_rule!r}")
-        if self.lone_space_rule not in ("model_name", "token"):
-            raise ValueError(f"lone_space_rule must be 'model_name' or 'token', got {self.lone_space_rule!r}")
+        for name, allowed in (("bos_rule", ("record0", "per_row")), ("lone_space_rule", ("model_name", "token")),
+                              ("answer_filter", ("digit", "none")), ("cot_rule", ("space_split", "steps")),
+                              ("answer_rule", ("last_number", "last_word"))):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(repr(a) for a in allowed)}, got {value!r}")
 
 
 @dataclass
@@ -110,12 +123,17 @@ def answer_text(answer: str) -> str:
     return f"The answer is: {answer_value(answer)}".replace("####", "")
 
 
-def cot_text(steps: Sequence[str], include_last_cot: bool) -> str:
-    # The released code splits the CoT string on single spaces and drops the last piece (train.py:270-272); for
-    # iCoT records, whose steps hold no space (coconut_scale/data/converters/gsm_icot.py), that is exactly
-    # dropping the last step.
-    kept = list(steps) if include_last_cot else list(steps)[:-1]
-    return " ".join(kept)
+def cot_text(steps: Sequence[str], include_last_cot: bool, rule: str = "space_split") -> str:
+    """The teacher's CoT text. "space_split": the released code's CoT string (the steps joined by spaces) split on
+    single spaces, its last piece dropped (train.py:270-272); for iCoT records, whose steps hold no space
+    (coconut_scale/data/converters/gsm_icot.py), that is exactly dropping the last step. "steps": the steps but the
+    last, joined by spaces."""
+    text = " ".join(steps)
+    if include_last_cot:
+        return text
+    if rule == "steps":
+        return " ".join(list(steps)[:-1])
+    return " ".join(text.split(" ")[:-1])
 
 
 def _pieces(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -196,14 +214,15 @@ def build_codi_rows(records: Iterable[dict], tokenizer, ids: CodiTokenIds, optio
     for i, (rec, n_tokens) in enumerate(zip(records, lengths)):
         if n_tokens > options.max_token_num:
             summary.dropped_too_long.append(i)
-        elif not answer_value(rec["answer"])[:1].isdigit():
+        elif options.answer_filter == "digit" and not answer_value(rec["answer"])[:1].isdigit():
             summary.dropped_non_digit_answer.append(i)
         else:
             kept.append((i, rec))
     summary.kept = len(kept)
 
     question_ids = _pieces(tokenizer, [rec["question"] for _, rec in kept])
-    cot_ids = _pieces(tokenizer, [cot_text(rec["steps"], options.include_last_cot) for _, rec in kept])
+    cot_ids = _pieces(tokenizer, [cot_text(rec["steps"], options.include_last_cot, options.cot_rule)
+                                  for _, rec in kept])
     answer_ids = _pieces(tokenizer, [answer_text(rec["answer"]) for _, rec in kept])
     strip_cot, strip_answer = _strip_first_token(cot_ids, answer_ids, tokenizer.bos_token_id, ids.eos_id, options)
     prompt = answer_prompt_ids(tokenizer)

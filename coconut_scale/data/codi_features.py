@@ -28,7 +28,8 @@ def codi_token_ids(tokens: LatentTokens) -> CodiTokenIds:
 
 def codi_data_options(section: dict) -> CodiDataOptions:
     """The data rules of a recipe's `codi` section (or an export's copy of it, with `model_name`)."""
-    keys = ("include_last_cot", "remove_eos", "max_token_num", "bos_rule", "lone_space_rule", "model_name")
+    keys = ("include_last_cot", "remove_eos", "max_token_num", "bos_rule", "lone_space_rule", "model_name",
+            "answer_filter", "cot_rule", "answer_rule")
     return CodiDataOptions(**{k: section[k] for k in keys if k in section})
 
 
@@ -61,7 +62,8 @@ def codi_eval_examples(records: list[dict], tokenizer, tokens: LatentTokens, num
     num_latent latents and the decoder's opening ([eot], or [eot, eos] without remove_eos); generation decodes
     the answer from there. Scored on the answer's last word (evaluate/generation.py reads after the last '#',
     so the gold is the bare number; `answer_rule` "last_number" makes the scorer read the prediction as their
-    test.py does: the last number of the decoded text)."""
+    test.py does: the last number of the decoded text; "last_word" reads the last word of prediction and gold,
+    for one-word text answers)."""
     rows, _ = build_codi_rows(records, tokenizer, codi_token_ids(tokens), options, source=source)
     opening = 1 if options.remove_eos else 2
     examples = []
@@ -75,7 +77,7 @@ def codi_eval_examples(records: list[dict], tokenizer, tokens: LatentTokens, num
         examples.append({"input_ids": prompt + list(row["decoder_input_ids"][:opening]), "n_latents": num_latent,
                          "stage": 0, "idx": int(row["index"]), "answer": answer_value(record["answer"]),
                          "steps": steps, "n_skipped_steps": len(steps), "steps_ids": [[] for _ in steps],
-                         "answer_ids": list(row["decoder_input_ids"][opening:]), "answer_rule": "last_number",
+                         "answer_ids": list(row["decoder_input_ids"][opening:]), "answer_rule": options.answer_rule,
                          "teacher_input_ids": list(row["teacher_input_ids"])})
     return examples
 

@@ -49,10 +49,24 @@ def last_number(generated: str) -> str:
     return str(int(value)) if value.is_integer() else str(value)
 
 
+def last_word(text: str) -> str:
+    """The last whitespace-separated word, trailing punctuation removed ("Tom is a wumpus." -> "wumpus"); "" for
+    none. For answers that are one word, e.g. a ProsQA concept (codi.answer_rule last_word)."""
+    words = text.split()
+    return words[-1].rstrip(".,;:!?") if words else ""
+
+
 def score_example(example: dict, generated_text: str) -> dict:
-    """`example["answer_rule"]` "last_number" (CODI's prompts) reads the last number; else the text after '#'."""
-    answer = last_number(generated_text) if example.get("answer_rule") == "last_number" else extract_answer(generated_text)
+    """`example["answer_rule"]`: "last_number" reads the last number (CODI's test.py), "last_word" the last word of
+    prediction and gold alike (see last_word); without one, the text after the last '#' against the gold answer."""
+    rule = example.get("answer_rule")
     gold = str(example.get("answer", "")).replace(",", "").strip()
+    if rule == "last_number":
+        answer = last_number(generated_text)
+    elif rule == "last_word":
+        answer, gold = last_word(generated_text), last_word(gold)
+    else:
+        answer = extract_answer(generated_text)
     return {
         "idx": example.get("idx", -1),
         "generated": generated_text,

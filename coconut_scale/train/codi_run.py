@@ -49,8 +49,8 @@ def load_codi_data(recipe, tokenizer, tokens: LatentTokens, collate: LatentAlign
             raise CodiDataError(path, None, "answer", f"no {role} record is left after CODI's filters: "
                                 f"{len(summary.dropped_too_long)} longer than codi.max_token_num "
                                 f"{options.max_token_num}, {len(summary.dropped_non_digit_answer)} with an answer "
-                                f"that does not start with a digit, {too_long} longer than data.max_seq_len "
-                                f"{limit}, of {len(records)}")
+                                f"that does not start with a digit (codi.answer_filter none keeps them), {too_long} "
+                                f"longer than data.max_seq_len {limit}, of {len(records)}")
         sets[role] = (records, features)
         lines.append(f"{len(features)} {role} ({len(summary.dropped_too_long)} dropped > codi.max_token_num, "
                      f"{len(summary.dropped_non_digit_answer)} non-digit answers, {too_long} > data.max_seq_len)")
