@@ -30,14 +30,18 @@ Model states (every phase):
 Activations of a checkpointed step (per-layer non-reentrant checkpointing, model/activation_checkpointing.py),
 per GPU, at each moment the peak can sit (the largest is the step's):
   kept through backward   the embeddings (B*T*h*b) and the latent-filled chunks of the passes after the first
-               (B*(T - w0)*h*b); each layer's checkpointed input, i.e. the previous layer's output, per pass
-               ((L - 1) * B*cols*h*b); the final norm's fp32 input (B*cols*h*4); and the keys/values every layer
+               (B*(T - w0)*h*b); each layer's checkpointed input, i.e. the previous layer's output, per wide
+               pass ((L - 1) * B*cols*h*b); the one-column passes, which are not recomputed (model/column_pass.py),
+               what each layer's forward saves (L * B * LAYER_SAVED per pass; their keys/values are the cache's) and
+               their attention mask; the final norm's fp32 input (B*cols*h*4); and the keys/values every layer
                records in every pass (kv_cache: 2*L*B*T*kv*b, model/kv_cache.py).
   top          backward of the last pass at its top layer: all of the above, that layer recomputed (R, below)
                and the loss's output gradients (B*T*h*b + B*Tl*h*b).
   bottom       the same pass at its bottom layer: the last pass's layer inputs above it are gone, replaced by
                each layer's gradient of the keys/values it attended to ((L - 1) * 2*B*T*kv*b), and the gradient
                sums of the L - 1 layers above (a gradient of n = 1 is a `.grad` already).
+  next pass    the pass before the last (n > 2) begins its backward: a one-column pass rebuilds its top layer's
+               keys/values from the cache's chunks (2*B*(T - Tl)*kv*b), a wide one recomputes the layer.
   end          the first pass's backward (n > 1): what that pass kept, and every layer's gradient sum.
   anchor       the one-column passes' weight gradients (model/deferred_grad.py; n > 2, below ZeRO-3): made at once,
                over all those passes, when backward reaches the first pass's hidden states, beside every layer's
@@ -344,7 +348,18 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
     d_embeds = 2 * B * T * h * b
     chunk = math.ceil(B * (T - 1) / K) * V * (b + 12)
     sums = n > 1  # gradients of weights that every pass uses are summed before they become .grad
+    # What one layer's forward saves for its backward, per token (a layer that is not recomputed)
+    saved = LAYER_SAVED.get((_family(d.model_type), _lora_kind(recipe)))
+    temp_token = layer_tokens_bytes(recipe, d, b, table=LAYER_TEMPORARIES[_family(d.model_type)])
+    saved_token = (layer_tokens_bytes(recipe, d, b, table=saved) + len(recipe.lora_targets()) * recipe.lora.rank
+                   * b * recipe.lora.enabled if saved is not None else lt - temp_token)
     if ckpt:
+        # The one-column latent passes are not recomputed (model/column_pass.py): each layer keeps what its forward
+        # saves for that column (its keys/values the cache's own chunks), each pass its attention mask. `wide(c)`:
+        # the layer inputs the checkpointed passes keep over c of their columns, beside those.
+        n1 = sum(1 for w in widths[1:-1] if w == 1)
+        one_column = n1 * (L * B * saved_token + B * T * (b + 1))
+        wide = lambda cols: outs(cols) + one_column  # noqa: E731
         R = layer(B, Tl)
         R_gsum = 0.0
         # A weight's next contribution, just computed, beside the sum it is about to join (full fine-tuning: the
@@ -359,10 +374,10 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
                 R_gsum = mlp_first
         layer_sums = (lambda k: k * g_layer) if sums else (lambda k: 0.0)  # noqa: E731
         layer_grads = (lambda k: 0.0) if sums else (lambda k: k * g_layer)  # noqa: E731
-        moments["top"] = {**states_with(R_gsum, head), "activations": emb + filled + outs(T) + norm(Te) + R,
+        moments["top"] = {**states_with(R_gsum, head), "activations": emb + filled + wide(T - n1) + norm(Te) + R,
                           "kv_cache": kv_rec, "logits": backward_logits(grad_out)}
         moments["bottom"] = {**states_with(layer_sums(L - 1) + R_gsum, head + layer_grads(L - 1)),
-                             "activations": emb + filled + outs(Te) + norm(Te) + R
+                             "activations": emb + filled + wide(Te - n1) + norm(Te) + R
                              + ((L - 1) * 2 * B * T * kv * b if n > 1 else 0.0),
                              "kv_cache": kv_rec, "logits": backward_logits(grad_out)}
         if n > 1:
@@ -370,10 +385,12 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
                               "activations": emb + outs(w0) + norm(w0) + L * 2 * B * w0 * kv * b + layer(B, w0)
                               + incoming,
                               "kv_cache": L * B * w0 * kv_token, "logits": backward_logits(d_embeds)}
-        if n > 2:  # the next pass's backward begins: every layer's gradient sum, the last pass's d(keys/values)
+        if n > 2:  # the next pass's backward begins: every layer's gradient sum, the last pass's d(keys/values);
+            # a one-column pass rebuilds its top layer's keys/values from the cache's chunks, a wide one recomputes it
+            top_layer = 2 * B * Te * kv * b if widths[-2] == 1 else layer(B, widths[-2])
             moments["next pass"] = {**states_with(layer_sums(L), head),
-                                    "activations": emb + filled + outs(Te) + norm(Te) + L * 2 * B * T * kv * b
-                                    + layer(B, widths[-2]) + incoming,
+                                    "activations": emb + filled + wide(Te - n1) + norm(Te) + L * 2 * B * T * kv * b
+                                    + top_layer + incoming,
                                     "kv_cache": L * B * Te * kv_token, "logits": backward_logits(d_embeds)}
         if deferred:  # the anchor (model/deferred_grad.py): between the second pass's descent and the first's, every
             # weight the one-column passes use gets its gradient over all of them at once, beside the sums so far;
@@ -399,13 +416,13 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
         elif head_trainable:
             loss, loss_gsum = chunk + 2 * V * h * b, V * h * b  # K chunk gradients summed: the sum, one more, theirs
         moments["loss"] = {**states_with(loss_gsum, in_backward=False),
-                           "activations": emb + filled + outs(T) + norm(T),
+                           "activations": emb + filled + wide(T - n1) + norm(T),
                            "kv_cache": kv_rec, "logits": 2 * B * T * h * b + loss}
         if codi:  # the teacher pass (model/codi.py): data.max_seq_len columns, no cache, backpropagated first
             for name in ("top", "bottom"):  # so every layer's weights hold a gradient sum when the student's begins
                 moments[name]["gradients"] = states_with(layer_sums(L) + incoming, head)["gradients"]
             kept = B * Tt * h * b + outs(Tt) + norm(Tt)
-            student = emb + filled + outs(T) + norm(T)
+            student = emb + filled + wide(T - n1) + norm(T)
             moments["teacher"] = {**states_with(R_gsum, head), "activations": student + kept + layer(B, Tt, Tt),
                                   "kv_cache": kv_rec, "logits": 2 * B * Tt * h * b}
             # Its bottom layer: the layer inputs above it (and the final norm's) are gone, their weights' gradient
@@ -422,10 +439,6 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
             # concatenated with this pass's (after the first pass)
             past_kv += 2 * B * cum * q * b if kv < q else (2 * B * cum * kv * b if cum > w else 0.0)
             past_kv += B * cum * kv * b if cum > w and kv < q else 0.0
-        saved = LAYER_SAVED.get((_family(d.model_type), _lora_kind(recipe)))
-        temp_token = layer_tokens_bytes(recipe, d, b, table=LAYER_TEMPORARIES[_family(d.model_type)])
-        saved_token = (layer_tokens_bytes(recipe, d, b, table=saved) + len(recipe.lora_targets()) * recipe.lora.rank
-                       * b * recipe.lora.enabled if saved is not None else lt - temp_token)
         temps = B * T * temp_token
         acts = L * (B * T * saved_token + past_kv) + temps + sum(B * w * T * (b + 1) for w in widths)
         moments["loss"] = {**states_with(), "activations": emb + filled + acts + norm(T),
