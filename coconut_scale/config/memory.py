@@ -31,10 +31,10 @@ Activations of a checkpointed step (per-layer non-reentrant checkpointing, model
 per GPU, at each moment the peak can sit (the largest is the step's):
   kept through backward   the embeddings (B*T*h*b) and the latent-filled chunks of the passes after the first
                (B*(T - w0)*h*b); each layer's checkpointed input, i.e. the previous layer's output, per wide
-               pass ((L - 1) * B*cols*h*b); the one-column passes, which are not recomputed (model/column_pass.py),
-               what each layer's forward saves (L * B * LAYER_SAVED per pass; their keys/values are the cache's) and
-               their attention mask; the final norm's fp32 input (B*cols*h*4); and the keys/values every layer
-               records in every pass (kv_cache: 2*L*B*T*kv*b, model/kv_cache.py).
+               pass ((L - 1) * B*cols*h*b); for the one-column passes, not recomputed below ZeRO-3
+               (model/column_pass.py), what each layer's forward saves (L * B * LAYER_SAVED per pass; their
+               keys/values are the cache's) and their attention mask; the final norm's fp32 input (B*cols*h*4);
+               and the keys/values every layer records in every pass (kv_cache: 2*L*B*T*kv*b, model/kv_cache.py).
   top          backward of the last pass at its top layer: all of the above, that layer recomputed (R, below)
                and the loss's output gradients (B*T*h*b + B*Tl*h*b).
   bottom       the same pass at its bottom layer: the last pass's layer inputs above it are gone, replaced by
@@ -354,10 +354,10 @@ def estimate_phases(recipe, world_size: int, *, shape: dict | None = None,
     saved_token = (layer_tokens_bytes(recipe, d, b, table=saved) + len(recipe.lora_targets()) * recipe.lora.rank
                    * b * recipe.lora.enabled if saved is not None else lt - temp_token)
     if ckpt:
-        # The one-column latent passes are not recomputed (model/column_pass.py): each layer keeps what its forward
-        # saves for that column (its keys/values the cache's own chunks), each pass its attention mask. `wide(c)`:
-        # the layer inputs the checkpointed passes keep over c of their columns, beside those.
-        n1 = sum(1 for w in widths[1:-1] if w == 1)
+        # The one-column latent passes are not recomputed below ZeRO-3 (model/column_pass.py): each layer keeps what
+        # its forward saves for that column (its keys/values the cache's own chunks), each pass its attention mask.
+        # `wide(c)`: the layer inputs the checkpointed passes keep over c of their columns, beside those.
+        n1 = sum(1 for w in widths[1:-1] if w == 1) if stage < 3 else 0
         one_column = n1 * (L * B * saved_token + B * T * (b + 1))
         wide = lambda cols: outs(cols) + one_column  # noqa: E731
         R = layer(B, Tl)

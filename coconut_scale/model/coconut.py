@@ -276,8 +276,11 @@ class Coconut(nn.Module):
         hiddens, filled, states = [], [], None
         # Deferred passes need the fill: it chains each later pass to the first one's (anchored) hidden states.
         deferred = None
+        # Under ZeRO-3 (partitioned weights) every rank must run the same module calls: neither the deferral nor
+        # skipping the recompute of one-column passes (whose widths differ between ranks) applies there.
+        unpartitioned = can_defer(decoder)
         if (self.defer_weight_grads and self.feedback and torch.is_grad_enabled() and len(plan.ranges) > 2
-                and can_defer(decoder)):
+                and unpartitioned):
             deferred = DeferredGrads(deferrable_weights(decoder))
         for i, (start, end) in enumerate(plan.ranges):
             chunk = embeds[:, start:end]
@@ -290,7 +293,7 @@ class Coconut(nn.Module):
             extra = {"output_hidden_states": True} if last_states and i == len(plan.ranges) - 1 else {}
             defer = deferred is not None and i > 0 and end - start == 1
             with (deferring(deferred) if defer else contextlib.nullcontext(),
-                  one_column_pass() if end - start == 1 else contextlib.nullcontext()):
+                  one_column_pass() if end - start == 1 and unpartitioned else contextlib.nullcontext()):
                 result = decoder(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
                                  position_ids=position_ids[:, start:end], use_cache=True,
                                  **{cache_kwarg(self.base_causallm): cache}, **extra)

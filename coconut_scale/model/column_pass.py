@@ -2,8 +2,9 @@
 
 A checkpointed decoder layer keeps only its inputs and runs its forward again in backward. For the wide passes
 that trades one forward for the activations of every column. A one-column pass has [B, 1, h]-sized activations:
-its linears' inputs, norms, MLP are tiny, so recomputing its layers buys no memory and costs a whole extra pass
-over every weight (on a GPU, where a one-column pass is bound by reading the weights, a third more of its time).
+what its layers save is one column's worth per row, so recomputing them buys little memory and costs a whole
+extra pass over every weight (on a GPU, where a one-column pass is bound by reading the weights, a third more of
+its time). What keeping them costs is in config/memory.py's model (the one-column passes' LAYER_SAVED).
 
 One exception is not tiny: attention saves the keys and values it attended to, which in a one-column pass are
 the cache's chunks concatenated with the new column, [B, kv heads, T, d] per layer and per pass (at 8B, micro
@@ -15,6 +16,8 @@ pass is then [B, 1, *]-sized.
 
 Coconut marks its one-column passes with `one_column_pass()`; the latent-safe checkpointing
 (activation_checkpointing.py) runs a layer called inside one without checkpointing, under `saving_cache_views()`.
+Not under ZeRO-3: there every rank must run the same module calls (each gathers its weights), and a pass that is
+one column wide on one rank can be wider, so recomputed, on another.
 Without checkpointing nothing here runs: every layer keeps what autograd saves (attention's concatenations too).
 Exactness: the same operations as the recompute, on equal tensors.
 """
