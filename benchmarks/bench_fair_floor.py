@@ -134,14 +134,15 @@ def profile_difference(steps: Steps, rows: int, suffix: str = "") -> str:
     from torch.profiler import ProfilerActivity, profile
 
     names = [v + suffix for v in ("floor", "before", "coconut") if v in steps.wrappers]
-    tables, totals = [], {}
+    tables, totals, matmuls = [], {}, []
     for variant in names:
         steps.run(variant)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             steps.run(variant)
         averages = prof.key_averages()
         tables.append(f"## {variant} ({steps.shape.name})\n" + averages.table(sort_by="self_cpu_time_total", row_limit=rows))
         totals[variant] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in averages}
+        matmuls.append(matmul_split(variant, prof.key_averages(group_by_input_shape=True), steps.shape.batch))
     sections = []
     floor, before, coconut = "floor" + suffix, "before" + suffix, "coconut" + suffix
     for base, other in [(floor, v) for v in names[1:]] + ([(before, coconut)] if before in names else []):
@@ -156,7 +157,37 @@ def profile_difference(steps: Steps, rows: int, suffix: str = "") -> str:
         ta, tb = (sum(ms for ms, _ in t.values()) for t in (a, b))
         lines.append(f"| **all ops** | {ta:.1f} | {tb:.1f} | {tb - ta:+.1f} | | |")
         sections.append("\n".join(lines))
-    return "\n\n".join([*tables, *sections])
+    split = ["## Matmul self CPU ms by kind (one-column passes: B-row products; their deferred weight gradients: "
+             "products over a multiple of B rows; the rest)",
+             "| variant | one-column passes | deferred weight gradients | other matmuls | all ops |",
+             "|---|---:|---:|---:|---:|"]
+    for variant, (one, deferred, other) in zip(names, matmuls):
+        split.append(f"| {variant} | {one:.1f} | {deferred:.1f} | {other:.1f} "
+                     f"| {sum(ms for ms, _ in totals[variant].values()):.1f} |")
+    return "\n\n".join([*tables, *sections, "\n".join(split)])
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
+
+
+def matmul_split(variant: str, by_shape, rows: int) -> tuple[float, float, float]:
+    """Matmul self CPU ms of one profiled step: products whose left operand has `rows` rows (a one-column pass:
+    B rows, forward and input gradient), the deferred weight gradients (an inner dimension of k * B, k > 1, with
+    neither outer one B: the passes' rows stacked), the rest."""
+    one = deferred = other = 0.0
+    for e in by_shape:
+        if e.key not in MATMULS or not e.input_shapes:
+            continue
+        a, b = (e.input_shapes[1], e.input_shapes[2]) if e.key.startswith("aten::addmm") else e.input_shapes[:2]
+        ms = e.self_cpu_time_total / 1e3
+        if len(a) == 2 and a[0] == rows:
+            one += ms
+        elif (len(a) == 2 and len(b) == 2 and a[1] % rows == 0 and a[1] // rows > 1 and a[1] < 16 * rows
+              and rows not in (a[0], b[1])):
+            deferred += ms
+        else:
+            other += ms
+    return one, deferred, other
 
 
 def format_table(timing: dict, cpu: dict, faults: dict) -> str:

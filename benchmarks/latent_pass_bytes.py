@@ -6,7 +6,8 @@ by the bytes it moves, not by its FLOPs. Per rank, per latent pass (B = micro ba
   weights read        decoder linear weights, once in forward and once in backward (the input gradient): 2 x W
                       bytes (W: the linears' weights in the model dtype; LoRA adapters' weights alike). "before" also
                       counts a checkpointing recompute of the pass's layers (3 x W); "after", a one-column pass runs
-                      once under checkpointing too (model/column_pass.py): 2 x W.
+                      once under checkpointing too (model/column_pass.py): 2 x W, except under ZeRO-3, which still
+                      recomputes it (3 x W).
   gradients (before)  per trainable linear weight, a full-size gradient written by a rank-B product, then added into
                       the accumulated gradient (read both, write one): 4 x G bytes (G: trainable linear weights)
   gradients (after)   with the deferral (model/deferred_grad.py) the pass keeps [B, in] + [B, out] rows per linear
@@ -15,7 +16,7 @@ by the bytes it moves, not by its FLOPs. Per rank, per latent pass (B = micro ba
                       before there.
 
 The step is predicted compute-bound: the FLOPs it must do (step_timing.step_flops, plus the checkpointing
-recompute's forward of the columns outside the one-column passes) at MFU x the measured bf16 matmul rate; the latent passes' bytes at the measured copy rate are
+recompute's forward, below ZeRO-3 not of the one-column passes) at MFU x the measured bf16 matmul rate; the latent passes' bytes at the measured copy rate are
 added on top. This is a floor: the first GPU run measured ~0.5 s forward / ~0.75 s backward per latent pass of
 llama8b LoRA under ZeRO-3, far above any byte count, because ZeRO-3's per-module hooks dominate a one-column pass.
 
@@ -65,12 +66,13 @@ def recipe_model(path: Path) -> dict:
     ckpt = recipe.model.gradient_checkpointing
     zero3 = "zero3" in Path(recipe.deepspeed.config).name
     one_read = per_layer * d.layers * wbytes + (trainable * gbytes if lora else 0)
-    reads_before, reads_after = (3 if ckpt else 2) * one_read, 2 * one_read
+    reads_before = (3 if ckpt else 2) * one_read
+    reads_after = reads_before if zero3 else 2 * one_read  # ZeRO-3 recomputes the one-column passes
     grads_before = 4 * trainable * gbytes
     grads_after = grads_before if zero3 else grads_before / max(1, latents)
     flops = step_flops(shape, micro, seq, recipe.lora.rank if lora else None, targets)
-    if ckpt:  # the recompute's forward of the decoder linears, over the columns outside the one-column passes
-        flops += 2 * micro * max(seq - latents, 0) * (per_layer * d.layers)
+    if ckpt:  # the recompute's forward of the decoder linears (below ZeRO-3 not over the one-column passes)
+        flops += 2 * micro * (seq if zero3 else max(seq - latents, 0)) * (per_layer * d.layers)
     step_s = flops / (MFU * MATMUL_TFLOPS * 1e12)
     out = {"recipe": path.stem, "model": recipe.model.name_or_path, "lora": lora, "zero3": zero3, "dtype": recipe.model.dtype,
            "micro_batch": micro, "seq": seq, "latents": latents, "checkpointing": ckpt,

@@ -117,3 +117,30 @@ def test_outside_a_layer_that_keeps_views_nothing_is_registered():
         column_pass.register_concatenation(whole, chunks, -2)
         assert isinstance(column_pass._STATE.views.pack(whole), column_pass._Concatenation)
     assert getattr(column_pass._STATE, "views", None) is None
+
+
+def test_under_zero3_every_pass_is_recomputed():
+    # ZeRO-3 gathers a module's weights for each call, so every rank must make the same calls; a pass one column wide
+    # on one rank can be wider on another. With the weights tagged as ZeRO-3 tags them, one-column passes are
+    # recomputed like the others.
+    coconut, tokens = _wrap("llama")
+    base = coconut.base_causallm
+    batch = latent_batch(tokens, LATENTS, QUESTIONS, seed=3)
+    plan = coconut._plan(batch[0], None, None)
+    plain_loss, plain = _grads(coconut, batch)
+    for p in base.parameters():
+        p.ds_id = 0
+    calls = {"n": 0}
+    handle = decoder_layers(base)[0].mlp.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    enable_latent_safe_checkpointing(base)
+    try:
+        loss, ckpt = _grads(coconut, batch)
+    finally:
+        disable_latent_safe_checkpointing(base)
+        handle.remove()
+        for p in base.parameters():
+            del p.ds_id
+    assert calls["n"] == 2 * len(plan.ranges)
+    torch.testing.assert_close(loss, plain_loss, rtol=RTOL, atol=ATOL)
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt[name], g, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
