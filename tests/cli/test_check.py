@@ -71,9 +71,11 @@ def test_hand_computed_small_config():
         "gathered": 0,  # only ZeRO-3 gathers
         # the recomputed layer's gradient sums, the finished lm_head gradient
         "gradients": R_sums + V * h * b,
-        # embeddings, the 2 latent-filled chunks, L - 1 layer outputs, the final norm's fp32 input of the earlier
-        # passes, the recomputed layer
-        "activations": B * T * h * b + B * (T - 9) * h * b + (L - 1) * B * T * h * b + B * Te * h * 4 + R,
+        # embeddings, the 2 latent-filled chunks, L - 1 layer outputs of the wide passes' columns, the one-column
+        # pass run once (each layer's saved tensors, LAYER_SAVED: 4 h-, 2 q-, 4 I-wide and 2 fp32 h-wide; its
+        # attention mask), the final norm's fp32 input of the earlier passes, the recomputed layer
+        "activations": B * T * h * b + B * (T - 9) * h * b + (L - 1) * B * (T - 1) * h * b
+        + L * B * (b * (4 * h + 2 * q + 4 * I) + 4 * 2 * h) + B * T * (b + 1) + B * Te * h * 4 + R,
         "kv_cache": 2 * L * B * T * kv * b,  # every layer's keys/values of every pass
         "logits": B * T * h * b + B * Tl * h * b,  # the loss's gradient for the hidden states
     }
