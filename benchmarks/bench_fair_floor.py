@@ -17,8 +17,9 @@ cut into one pass per latent column, the carried K/V, the fill.
              no heap trim), default keeps glibc's; both runs one child per setting at the same time and merges their
              results into one JSON ("runs"). Minor page faults per step are recorded beside the times.
   --profile: torch.profiler over one step of floor and of coconut (and before, with --compare-rev) on the first
-             shape, with --checkpointing off or on; prints the top tables and the ops whose self CPU time differs most from the floor's (where the
-             latent passes' cost sits) and, with before, between before and coconut (what the change moved).
+             shape, with --checkpointing off or on; prints the top tables, the ops whose self CPU time differs most
+             from the floor's (where the latent passes' cost sits) and, with before, between before and coconut
+             (what the change moved), and each variant's matmul time split by kind (matmul_split).
 
 Timing: one warm-up per variant (its loss is recorded: coconut and before must agree), then rounds in which the
 variants run back to back in alternating order; medians and the median of the per-round ratios to the floor, of

@@ -16,8 +16,8 @@ by the bytes it moves, not by its FLOPs. Per rank, per latent pass (B = micro ba
                       before there.
 
 The step is predicted compute-bound: the FLOPs it must do (step_timing.step_flops, plus the checkpointing
-recompute's forward, below ZeRO-3 not of the one-column passes) at MFU x the measured bf16 matmul rate; the latent passes' bytes at the measured copy rate are
-added on top. This is a floor: the first GPU run measured ~0.5 s forward / ~0.75 s backward per latent pass of
+recompute's forward, below ZeRO-3 not of the one-column passes) at MFU x the measured bf16 matmul rate; the latent
+passes' bytes at the measured copy rate are added on top. This is a floor: the first GPU run measured ~0.5 s forward / ~0.75 s backward per latent pass of
 llama8b LoRA under ZeRO-3, far above any byte count, because ZeRO-3's per-module hooks dominate a one-column pass.
 
     python benchmarks/latent_pass_bytes.py        # table + results/latent_pass_bytes.json

@@ -5,7 +5,8 @@ and forces `use_cache=False`; with a cache carried from one latent pass to the n
 worse, silently wrong loss and gradients. Reentrant checkpointing loses the gradient that flows through the
 cache. What is exact: HF's flag off, and non-reentrant `torch.utils.checkpoint` around each decoder layer's
 forward, combined with `PassCache`, which never mutates itself (so a recompute sees the same past).
-A layer called in one of Coconut's one-column passes is not checkpointed: it runs once (column_pass.py).
+A layer called in one of Coconut's one-column passes is not checkpointed (below ZeRO-3): it runs once
+(column_pass.py).
 """
 
 from __future__ import annotations
