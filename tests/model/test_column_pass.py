@@ -34,6 +34,21 @@ def _grads(coconut, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in base.named_parameters() if p.grad is not None}
 
 
+def _checkpointed_grads(coconut, batch):
+    """Loss and gradients with the latent-safe checkpointing on, and how often layer 0's MLP ran (forward and
+    recompute)."""
+    base = coconut.base_causallm
+    calls = {"n": 0}
+    handle = decoder_layers(base)[0].mlp.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    enable_latent_safe_checkpointing(base)
+    try:
+        loss, grads = _grads(coconut, batch)
+    finally:
+        disable_latent_safe_checkpointing(base)
+        handle.remove()
+    return loss, grads, calls["n"]
+
+
 @pytest.mark.parametrize("defer", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_column_passes_run_once_and_keep_the_cache_as_chunks(arch, defer, monkeypatch):
@@ -62,17 +77,10 @@ def test_one_column_passes_run_once_and_keep_the_cache_as_chunks(arch, defer, mo
     monkeypatch.setattr(column_pass.CacheViews, "pack", counted_pack)
     monkeypatch.setattr(column_pass._Concatenation, "rebuild", counted_rebuild)
     layers = decoder_layers(base)
-    calls = {"n": 0}
-    handle = layers[0].mlp.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    enable_latent_safe_checkpointing(base)
-    try:
-        loss, ckpt = _grads(coconut, batch)
-    finally:
-        disable_latent_safe_checkpointing(base)
-        handle.remove()
+    loss, ckpt, calls = _checkpointed_grads(coconut, batch)
 
     # Only the wide passes were recomputed; the one-column ones ran once.
-    assert calls["n"] == len(plan.ranges) + (len(plan.ranges) - one_column)
+    assert calls == len(plan.ranges) + (len(plan.ranges) - one_column)
     # Backward rebuilt attention's keys and values of every layer of every one-column pass from the chunks ...
     assert seen["rebuilt"] == 2 * len(layers) * one_column
     # ... and nothing saved as itself in those layers spans the sequence: [B, 1, *] activations, [B, kv, 1, d] new
@@ -130,17 +138,12 @@ def test_under_zero3_every_pass_is_recomputed():
     plain_loss, plain = _grads(coconut, batch)
     for p in base.parameters():
         p.ds_id = 0
-    calls = {"n": 0}
-    handle = decoder_layers(base)[0].mlp.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    enable_latent_safe_checkpointing(base)
     try:
-        loss, ckpt = _grads(coconut, batch)
+        loss, ckpt, calls = _checkpointed_grads(coconut, batch)
     finally:
-        disable_latent_safe_checkpointing(base)
-        handle.remove()
         for p in base.parameters():
             del p.ds_id
-    assert calls["n"] == 2 * len(plan.ranges)
+    assert calls == 2 * len(plan.ranges)
     torch.testing.assert_close(loss, plain_loss, rtol=RTOL, atol=ATOL)
     for name, g in plain.items():
         torch.testing.assert_close(ckpt[name], g, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
