@@ -439,9 +439,13 @@ class RecipeRun:
                     if sub is not layer:
                         sub.register_forward_pre_hook(functools.partial(recompute, i))
 
+            from coconut_scale.model.deferred_grad import can_defer
+
+            runs_once = can_defer(self.model.base_causallm.get_decoder())  # ZeRO-3 recomputes one-column passes too
+
             def one_column_reached(module, grad_output):
                 g = grad_output[0] if grad_output else None
-                if g is not None and g.dim() == 3 and g.shape[1] == 1:
+                if runs_once and g is not None and g.dim() == 3 and g.shape[1] == 1:
                     self.descents += 1
                     self._recomputing = None  # the next wide pass's recompute of the top layer starts a descent
 
