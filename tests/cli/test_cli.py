@@ -145,3 +145,21 @@ def test_train_user_errors_are_one_line_with_exit_code_2(launch, case, tmp_path)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("message, collective", [
+    ("Application timeout caused pair closure", True),  # gloo: a gather waited past the timeout on a frozen peer
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500", True),
+    ("Timed out waiting 20000ms for recv operation to complete", True),
+    ("Socket Timeout", True),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+    ("shape '[2, 8]' is invalid for input of size 15", False),
+])
+def test_a_collective_failure_is_told_from_other_errors_by_its_text(monkeypatch, message, collective):
+    from coconut_scale import distributed
+    from coconut_scale.cli import train
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert train.is_collective_failure(RuntimeError(message)) is collective
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)  # one process: no peer to blame
+    assert not train.is_collective_failure(RuntimeError(message))
