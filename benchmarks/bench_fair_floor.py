@@ -16,10 +16,11 @@ cut into one pass per latent column, the carried K/V, the fill.
   --malloc:  cpu (default) sets glibc malloc as a CPU training run does (train/cpu_malloc.py: no per-allocation mmap,
              no heap trim), default keeps glibc's; both runs one child per setting at the same time and merges their
              results into one JSON ("runs"). Minor page faults per step are recorded beside the times.
-  --profile: torch.profiler over one step of floor and of coconut (and before, with --compare-rev) on the first
-             shape, with --checkpointing off or on; prints the top tables, the ops whose self CPU time differs most
-             from the floor's (where the latent passes' cost sits) and, with before, between before and coconut
-             (what the change moved), and each variant's matmul time split by kind (matmul_split).
+  --profile: torch.profiler over --profile-steps interleaved steps (4) of floor and of coconut (and before, with
+             --compare-rev) on the first shape, with --checkpointing off or on; prints, as means per step, the top
+             tables, the ops whose self CPU time differs most from the floor's (where the latent passes' cost sits)
+             and, with before, between before and coconut (what the change moved), and each variant's matmul time
+             split by kind (matmul_split).
 
 Timing: one warm-up per variant (its loss is recorded: coconut and before must agree), then rounds in which the
 variants run back to back in alternating order; medians and the median of the per-round ratios to the floor, of
@@ -129,32 +130,51 @@ def summarise(times: dict[str, list[float]], floor: str) -> list[dict]:
              "x_floor_paired": median([a / b for a, b in zip(ts, times[floor])])} for v, ts in times.items()]
 
 
-def profile_difference(steps: Steps, rows: int, suffix: str = "") -> str:
+def profile_difference(steps: Steps, rows: int, suffix: str = "", steps_per_variant: int = 1) -> str:
     """Top self-CPU ops of each variant (checkpointing on with suffix "_ckpt"), and the ops whose self CPU time
-    differs most from the floor's (and, with a `before` variant, from before's: the lines the change moved)."""
+    differs most from the floor's (and, with a `before` variant, from before's: the lines the change moved).
+
+    Each variant is profiled over `steps_per_variant` steps, interleaved in alternating order, and every figure is
+    the mean per step: one step's op times move by tens of percent on a shared CPU (the same 8 loss matmuls have
+    measured 711 and 1198 ms in two single-step profiles), call counts not at all."""
     from torch.profiler import ProfilerActivity, profile
 
     names = [v + suffix for v in ("floor", "before", "coconut") if v in steps.wrappers]
-    tables, totals, matmuls = [], {}, []
+    totals = {v: {} for v in names}
+    matmuls = {v: [0.0, 0.0, 0.0] for v in names}
     for variant in names:
-        steps.run(variant)
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            steps.run(variant)
-        averages = prof.key_averages()
-        tables.append(f"## {variant} ({steps.shape.name})\n" + averages.table(sort_by="self_cpu_time_total", row_limit=rows))
-        totals[variant] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in averages}
-        matmuls.append(matmul_split(variant, prof.key_averages(group_by_input_shape=True), steps.shape.batch))
+        steps.run(variant)  # warm-up
+    for r in range(steps_per_variant):
+        for variant in names if r % 2 == 0 else names[::-1]:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                steps.run(variant)
+            for e in prof.key_averages():
+                ms, calls = totals[variant].get(e.key, (0.0, 0.0))
+                totals[variant][e.key] = (ms + e.self_cpu_time_total / 1e3 / steps_per_variant,
+                                          calls + e.count / steps_per_variant)
+            split = matmul_split(variant, prof.key_averages(group_by_input_shape=True), steps.shape.batch)
+            matmuls[variant] = [a + b / steps_per_variant for a, b in zip(matmuls[variant], split)]
+    per = f"mean of {steps_per_variant} profiled steps" if steps_per_variant > 1 else "one profiled step"
+    tables = []
+    for variant in names:
+        top = sorted(totals[variant].items(), key=lambda kv: -kv[1][0])[:rows]
+        all_ms = sum(ms for ms, _ in totals[variant].values())
+        tables.append("\n".join([f"## {variant} ({steps.shape.name}), self CPU ms per step ({per})",
+                                  "| op | self CPU ms | % | calls |", "|---|---:|---:|---:|",
+                                  *(f"| {k} | {ms:.1f} | {100 * ms / all_ms:.1f} | {calls:g} |"
+                                    for k, (ms, calls) in top),
+                                  f"| **all ops** | {all_ms:.1f} | 100.0 | |"]))
     sections = []
     floor, before, coconut = "floor" + suffix, "before" + suffix, "coconut" + suffix
     for base, other in [(floor, v) for v in names[1:]] + ([(before, coconut)] if before in names else []):
         a, b = totals[base], totals[other]
         keys = sorted(set(a) | set(b), key=lambda k: -abs(b.get(k, (0, 0))[0] - a.get(k, (0, 0))[0]))
-        lines = [f"## {other} minus {base}, self CPU ms (top ops by difference)",
+        lines = [f"## {other} minus {base}, self CPU ms per step ({per}; top ops by difference)",
                  f"| op | {base} ms | {other} ms | difference ms | calls {base} | calls {other} |",
                  "|---|---:|---:|---:|---:|---:|"]
         for k in keys[:rows]:
             (am, ac), (bm, bc) = a.get(k, (0.0, 0)), b.get(k, (0.0, 0))
-            lines.append(f"| {k} | {am:.1f} | {bm:.1f} | {bm - am:+.1f} | {ac} | {bc} |")
+            lines.append(f"| {k} | {am:.1f} | {bm:.1f} | {bm - am:+.1f} | {ac:g} | {bc:g} |")
         ta, tb = (sum(ms for ms, _ in t.values()) for t in (a, b))
         lines.append(f"| **all ops** | {ta:.1f} | {tb:.1f} | {tb - ta:+.1f} | | |")
         sections.append("\n".join(lines))
@@ -162,7 +182,8 @@ def profile_difference(steps: Steps, rows: int, suffix: str = "") -> str:
              "products over a multiple of B rows; the rest)",
              "| variant | one-column passes | deferred weight gradients | other matmuls | all ops |",
              "|---|---:|---:|---:|---:|"]
-    for variant, (one, deferred, other) in zip(names, matmuls):
+    for variant in names:
+        one, deferred, other = matmuls[variant]
         split.append(f"| {variant} | {one:.1f} | {deferred:.1f} | {other:.1f} "
                      f"| {sum(ms for ms, _ in totals[variant].values()):.1f} |")
     return "\n\n".join([*tables, *sections, "\n".join(split)])
@@ -211,6 +232,8 @@ def parse_args(argv=None):
     p.add_argument("--shapes", nargs="+", default=None, metavar="PREFIX", help="only shapes whose name starts so")
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
     p.add_argument("--profile", action="store_true", help="instead of timing: the profile of the difference")
+    p.add_argument("--profile-steps", type=int, default=4,
+                   help="with --profile: profiled steps per variant, interleaved; the tables show means per step")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--malloc", choices=["default", "cpu", "both"], default="cpu",
                    help="glibc malloc as a CPU training run sets it (train/cpu_malloc.py), glibc's defaults, or both: "
@@ -254,7 +277,8 @@ def main(argv=None):
         suffix = {"off": "", "on": "_ckpt"}.get(args.checkpointing)
         if suffix is None:
             raise SystemExit("bench_fair_floor --profile: pass --checkpointing off or on (one profile per run)")
-        print(profile_difference(Steps(shapes[0], args.compare_rev), rows=20, suffix=suffix))
+        print(profile_difference(Steps(shapes[0], args.compare_rev), rows=20, suffix=suffix,
+                                 steps_per_variant=args.profile_steps))
         return None
     load_before = load_average()
     log(malloc_line)
