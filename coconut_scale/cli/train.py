@@ -24,8 +24,7 @@ COLLECTIVE_FAILED_EXIT = 1
 # gloo's own messages name neither gloo nor the collective ("Application timeout caused pair closure" is a gather
 # that waited past the timeout for a frozen peer), so they are matched by their text.
 _COLLECTIVE_ERRORS = re.compile(r"gloo|nccl|Timed out waiting|Connection (reset|closed) by peer|DistBackendError|"
-                                r"caused pair closure|Pair is not connected|Socket (Timeout|closed|unexpectedly closed)|"
-                                r"Read error|Write error", re.I)
+                                r"caused pair closure|Pair is not connected|Socket (Timeout|unexpectedly closed)", re.I)
 
 
 def is_collective_failure(error: BaseException) -> bool:
