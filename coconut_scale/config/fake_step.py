@@ -441,15 +441,15 @@ class RecipeRun:
 
             from coconut_scale.model.deferred_grad import can_defer
 
-            runs_once = can_defer(self.model.base_causallm.get_decoder())  # ZeRO-3 recomputes one-column passes too
-
             def one_column_reached(module, grad_output):
                 g = grad_output[0] if grad_output else None
-                if runs_once and g is not None and g.dim() == 3 and g.shape[1] == 1:
+                if g is not None and g.dim() == 3 and g.shape[1] == 1:
                     self.descents += 1
                     self._recomputing = None  # the next wide pass's recompute of the top layer starts a descent
 
-            layers[top].register_full_backward_pre_hook(one_column_reached)
+            # Under ZeRO-3 one-column passes are recomputed too, so `recompute` already counts their descents.
+            if can_defer(self.model.base_causallm.get_decoder()):
+                layers[top].register_full_backward_pre_hook(one_column_reached)
         else:
             def reached(module, grad_output):
                 self.descents += 1
