@@ -76,8 +76,7 @@ def test_the_split_adds_up(tiny_lora_measurement):
 def test_the_layer_fit_extrapolates_to_a_deeper_model():
     # Measured at 2, 3 and 4 layers, every region fitted on its own and extrapolated to 5, where a direct run
     # checks it: forward + backward, the optimizer step, validation and generation peaks (measured_memory._peaks).
-    # Measured in a fresh interpreter, as `check --measure` runs: once, in the whole suite's shared process, the
-    # check at 5 layers missed and the recipe was measured at its real depth instead (not reproduced alone).
+    # Measured in a fresh interpreter, as `check --measure` runs.
     import json
     import subprocess
     import sys
@@ -92,8 +91,10 @@ def test_the_layer_fit_extrapolates_to_a_deeper_model():
         "f = measure_recipe(load_recipe(sys.argv[1], json.loads(sys.argv[2])), [2], direct_up_to=0, check_layers=5)\n"
         "print(json.dumps({k: getattr(f, k) for k in ('layer_counts', 'layers', 'check_layers', 'check_error',"
         " 'fit_residual', 'params')}))\n")
+    # PYTHONHASHSEED=7: a string hash seed under which ties between module names of one length, broken by set order,
+    # named regions differently at each depth and the check missed by 2.7% (fake_step.PeakTracker.region)
     done = subprocess.run([sys.executable, "-c", script, TINY_LORA, json.dumps(overrides)], cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                          env=subprocess_env(PYTHONHASHSEED="7"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     fitted = json.loads(done.stdout.strip().splitlines()[-1])
     assert fitted["layer_counts"] == [2, 3, 4] and fitted["layers"] == 6
