@@ -442,7 +442,7 @@ class RecipeRun:
                     if sub is not layer:
                         sub.register_forward_pre_hook(functools.partial(recompute, i))
 
-            from coconut_scale.model.deferred_grad import can_defer
+            from coconut_scale.model.deferred_grad import weights_unpartitioned
 
             def one_column_reached(module, grad_output):
                 g = grad_output[0] if grad_output else None
@@ -451,7 +451,7 @@ class RecipeRun:
                     self._recomputing = None  # the next wide pass's recompute of the top layer starts a descent
 
             # Under ZeRO-3 one-column passes are recomputed too, so `recompute` already counts their descents.
-            if can_defer(self.model.base_causallm.get_decoder()):
+            if weights_unpartitioned(self.model.base_causallm.get_decoder()):
                 layers[top].register_full_backward_pre_hook(one_column_reached)
         else:
             def reached(module, grad_output):

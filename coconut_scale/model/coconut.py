@@ -43,7 +43,13 @@ from torch._subclasses.fake_tensor import is_fake
 from coconut_scale.model.activation_checkpointing import decoder_layers
 from coconut_scale.model.chunked_loss import DEFAULT_LOSS_CHUNKS, chunked_shifted_cross_entropy
 from coconut_scale.model.column_pass import one_column_pass
-from coconut_scale.model.deferred_grad import DeferredGrads, anchor, can_defer, deferrable_weights, deferring
+from coconut_scale.model.deferred_grad import (
+    DeferredGrads,
+    anchor,
+    deferrable_weights,
+    deferring,
+    weights_unpartitioned,
+)
 from coconut_scale.model.kv_cache import PassCache
 from coconut_scale.model.method_part import MethodPart
 from coconut_scale.model.perturb import Perturbation
@@ -278,7 +284,7 @@ class Coconut(nn.Module):
         deferred = None
         # Under ZeRO-3 (partitioned weights) every rank must run the same module calls: neither the deferral nor
         # skipping the recompute of one-column passes (whose widths differ between ranks) applies there.
-        unpartitioned = can_defer(decoder)
+        unpartitioned = weights_unpartitioned(decoder)
         if (self.defer_weight_grads and self.feedback and torch.is_grad_enabled() and len(plan.ranges) > 2
                 and unpartitioned):
             deferred = DeferredGrads(deferrable_weights(decoder))

@@ -16,7 +16,8 @@ from the fill of the pass before it, a chain that ends in the first pass's hidde
 Which calls: `F.linear(x, W, b)` (nn.Linear, peft's LoRA factors) and `torch.addmm(b, x, W)` (GPT-2's Conv1D) whose
 weight is one of the anchored ones, seen through a TorchFunctionMode while a deferred pass runs, and again while
 activation checkpointing recomputes a layer of one (`recompute_context`), so the recompute saves what the forward
-saved. Weights ZeRO-3 partitions are never deferred (`can_defer`): they are gathered only while their module runs.
+saved. Weights ZeRO-3 partitions are never deferred (`weights_unpartitioned`): they are gathered only while their
+module runs.
 Exactness: the same products, summed in another order (float rounding only).
 """
 
@@ -114,8 +115,9 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def can_defer(module: torch.nn.Module) -> bool:
-    """False where a trainable weight is ZeRO-3-partitioned (empty outside its module's forward)."""
+def weights_unpartitioned(module: torch.nn.Module) -> bool:
+    """False where a parameter is ZeRO-3-partitioned (empty outside its module's forward, gathered by the module's
+    hooks): neither the deferral nor a one-column pass that runs once (column_pass.py) applies there."""
     return not any(hasattr(p, "ds_id") for p in module.parameters())
 
 
