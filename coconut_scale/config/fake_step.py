@@ -58,6 +58,7 @@ _KIND = {"params": mem_tracker._MemRefType.PARAM, "buffers": mem_tracker._MemRef
 _LAYER = re.compile(r"\.(?:layers|h|layer)\.(\d+)(?=\.|$)")
 
 
+@functools.cache  # called for every name the tracker holds at every tracked operation (~640k in a small fit)
 def _nesting(name: str) -> tuple:
     """Sort key of the innermost module the tracker holds: the deepest name, then the lowest layer, then the name.
     In backward the tracker also lists other layers' modules, most often layers above the one running (whose

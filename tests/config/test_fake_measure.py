@@ -91,8 +91,9 @@ def test_the_layer_fit_extrapolates_to_a_deeper_model():
         "f = measure_recipe(load_recipe(sys.argv[1], json.loads(sys.argv[2])), [2], direct_up_to=0, check_layers=5)\n"
         "print(json.dumps({k: getattr(f, k) for k in ('layer_counts', 'layers', 'check_layers', 'check_error',"
         " 'fit_residual', 'params')}))\n")
-    # PYTHONHASHSEED=7: a string hash seed under which ties between module names of one length, broken by set order,
-    # named regions differently at each depth and the check missed by 2.7% (fake_step.PeakTracker.region)
+    # PYTHONHASHSEED=7: a string hash seed under which ties between module names of one length, when the longest name
+    # was taken in the set's order, named regions differently at each depth and the check missed by 2.7%
+    # (fake_step._nesting now breaks them)
     done = subprocess.run([sys.executable, "-c", script, TINY_LORA, json.dumps(overrides)], cwd=REPO,
                           env=subprocess_env(PYTHONHASHSEED="7"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
