@@ -32,17 +32,36 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_fair_floor import SHAPES  # noqa: E402
+from bench_overhead import build_model  # noqa: E402
+
 from coconut_scale.atomic_files import write_json_atomic  # noqa: E402
+from coconut_scale.model.activation_checkpointing import decoder_layers  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_small_rows.json"
 CYCLED_BYTES = 96 * 2**20  # > 2 x this machine's 32 MiB L3: each call's weight comes from memory
-FULL_ROWS = 1600  # bench_fair_floor's batch: 8 rows x 200 tokens
+ROWS = 8  # bench_fair_floor's batch: a one-column pass's rows
+DECODER_SHAPES = [s for s in SHAPES if s.name in ("gpt2-small 12x768", "llama 8x512")]
+assert all(s.batch == ROWS for s in DECODER_SHAPES), "the columns below are named for 8-row passes"
 
-# (in, out) of every decoder linear, and how many of each a layer has.
-DECODERS = {
-    "gpt2-small 12x768": (12, [((768, 2304), 1), ((768, 768), 1), ((768, 3072), 1), ((3072, 768), 1)]),
-    "llama 8x512": (8, [((512, 512), 2), ((512, 256), 2), ((512, 2048), 2), ((2048, 512), 1)]),
-}
+
+def decoder_linears(shape) -> tuple[int, list[tuple[tuple[int, int], int]]]:
+    """The shape's layer count and ((in, out), count per layer) of every linear in a layer, read off the model
+    bench_fair_floor builds (on the meta device: no weights are made)."""
+    with torch.device("meta"):
+        model, _ = build_model(shape)
+    layers = decoder_layers(model)
+    counts: dict[tuple[int, int], int] = {}
+    for module in layers[0].modules():
+        if isinstance(module, torch.nn.Linear):
+            key = (module.in_features, module.out_features)
+        elif type(module).__name__ == "Conv1D":  # GPT-2's: weight [in, out]
+            key = tuple(module.weight.shape)
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return len(layers), list(counts.items())
 
 
 def per_call_ms(fn, weights: list[torch.Tensor], calls: int) -> float:
@@ -58,7 +77,7 @@ def per_call_ms(fn, weights: list[torch.Tensor], calls: int) -> float:
     return statistics.median(batches)
 
 
-def measure(fan_in: int, fan_out: int, calls: int) -> dict:
+def measure(fan_in: int, fan_out: int, full_rows: int, calls: int) -> dict:
     count = max(8, CYCLED_BYTES // (fan_in * fan_out * 4))
     weights = [torch.randn(fan_out, fan_in) for _ in range(count)]
     row = {"in": fan_in, "out": fan_out, "weight_mib": fan_in * fan_out * 4 / 2**20,
@@ -67,12 +86,12 @@ def measure(fan_in: int, fan_out: int, calls: int) -> dict:
         x, g = torch.randn(rows, fan_in), torch.randn(rows, fan_out)
         row[f"forward_{rows}_ms"] = per_call_ms(lambda w: torch.nn.functional.linear(x, w), weights, calls)
         row[f"input_grad_{rows}_ms"] = per_call_ms(lambda w: g.mm(w), weights, calls)
-    x, g = torch.randn(FULL_ROWS, fan_in), torch.randn(FULL_ROWS, fan_out)
+    x, g = torch.randn(full_rows, fan_in), torch.randn(full_rows, fan_out)
     full_forward = per_call_ms(lambda w: torch.nn.functional.linear(x, w), weights, max(2, calls // 50))
     full_grad = per_call_ms(lambda w: g.mm(w), weights, max(2, calls // 50))
-    row["full_width_share_8_ms"] = (full_forward + full_grad) * 8 / FULL_ROWS  # forward + input gradient
-    row["gflops_8"] = 2 * 8 * fan_in * fan_out / (row["forward_8_ms"] * 1e6)
-    row["gflops_full"] = 2 * FULL_ROWS * fan_in * fan_out / (full_forward * 1e6)
+    row["full_width_share_8_ms"] = (full_forward + full_grad) * ROWS / full_rows  # forward + input gradient
+    row["gflops_8"] = 2 * ROWS * fan_in * fan_out / (row["forward_8_ms"] * 1e6)
+    row["gflops_full"] = 2 * full_rows * fan_in * fan_out / (full_forward * 1e6)
     return row
 
 
@@ -85,12 +104,14 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     lines = ["| decoder | in x out | weight MiB | read ms | fwd 1 / 8 / 16 rows ms | input grad 1 / 8 / 16 rows ms "
-             "| 8 rows / read (fwd) | GFLOP/s 8 rows / 1600 rows |", "|---|---|---:|---:|---|---|---:|---|"]
+             "| 8 rows / read (fwd) | GFLOP/s 8 rows / full width |", "|---|---|---:|---:|---|---|---:|---|"]
     passes, shapes = [], {}
-    for name, (layers, linears) in DECODERS.items():
+    for shape in DECODER_SHAPES:
+        name, full_rows = shape.name, shape.batch * shape.seq_len
+        layers, linears = decoder_linears(shape)
         measured, at_8, at_read, at_share = [], 0.0, 0.0, 0.0
         for (fan_in, fan_out), per_layer in linears:
-            r = measure(fan_in, fan_out, args.calls)
+            r = measure(fan_in, fan_out, full_rows, args.calls)
             measured.append(r)
             at_8 += layers * per_layer * (r["forward_8_ms"] + r["input_grad_8_ms"])
             at_read += layers * per_layer * 2 * r["read_ms"]

@@ -24,13 +24,13 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fair_floor import REPO, Steps  # noqa: E402
-from bench_overhead import Shape  # noqa: E402
+from bench_fair_floor import REPO, SHAPES, Steps  # noqa: E402
 
 from coconut_scale.atomic_files import write_json_atomic  # noqa: E402
 from coconut_scale.train.cpu_malloc import tune_cpu_malloc  # noqa: E402
@@ -50,16 +50,19 @@ def least_squares_slope(x: list[float], y: list[float]) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--width", type=int, default=512,
+                   help="the width of one of bench_fair_floor's Llama shapes (512, 64)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     out = args.out or REPO / "benchmarks" / "results" / f"fair_floor_per_pass_{args.width}.json"
     malloc_line = tune_cpu_malloc(True, environ={})
     torch.set_num_threads(1)
-    vocab = 32000 if args.width >= 512 else 1000
-    steps = {k: Steps(Shape(f"llama 8x{args.width}, {k} latents", "llama", 8, args.width, vocab, 8, 200,
-                            latents=k), None) for k in LATENTS}
+    shape = next((s for s in SHAPES if s.arch == "llama" and s.hidden == args.width), None)
+    if shape is None:
+        p.error(f"--width {args.width}: bench_fair_floor's Llama shapes have widths "
+                f"{[s.hidden for s in SHAPES if s.arch == 'llama']}")
+    steps = {k: Steps(replace(shape, name=f"{shape.name}, {k} latents", latents=k), None) for k in LATENTS}
     names = [f"coconut {k} latents" for k in LATENTS] + ["floor"]
     runs = {name: (lambda k=k: steps[k].run("coconut")) for name, k in zip(names, LATENTS)}
     runs["floor"] = lambda: steps[LATENTS[-1]].run("floor")
@@ -83,8 +86,9 @@ def main(argv=None) -> None:
              "per_round_ms": [s * 1e3 for s in per_round]}
     cells = " | ".join(f"{medians[n] * 1e3:.0f} / {fastest[n] * 1e3:.0f}" for n in names)
     table = "\n".join([
-        "| CPU ms, median / fastest | " + " | ".join(names) + " | per extra pass |", "|---|" + "---:|" * (len(names) + 1),
-        f"| llama 8x{args.width} | {cells} | {slope['median_of_rounds_ms']:.1f} / {slope['fastest_ms']:.1f} |"])
+        "| CPU ms, median / fastest | " + " | ".join(names) + " | per extra pass |",
+        "|---|" + "---:|" * (len(names) + 1),
+        f"| {shape.name} | {cells} | {slope['median_of_rounds_ms']:.1f} / {slope['fastest_ms']:.1f} |"])
     print(table)
     write_json_atomic(out, {
         "benchmark": "fair_floor_per_pass",
